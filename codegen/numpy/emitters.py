@@ -1,0 +1,228 @@
+"""Per-op emitters: how each op of the table becomes one NumPy expression.
+
+`EMITTERS` maps a qualified op name to a callable `emit(ctx) -> str`. Most entries are
+one of two kinds:
+
+* `Inline("{0} @ {1}")`: an expression template for ops NumPy already spells with
+  ONNX semantics. ``{0}``, ``{1}``... are the inputs, ``{args}`` all of them, and
+  ``{name}`` the literal of attribute `name`.
+* `Call(kernels.softmax)`: a call `k.softmax(x, axis=-1)` of the op's reference kernel
+  (`tgraph.ir.kernels`, `tgraph.ir.fused`), whose source is copied into the generated
+  module, so the kernels stay the one definition of what an op means.
+
+A few ops pick between the two by dtype or by what is constant (integer `Div` needs
+the truncating kernel; a `Slice` with constant bounds reads best as ``x[:, 1:]``).
+Inputs of one op always share a dtype (the op table checks it), and constants are
+written with their dtype, so NumPy's promotion rules never widen a result.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+
+from tgraph.ir import fused, kernels
+from tgraph.ir.core import Node, Value
+from tgraph.ir.opdefs import OPS
+from tgraph.ir.types import DType
+
+from .literals import attr_lit, dtype_lit
+
+
+class EmitContext:
+    """What an emitter sees of one node: its rendered inputs and attribute literals."""
+
+    def __init__(self, node: Node, args: List[str], use_kernel: Callable[[Callable], str]):
+        self.node = node
+        self.args = args
+        self._use_kernel = use_kernel
+
+    @property
+    def attrs(self) -> Dict[str, Any]:
+        return self.node.attrs
+
+    def input(self, i: int) -> Optional[Value]:
+        ins = self.node.inputs
+        return ins[i] if i < len(ins) else None
+
+    def const(self, i: int) -> Optional[np.ndarray]:
+        v = self.input(i)
+        return None if v is None else v.const
+
+    def kernel(self, fn: Callable) -> str:
+        """Ask for kernel `fn` in the generated module; returns how to call it."""
+        return self._use_kernel(fn)
+
+    def attr_literals(self) -> Dict[str, str]:
+        return {name: attr_lit(value) for name, value in self.node.attrs.items() if value is not None}
+
+
+@dataclass(frozen=True)
+class Inline:
+    """An expression template (see the module docstring)."""
+
+    template: str
+
+    def __call__(self, ctx: EmitContext) -> str:
+        return self.template.format(*ctx.args, args=", ".join(ctx.args), **ctx.attr_literals())
+
+
+@dataclass(frozen=True)
+class Call:
+    """A call of a reference kernel; attributes equal to the defaults are left out."""
+
+    kernel: Callable
+
+    def __call__(self, ctx: EmitContext) -> str:
+        args = list(ctx.args)
+        while args and args[-1] == "None":       # trailing omitted optional inputs
+            args.pop()
+        params = inspect.signature(self.kernel).parameters
+        opdef = OPS[ctx.node.qualified_op]
+        for name, value in ctx.node.attrs.items():
+            if value is None:
+                continue
+            default = params[name].default if name in params else inspect.Parameter.empty
+            if name in opdef.attrs and _same(value, opdef.attrs[name]) and _same(value, default):
+                continue
+            args.append(f"{name}={attr_lit(value)}")
+        return f"{ctx.kernel(self.kernel)}({', '.join(args)})"
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return False
+    return type(a) is type(b) and a == b
+
+
+# ---------------------------------------------------------------- ops that choose
+def _div(ctx: EmitContext) -> str:
+    # ONNX Div truncates integers toward zero; `/` would make floats and `//` floors.
+    if ctx.input(0).dtype.is_int:
+        return Call(kernels.div)(ctx)
+    return "{0} / {1}".format(*ctx.args)
+
+
+def _transpose(ctx: EmitContext) -> str:
+    perm = ctx.attrs.get("perm")
+    if perm is None:
+        return f"np.transpose({ctx.args[0]})"
+    return f"np.transpose({ctx.args[0]}, {attr_lit([int(p) for p in perm])})"
+
+
+def _squeeze(ctx: EmitContext) -> str:
+    axes = ctx.attrs.get("axes")
+    if axes is None:
+        return f"np.squeeze({ctx.args[0]})"
+    return f"np.squeeze({ctx.args[0]}, axis={attr_lit([int(a) for a in axes])})"
+
+
+def _unsqueeze(ctx: EmitContext) -> str:
+    # np.expand_dims normalises negative axes against the output rank, as ONNX does.
+    return f"np.expand_dims({ctx.args[0]}, {attr_lit([int(a) for a in ctx.attrs['axes']])})"
+
+
+def _cast(ctx: EmitContext) -> str:
+    return f"{ctx.args[0]}.astype({dtype_lit(ctx.attrs['to'])})"
+
+
+def _reshape(ctx: EmitContext) -> str:
+    shape = ctx.const(1)
+    if shape is not None and shape.ndim == 1:
+        dims = [int(d) for d in shape]
+        if ctx.attrs.get("allowzero") or 0 not in dims:
+            # Without 0 ("copy this dim") entries ONNX Reshape is exactly np.reshape.
+            return f"np.reshape({ctx.args[0]}, {attr_lit(dims)})"
+    return Call(kernels.reshape)(ctx)
+
+
+_TO_END = 2 ** 62
+
+
+def _slice(ctx: EmitContext) -> str:
+    """Constant bounds with positive steps: Python slicing clamps exactly as ONNX does."""
+    x = ctx.input(0)
+    consts = [ctx.const(i) for i in range(1, 5)]
+    starts, ends = consts[0], consts[1]
+    rank = None if x.shape is None else len(x.shape)
+    given = [ctx.input(i) is not None for i in range(1, 5)]
+    if (rank is None or starts is None or ends is None
+            or any(g and c is None for g, c in zip(given, consts))):
+        return Call(kernels.slice)(ctx)
+    starts = [int(s) for s in starts.reshape(-1)]
+    ends = [int(e) for e in ends.reshape(-1)]
+    axes = [int(a) for a in consts[2].reshape(-1)] if consts[2] is not None else list(range(len(starts)))
+    steps = [int(s) for s in consts[3].reshape(-1)] if consts[3] is not None else [1] * len(starts)
+    if not (len(starts) == len(ends) == len(axes) == len(steps)) or any(s <= 0 for s in steps):
+        return Call(kernels.slice)(ctx)
+    if any(not -rank <= a < rank for a in axes):
+        return Call(kernels.slice)(ctx)
+    axes = [a % rank for a in axes]
+    if len(set(axes)) != len(axes):
+        return Call(kernels.slice)(ctx)
+    index = [":"] * (max(axes) + 1 if axes else 0)
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        text = ("" if start == 0 else str(start)) + ":" + ("" if end >= _TO_END else str(end))
+        index[axis] = text + (f":{step}" if step != 1 else "")
+    if not index:
+        return ctx.args[0]
+    return f"{ctx.args[0]}[{', '.join(index)}]"
+
+
+# ---------------------------------------------------------------- the table
+EMITTERS: Dict[str, Callable[[EmitContext], str]] = {
+    "Add": Inline("{0} + {1}"),
+    "Sub": Inline("{0} - {1}"),
+    "Mul": Inline("{0} * {1}"),
+    "Div": _div,
+    "Pow": Inline("{0} ** {1}"),
+    "MatMul": Inline("{0} @ {1}"),
+    "Gemm": Call(kernels.gemm),
+    "Sqrt": Inline("np.sqrt({0})"),
+    "Reciprocal": Inline("np.reciprocal({0})"),
+    "Neg": Inline("-{0}"),
+    "Exp": Inline("np.exp({0})"),
+    "Log": Inline("np.log({0})"),
+    "Erf": Call(kernels.erf),
+    "Tanh": Inline("np.tanh({0})"),
+    "Sigmoid": Call(kernels.sigmoid),
+    "Relu": Call(kernels.relu),
+    "Cos": Inline("np.cos({0})"),
+    "Sin": Inline("np.sin({0})"),
+    "Identity": Inline("{0}"),
+    "Not": Inline("np.logical_not({0})"),
+    "And": Inline("np.logical_and({0}, {1})"),
+    "Or": Inline("np.logical_or({0}, {1})"),
+    "Equal": Inline("{0} == {1}"),
+    "Less": Inline("{0} < {1}"),
+    "Greater": Inline("{0} > {1}"),
+    "Softmax": Call(kernels.softmax),
+    "ReduceMean": Call(kernels.reduce_mean),
+    "ReduceSum": Call(kernels.reduce_sum),
+    "ReduceMax": Call(kernels.reduce_max),
+    "Transpose": _transpose,
+    "Reshape": _reshape,
+    "Squeeze": _squeeze,
+    "Unsqueeze": _unsqueeze,
+    "Expand": Call(kernels.expand),
+    "Concat": Inline("np.concatenate(({args},), axis={axis})"),
+    "Split": Call(kernels.split),
+    "Slice": _slice,
+    "Gather": Call(kernels.gather),
+    "Where": Inline("np.where({0}, {1}, {2})"),
+    "Cast": _cast,
+    "Trilu": Call(kernels.trilu),
+    "Shape": Call(kernels.shape),
+    "ConstantOfShape": Call(kernels.constant_of_shape),
+    "Range": Call(kernels.range_),
+    "CumSum": Call(kernels.cumsum),
+    "CumSum": Call(kernels.cumsum),
+    "tgraph.CausalMask": Call(kernels.causal_mask),
+    # fused ops (tgraph.ir.fused): what the fusion passes produce
+    "LayerNormalization": Call(fused.layer_normalization),
+    "RMSNormalization": Call(fused.rms_normalization),
+    "Gelu": Call(fused.gelu),
+    "Attention": Call(fused.attention),
+}

@@ -1,0 +1,285 @@
+"""Per-op lowering rules: IR nodes -> ONNX `NodeProto`s for a target opset.
+
+`LOWERINGS` maps a qualified op name ("MatMul", "tgraph.CausalMask") to a rule
+``rule(ctx, node) -> None`` that appends ONNX nodes through the `LoweringContext`.
+Most standard ops are written as they are (`lower_same`); the rules below exist
+where our IR keeps a static parameter as an attribute that ONNX now takes as an
+input, or where an op of ours has no ONNX counterpart and becomes a subgraph.
+
+The context checks every standard op it emits against the ONNX schemas of the
+target opset, so a rule that needs a newer op fails with an `ExportError` naming the
+node instead of producing a model that onnxruntime rejects. A rule may emit nodes of
+another domain (e.g. ``com.microsoft`` fused kernels) after `ctx.use_domain`.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
+
+import numpy as np
+import onnx
+from onnx import NodeProto, TensorProto, helper
+
+from tgraph.errors import ExportError
+from tgraph.ir.core import Node, Value
+
+from .protos import finfo_min, make_attribute, tensor_proto
+
+Rule = Callable[["LoweringContext", Node], None]
+LOWERINGS: Dict[str, Rule] = {}
+
+
+def lowering(*ops: str):
+    """Register a rule for one or more qualified op names."""
+    def register(fn: Rule) -> Rule:
+        for op in ops:
+            LOWERINGS[op] = fn
+        return fn
+    return register
+
+
+@functools.lru_cache(maxsize=None)
+def _schema_since(op_type: str, opset: int) -> Optional[int]:
+    """The version of `op_type` in effect at `opset`, or None if it needs a later opset."""
+    try:
+        schema = onnx.defs.get_schema(op_type, opset, "")
+    except onnx.defs.SchemaError:
+        return None
+    return None if schema.deprecated else schema.since_version
+
+
+@functools.lru_cache(maxsize=None)
+def _first_opset(op_type: str) -> Optional[int]:
+    try:
+        return onnx.defs.get_schema(op_type, onnx.defs.onnx_opset_version(), "").since_version
+    except onnx.defs.SchemaError:
+        return None
+
+
+class LoweringContext:
+    """Collects the ONNX nodes, extra initializers and opset imports of one export."""
+
+    def __init__(self, opset: int, taken_names: Iterable[str] = ()):
+        self.opset = opset
+        self.nodes: List[NodeProto] = []
+        self.initializers: List[TensorProto] = []
+        self.opset_imports: Dict[str, int] = {"": opset}
+        self.node: Optional[Node] = None        # the IR node being lowered
+        self._names = set(taken_names)
+        self._node_names: set = set()
+        self._consts: Dict[tuple, str] = {}
+
+    # ---- dispatch -----------------------------------------------------------------
+    def lower(self, node: Node) -> None:
+        rule = LOWERINGS.get(node.qualified_op)
+        if rule is None:
+            raise ExportError(f"node {node.name}: no ONNX lowering for op {node.qualified_op!r}")
+        self.node = node
+        try:
+            rule(self, node)
+        finally:
+            self.node = None
+
+    def _where(self) -> str:
+        return f"node {self.node.name} ({self.node.qualified_op})" if self.node is not None else "export"
+
+    # ---- names and constants -------------------------------------------------------
+    def fresh(self, hint: str) -> str:
+        """A value name unused by the graph and by anything emitted so far."""
+        base = f"{self.node.name}_{hint}" if self.node is not None else hint
+        name, i = base, 0
+        while name in self._names:
+            i += 1
+            name = f"{base}_{i}"
+        self._names.add(name)
+        return name
+
+    def const(self, array, hint: str = "const") -> str:
+        """An initializer holding `array`; equal constants are shared (axes, scalars)."""
+        array = np.asarray(array)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self._consts:
+            saved, self.node = self.node, None
+            try:
+                name = self.fresh(f"onnx_{hint}")
+            finally:
+                self.node = saved
+            self.initializers.append(tensor_proto(array, name))
+            self._consts[key] = name
+        return self._consts[key]
+
+    def ints(self, values: Sequence[int], hint: str) -> str:
+        return self.const(np.array([int(v) for v in values], dtype=np.int64), hint)
+
+    # ---- opsets ------------------------------------------------------------------------
+    def require_opset(self, version: int, what: str) -> None:
+        if self.opset < version:
+            raise ExportError(f"{self._where()}: {what} needs opset >= {version}, exporting opset {self.opset}")
+
+    def use_domain(self, domain: str, version: int = 1) -> None:
+        """Declare an extra operator domain (e.g. ``com.microsoft``) the model imports."""
+        known = self.opset_imports.get(domain)
+        if known is not None and known != version:
+            raise ExportError(f"{self._where()}: domain {domain!r} requested at versions {known} and {version}")
+        self.opset_imports[domain] = version
+
+    # ---- emitting ----------------------------------------------------------------------
+    def emit(self, op_type: str, inputs: Sequence[Optional[str]], outputs: Union[int, Sequence[str]] = 1,
+             *, domain: str = "", **attrs) -> List[str]:
+        """Append one ONNX node; returns its output names (fresh ones when `outputs` is a count)."""
+        if domain == "":
+            if _schema_since(op_type, self.opset) is None:
+                first = _first_opset(op_type)
+                if first is None:
+                    raise ExportError(f"{self._where()}: {op_type!r} is not an ONNX operator")
+                raise ExportError(f"{self._where()}: ONNX op {op_type} needs opset >= {first}, "
+                                  f"exporting opset {self.opset}")
+        elif domain not in self.opset_imports:
+            raise ExportError(f"{self._where()}: emits {domain}.{op_type} without ctx.use_domain({domain!r})")
+        if isinstance(outputs, int):
+            outputs = [self.fresh(op_type.lower()) for _ in range(outputs)]
+        outputs = list(outputs)
+        try:
+            attributes = [make_attribute(k, v) for k, v in sorted(attrs.items()) if v is not None]
+        except (TypeError, ValueError) as e:
+            raise ExportError(f"{self._where()}: cannot write attributes of {op_type}: {e}") from None
+        proto = helper.make_node(op_type, ["" if i is None else i for i in inputs], outputs,
+                                 name=self._node_name(op_type, outputs), domain=domain or None)
+        proto.attribute.extend(attributes)
+        self.nodes.append(proto)
+        return outputs
+
+    def _node_name(self, op_type: str, outputs: Sequence[str]) -> str:
+        ir = self.node
+        if ir is None:
+            base = op_type
+        elif any(o.name in outputs for o in ir.outputs):
+            base = ir.name                       # the node that produces the IR node's results
+        else:
+            base = f"{ir.name}/{op_type}"
+        name, i = base, 0
+        while name in self._node_names:
+            i += 1
+            name = f"{base}_{i}"
+        self._node_names.add(name)
+        return name
+
+
+def names(values: Sequence[Optional[Value]]) -> List[Optional[str]]:
+    return [None if v is None else v.name for v in values]
+
+
+# ------------------------------------------------------------------------- the rules
+_SAME_AS_ONNX = (
+    "Add", "Sub", "Mul", "Div", "Pow", "MatMul", "Gemm", "Sqrt", "Reciprocal", "Neg", "Exp", "Log", "Erf",
+    "Tanh", "Sigmoid", "Relu", "Cos", "Sin", "Identity", "Not", "And", "Or", "Equal", "Less", "Greater",
+    "Softmax", "Transpose", "Reshape", "Expand", "Concat", "Slice", "Gather", "Where", "Trilu", "Shape",
+    "Range", "Cast", "LayerNormalization", "RMSNormalization", "Gelu",
+)
+
+
+@lowering(*_SAME_AS_ONNX)
+def lower_same(ctx: LoweringContext, node: Node) -> None:
+    """The ONNX op of the same name and attributes (a DType attribute, e.g. Cast's `to`, becomes its enum)."""
+    ctx.emit(node.op, names(node.inputs), names(node.outputs), domain=node.domain, **node.attrs)
+
+
+@lowering("ReduceMean", "ReduceSum", "ReduceMax")
+def lower_reduce(ctx: LoweringContext, node: Node) -> None:
+    """`axes` is an input from opset 18 (ReduceSum: 13); empty axes means "reduce nothing" in our IR."""
+    attrs = dict(node.attrs)
+    axes = attrs.pop("axes", None)
+    x, out = names(node.inputs), names(node.outputs)
+    if axes is not None and len(axes) == 0:
+        ctx.emit("Identity", x, out)     # ONNX would reduce over all axes instead
+        return
+    if axes is None:
+        ctx.emit(node.op, x, out, **attrs)
+    elif ctx.opset >= (13 if node.op == "ReduceSum" else 18):
+        ctx.emit(node.op, x + [ctx.ints(axes, "axes")], out, **attrs)
+    else:
+        ctx.emit(node.op, x, out, axes=list(axes), **attrs)
+
+
+@lowering("Squeeze", "Unsqueeze")
+def lower_squeeze(ctx: LoweringContext, node: Node) -> None:
+    """`axes` is an input since opset 13, below every opset we export."""
+    axes = node.attrs.get("axes")
+    ins = names(node.inputs) + ([ctx.ints(axes, "axes")] if axes is not None else [])
+    ctx.emit(node.op, ins, names(node.outputs))
+
+
+@lowering("Split")
+def lower_split(ctx: LoweringContext, node: Node) -> None:
+    """Sizes are an input; with only a count, opset 18 wants `num_outputs`, older ones split evenly."""
+    sizes = node.attrs.get("split")
+    ins = names(node.inputs)
+    attrs = {"axis": node.attrs.get("axis", 0)}
+    if sizes is not None:
+        ins.append(ctx.ints(sizes, "split"))
+    elif ctx.opset >= 18:
+        attrs["num_outputs"] = len(node.outputs)
+    ctx.emit("Split", ins, names(node.outputs), **attrs)
+
+
+@lowering("CumSum")
+def lower_cumsum(ctx: LoweringContext, node: Node) -> None:
+    """`axis` is a 0-D int64 input in ONNX (an attribute in our IR)."""
+    attrs = dict(node.attrs)
+    axis = ctx.const(np.array(int(attrs.pop("axis")), dtype=np.int64), "axis")
+    ctx.emit("CumSum", names(node.inputs) + [axis], names(node.outputs), **attrs)
+
+
+@lowering("ConstantOfShape")
+def lower_constant_of_shape(ctx: LoweringContext, node: Node) -> None:
+    """`value` must be a one-element 1-D tensor."""
+    value = node.attrs.get("value")
+    value = None if value is None else np.asarray(value).reshape(1)
+    ctx.emit("ConstantOfShape", names(node.inputs), names(node.outputs), value=value)
+
+
+@lowering("tgraph.CausalMask")
+def lower_causal_mask(ctx: LoweringContext, node: Node) -> None:
+    """scores[..., i, j] stays where j <= i + (Tk - Tq), else the dtype's lowest value.
+
+    Built from Shape/Range so Tq and Tk are read at run time: row i may see keys up to
+    ``last[i] = (Tk - Tq) + i``, i.e. ``last = Range(Tk - Tq, Tk)``.
+    """
+    (scores,), (out,) = node.inputs, node.outputs
+    dtype = scores.dtype
+    if not dtype.is_float:
+        raise ExportError(f"node {node.name} (tgraph.CausalMask): scores must be float, got {dtype.name}")
+    (tq,) = ctx.emit("Shape", [scores.name], [ctx.fresh("tq")], start=-2, end=-1)   # [Tq]
+    (tk,) = ctx.emit("Shape", [scores.name], [ctx.fresh("tk")], start=-1)                  # [Tk]
+    scalar = ctx.ints([0], "axes")
+    (past,) = ctx.emit("Sub", [tk, tq], [ctx.fresh("past")])                               # [Tk - Tq]
+    (tk0,) = ctx.emit("Squeeze", [tk, scalar], [ctx.fresh("tk_scalar")])
+    (past0,) = ctx.emit("Squeeze", [past, scalar], [ctx.fresh("past_scalar")])
+    one = ctx.const(np.array(1, dtype=np.int64), "one")
+    zero = ctx.const(np.array(0, dtype=np.int64), "zero")
+    (cols,) = ctx.emit("Range", [zero, tk0, one], [ctx.fresh("cols")])                    # [Tk]
+    (last,) = ctx.emit("Range", [past0, tk0, one], [ctx.fresh("last")])                   # [Tq]
+    (last_col,) = ctx.emit("Unsqueeze", [last, ctx.ints([1], "axes")], [ctx.fresh("last_col")])  # [Tq, 1]
+    (hidden,) = ctx.emit("Greater", [cols, last_col], [ctx.fresh("hidden")])              # [Tq, Tk]
+    fill = ctx.const(np.array(finfo_min(dtype), dtype=dtype.numpy), f"{dtype.name}_min")
+    ctx.emit("Where", [hidden, fill, scores.name], [out.name])
+
+
+@lowering("Attention")
+def lower_attention(ctx: LoweringContext, node: Node) -> None:
+    """Attention-23. onnxruntime (1.31) insists that a mask's query axis equals Tq, where the
+    spec allows broadcasting: a [.., 1, Tk] padding mask is expanded to [.., Tq, Tk] first."""
+    q, k, v = (x.name for x in node.inputs[:3])
+    mask = node.inputs[3] if len(node.inputs) > 3 else None
+    ins = [q, k, v]
+    if mask is not None:
+        m = mask.name
+        if mask.shape is None or mask.shape[-2] == 1:
+            rank = len(mask.shape) if mask.shape is not None else 4
+            lead = ctx.emit("Shape", [m], 1, start=0, end=rank - 2)[0]
+            tq = ctx.emit("Shape", [q], 1, start=2, end=3)[0]
+            tk = ctx.emit("Shape", [m], 1, start=rank - 1)[0]
+            shape = ctx.emit("Concat", [lead, tq, tk], 1, axis=0)[0]
+            m = ctx.emit("Expand", [m, shape], 1)[0]
+        ins.append(m)
+    ctx.emit("Attention", ins, names(node.outputs), **node.attrs)

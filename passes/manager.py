@@ -1,0 +1,167 @@
+"""`PassManager` and `optimize`: run passes in order, verify after each, record what changed.
+
+After torch.fx's pass manager: a failure is re-raised naming the failing pass and the
+passes already run, since a broken invariant is usually the fault of the pass just
+before the check, not of the code that trips over it later.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, TextIO, Union
+
+from tgraph.errors import ConfigError, TgraphError, VerifyError
+from tgraph.ir import Graph
+
+from .base import Pass, PassLike, level_pipeline, parse_pipeline
+
+#: The level `optimize(graph)` uses when given neither a level nor a pipeline.
+DEFAULT_LEVEL = 2
+
+
+class PassError(TgraphError):
+    """A pass raised, or left the graph broken."""
+
+
+@dataclass
+class PassRecord:
+    """What one pass did: its changes, node counts and timings."""
+
+    name: str
+    changes: Dict[str, int]
+    nodes_before: int
+    nodes_after: int
+    seconds: float
+    verify_seconds: float = 0.0
+
+    @property
+    def changed(self) -> bool:
+        return any(self.changes.values())
+
+    def changes_text(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.changes.items() if v) or "-"
+
+
+@dataclass
+class PipelineResult:
+    """The records of a pipeline run, in order."""
+
+    records: List[PassRecord] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return any(r.changed for r in self.records)
+
+    @property
+    def seconds(self) -> float:
+        return sum(r.seconds + r.verify_seconds for r in self.records)
+
+    @property
+    def passes(self) -> List[str]:
+        return [r.name for r in self.records]
+
+    def counts(self) -> Dict[str, Dict[str, int]]:
+        """``{pass: {what: count}}``; a pass run several times has its counts summed."""
+        out: Dict[str, Dict[str, int]] = {}
+        for r in self.records:
+            acc = out.setdefault(r.name, {})
+            for k, v in r.changes.items():
+                acc[k] = acc.get(k, 0) + v
+        return out
+
+    def summary(self) -> Dict[str, Dict[str, int]]:
+        """`counts()` restricted to passes that changed something, and to non-zero counts."""
+        return {name: {k: v for k, v in c.items() if v}
+                for name, c in self.counts().items() if any(c.values())}
+
+    def __str__(self) -> str:
+        if not self.records:
+            return "no passes run"
+        width = max(len(r.name) for r in self.records)
+        lines = [f"{'pass':<{width}}  {'nodes':>13}  {'ms':>8}  changes"]
+        for r in self.records:
+            nodes = f"{r.nodes_before} -> {r.nodes_after}"
+            lines.append(f"{r.name:<{width}}  {nodes:>13}  {r.seconds * 1e3:8.2f}  {r.changes_text()}")
+        lines.append(f"{'total':<{width}}  {'':>13}  {self.seconds * 1e3:8.2f}")
+        return "\n".join(lines)
+
+
+class PassManager:
+    """Runs passes in order on one graph (mutating it).
+
+    verify: call `graph.verify()` on the input and after every pass.
+    print_ir: print the IR before the first pass and after each pass, to `out`
+        (default stdout), like xDSL's ``--print-between-passes``.
+    """
+
+    def __init__(self, passes: Union[str, Sequence[PassLike]], *, verify: bool = True,
+                 print_ir: bool = False, out: Optional[TextIO] = None):
+        self.passes: List[Pass] = parse_pipeline(passes)
+        self.verify = verify
+        self.print_ir = print_ir
+        self.out = out
+
+    def _print(self, graph: Graph, header: str) -> None:
+        stream = self.out if self.out is not None else sys.stdout
+        print(f"// ----- {header} -----", file=stream)
+        print(graph, file=stream)
+
+    def run(self, graph: Graph) -> PipelineResult:
+        result = PipelineResult()
+        if self.verify:
+            try:
+                graph.verify()
+            except TgraphError as e:
+                raise VerifyError(f"input graph fails verification before any pass: {e}") from e
+        if self.print_ir:
+            self._print(graph, "IR before passes")
+        for p in self.passes:
+            done = ", ".join(result.passes) or "none"
+            before = len(graph.nodes)
+            t0 = time.perf_counter()
+            try:
+                changes = p.run(graph)
+            except Exception as e:
+                err = PassError(f"pass {p.name!r} failed (passes already run: {done}): {type(e).__name__}: {e}")
+                err.pass_name, err.passes_run = p.name, result.passes
+                raise err from e
+            seconds = time.perf_counter() - t0
+            if changes is None:
+                changes = {}
+            if not isinstance(changes, dict):
+                raise PassError(f"pass {p.name!r} returned {type(changes).__name__}, expected a dict of counts")
+            record = PassRecord(p.name, dict(changes), before, len(graph.nodes), seconds)
+            if self.verify:
+                t1 = time.perf_counter()
+                try:
+                    graph.verify()
+                except TgraphError as e:
+                    err = VerifyError(f"graph fails verification after pass {p.name!r} "
+                                      f"(passes already run: {done}): {e}")
+                    err.pass_name, err.passes_run = p.name, result.passes
+                    raise err from e
+                record.verify_seconds = time.perf_counter() - t1
+            result.records.append(record)
+            if self.print_ir:
+                self._print(graph, f"IR after {p.spec()} ({record.changes_text()})")
+        return result
+
+    __call__ = run
+
+
+def resolve_pipeline(level: Optional[int] = None,
+                     pipeline: Union[str, Sequence[PassLike], None] = None) -> List[Pass]:
+    """The passes for an `optimize` call: an explicit pipeline, else the level's."""
+    if level is not None and pipeline is not None:
+        raise ConfigError("give an optimization level or a pipeline, not both")
+    if pipeline is not None:
+        return parse_pipeline(pipeline)
+    return parse_pipeline(level_pipeline(DEFAULT_LEVEL if level is None else level))
+
+
+def optimize(graph: Graph, level: Optional[int] = None, pipeline: Union[str, Sequence[PassLike], None] = None,
+             *, verify: bool = True, print_ir: bool = False, out: Optional[TextIO] = None) -> PipelineResult:
+    """Optimize `graph` in place at -O`level` (default `DEFAULT_LEVEL`) or with an explicit pipeline."""
+    passes = resolve_pipeline(level, pipeline)
+    return PassManager(passes, verify=verify, print_ir=print_ir, out=out).run(graph)

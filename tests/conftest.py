@@ -1,0 +1,5 @@
+"""Make the shared test helpers (model_harness) importable from every test file."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

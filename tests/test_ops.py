@@ -1,0 +1,293 @@
+"""Table-driven op tests: every op in the op table, three oracles.
+
+Each case builds a one-node graph with `Builder`, exports it with `to_onnx` and runs
+(a) the op table's NumPy kernel, (b) `onnx.reference.ReferenceEvaluator`, (c)
+onnxruntime on CPU with its graph optimizer off, so ORT cannot rewrite the lowering.
+All three must agree, the inferred output types must match what actually comes out,
+and the exported model must pass `onnx.checker` with full shape inference.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx.reference import ReferenceEvaluator
+
+from tgraph.codegen.onnx import DEFAULT_OPSET, LOWERINGS, to_onnx
+from tgraph.ir import OPS, Builder, DType, TensorType
+
+RNG = np.random.default_rng(1234)
+I64_MAX = np.iinfo(np.int64).max
+
+
+def f32(*shape, lo=-2.0, hi=2.0):
+    return RNG.uniform(lo, hi, size=shape).astype(np.float32)
+
+
+def i64(*values):
+    return np.array(values, dtype=np.int64)
+
+
+def scalar(value, dtype=np.int64):
+    return np.array(value, dtype=dtype)
+
+
+@dataclass
+class Case:
+    op: str                                   # qualified name, e.g. "tgraph.CausalMask"
+    inputs: Sequence[Optional[np.ndarray]]
+    attrs: Dict[str, Any] = field(default_factory=dict)
+    const: Tuple[int, ...] = ()               # inputs baked into the graph as constants
+    sym: Dict[int, tuple] = field(default_factory=dict)   # input index -> dims with symbols
+    opsets: Tuple[int, ...] = (DEFAULT_OPSET,)
+    tol: float = 1e-5
+    name: str = ""
+    ref_bug: str = ""                         # why onnx.reference is not an oracle for this case
+
+    @property
+    def id(self) -> str:
+        return f"{self.op}-{self.name}" if self.name else self.op
+
+
+def C(op, *inputs, const=(), sym=None, opsets=(DEFAULT_OPSET,), tol=1e-5, name="", ref_bug="", **attrs):
+    return Case(op, list(inputs), attrs, tuple(const), dict(sym or {}), tuple(opsets), tol, name, ref_bug)
+
+
+# onnx 1.23's reference Slice uses Python slicing; the spec (and ORT, and ONNX shape
+# inference) clamp a negative-step start below -dim to 0, which keeps element 0.
+SLICE_REF_BUG = "onnx.reference Slice does not clamp a negative-step start to [0, dim-1]"
+
+
+ALL_OPSETS = (17, 18, DEFAULT_OPSET, 25)   # where the lowering depends on the opset
+
+CASES = [
+    C("Add", f32(2, 3), f32(3), name="broadcast"),
+    C("Add", i64(1, -2, 3), i64(4, 5, -6), name="int64"),
+    C("Add", f32(4, 3), f32(3), sym={0: ("batch", 3)}, name="symbolic"),
+    C("Sub", f32(2, 3), f32(2, 1)),
+    C("Sub", np.array([5, -3], np.int32), np.array([7, 2], np.int32), name="int32"),
+    C("Mul", f32(2, 3, 4), f32(4)),
+    C("Div", f32(2, 3), f32(2, 3, lo=0.5, hi=2.0)),
+    C("Div", i64(7, -7, 7, -7, 6, 0), i64(2, 2, -2, -2, 3, 5), name="int64-truncates"),
+    C("Pow", f32(2, 3, lo=0.1, hi=3.0), np.array(2.0, np.float32), const=(1,), name="square"),
+    C("Pow", f32(2, 3, lo=0.1, hi=3.0), f32(2, 3, lo=-1.5, hi=1.5), name="general"),
+    C("MatMul", f32(2, 3, 4), f32(4, 5)),
+    C("MatMul", f32(4), f32(4, 5), name="vector"),
+    C("MatMul", f32(2, 1, 3, 4), f32(3, 4, 2), name="batch-broadcast"),
+    C("MatMul", f32(2, 5, 4), f32(4, 3), sym={0: ("batch", "seq", 4)}, name="symbolic"),
+    C("Gemm", f32(3, 4), f32(4, 5), f32(5), alpha=0.5, beta=2.0, name="bias"),
+    C("Gemm", f32(4, 3), f32(5, 4), transA=1, transB=1, name="transposed"),
+    C("Sqrt", f32(2, 3, lo=0.0, hi=4.0)),
+    C("Reciprocal", f32(2, 3, lo=0.5, hi=3.0)),
+    C("Neg", f32(2, 3)),
+    C("Neg", i64(1, -2, 0), name="int64"),
+    C("Exp", f32(2, 3)),
+    C("Log", f32(2, 3, lo=0.01, hi=5.0)),
+    C("Erf", np.linspace(-4, 4, 41, dtype=np.float32)),
+    C("Tanh", f32(2, 3, lo=-5, hi=5)),
+    C("Sigmoid", f32(2, 3, lo=-8, hi=8)),
+    C("Relu", f32(2, 3)),
+    C("Cos", f32(2, 3, lo=-4, hi=4)),
+    C("Sin", f32(2, 3, lo=-4, hi=4)),
+    C("Identity", f32(2, 3)),
+    C("Identity", np.array([True, False]), name="bool"),
+    C("Not", np.array([[True, False], [False, False]])),
+    C("And", np.array([True, True, False, False]), np.array([True, False, True, False])),
+    C("Or", np.array([True, True, False, False]), np.array([True, False, True, False])),
+    C("Equal", i64(1, 2, 3), i64(1, 0, 3)),
+    C("Equal", np.array([1.0, 2.5], np.float32), np.array([1.0, 2.0], np.float32), name="float"),
+    C("Less", f32(2, 3), f32(3)),
+    C("Less", i64(1, 5, 3), i64(2, 5, 1), name="int64"),
+    C("Greater", f32(2, 3), f32(2, 1)),
+    C("Softmax", f32(2, 3, 5, lo=-5, hi=5)),
+    C("Softmax", f32(2, 3, 5), axis=1, name="axis1"),
+    *[C(op, f32(2, 3, 4), axes=[-1], opsets=ALL_OPSETS, name="last")
+      for op in ("ReduceMean", "ReduceSum", "ReduceMax")],
+    *[C(op, f32(2, 3, 4), axes=[0, 2], keepdims=0, opsets=ALL_OPSETS, name="two-axes")
+      for op in ("ReduceMean", "ReduceSum", "ReduceMax")],
+    *[C(op, f32(2, 3), opsets=ALL_OPSETS, name="all") for op in ("ReduceMean", "ReduceSum", "ReduceMax")],
+    *[C(op, f32(2, 3), axes=[], opsets=ALL_OPSETS, name="none") for op in ("ReduceMean", "ReduceSum", "ReduceMax")],
+    C("ReduceMean", f32(2, 5, 8), axes=[-1], sym={0: ("batch", "seq", 8)}, name="symbolic"),
+    C("Transpose", f32(2, 3, 4), perm=[0, 2, 1]),
+    C("Transpose", f32(2, 3, 4), name="reverse"),
+    C("Reshape", f32(2, 3, 4), i64(0, -1), const=(1,)),
+    C("Reshape", f32(2, 3, 4), i64(4, 6), name="dynamic-shape"),
+    C("Reshape", f32(3, 8), i64(0, 2, 4), const=(1,), sym={0: ("batch", 8)}, name="symbolic"),
+    C("Squeeze", f32(2, 1, 3, 1), axes=[1]),
+    C("Squeeze", f32(2, 1, 3, 1), name="all-ones"),
+    C("Unsqueeze", f32(2, 3), axes=[0, -1]),
+    C("Expand", f32(3, 1), i64(2, 3, 4), const=(1,)),
+    C("Expand", f32(3, 1), i64(3, 5), name="dynamic-shape"),
+    C("Concat", f32(2, 1), f32(2, 3), f32(2, 2), axis=1),
+    C("Concat", i64(1, 2), i64(3), axis=-1, name="int64"),
+    C("Split", f32(2, 5), axis=1, split=[2, 3], opsets=ALL_OPSETS, name="sizes"),
+    C("Split", f32(6, 2), num_outputs=3, opsets=ALL_OPSETS, name="num-outputs"),
+    C("Slice", f32(4, 6), i64(1, 0), i64(3, -1), const=(1, 2)),
+    C("Slice", f32(4, 6), i64(-1), i64(-I64_MAX), i64(1), i64(-2), const=(1, 2, 3, 4), name="reverse"),
+    C("Slice", f32(5), i64(-10), i64(-20), i64(0), i64(-1), const=(1, 2, 3, 4), name="clamped-negative-step",
+      ref_bug=SLICE_REF_BUG),
+    C("Slice", f32(5), i64(10), i64(2), i64(0), i64(-1), const=(1, 2, 3, 4), name="start-past-end"),
+    C("Slice", f32(3, 7), i64(2), i64(I64_MAX), i64(-1), const=(1, 2, 3), name="to-end"),
+    C("Slice", f32(3, 7), i64(1), i64(5), i64(1), i64(2), name="dynamic"),
+    C("Gather", f32(5, 3), i64(4, 0, -1)),
+    C("Gather", f32(2, 5), np.array([[0, 1], [4, 3]], np.int32), axis=1, name="int32-2d"),
+    C("Gather", f32(5, 3), scalar(2), const=(1,), name="scalar"),
+    C("Where", np.array([[True], [False]]), f32(2, 3), f32(3)),
+    C("Cast", np.array([-2.7, -0.5, 0.5, 3.9], np.float32), to=DType.int64, name="float-to-int"),
+    C("Cast", f32(2, 3), to=DType.float16, name="to-fp16"),
+    C("Cast", i64(3, -4), to=DType.float32, name="int-to-float"),
+    C("Cast", np.array([True, False]), to=DType.float32, name="bool-to-float"),
+    C("Cast", np.array([0.0, 2.5], np.float32), to=DType.bool, name="float-to-bool"),
+    C("Trilu", f32(3, 4)),
+    C("Trilu", f32(2, 4, 3), scalar(-1), upper=0, const=(1,), name="lower-k"),
+    C("Shape", f32(2, 3, 4)),
+    C("Shape", f32(2, 3, 4), start=1, name="start"),
+    C("Shape", f32(2, 3, 4), start=-2, end=-1, name="start-end"),
+    C("ConstantOfShape", i64(2, 3), const=(0,)),
+    C("ConstantOfShape", i64(2, 3), value=np.array([7], np.int64), name="int64-input"),
+    C("Range", scalar(0), scalar(10), scalar(3), const=(0, 1, 2)),
+    C("Range", scalar(1.0, np.float32), scalar(2.0, np.float32), scalar(0.25, np.float32), const=(0, 1, 2),
+      name="float"),
+    C("Range", scalar(5), scalar(-3), scalar(-2), name="dynamic-negative"),
+    C("CumSum", i64(1, 0, 1, 1, 0, 1, 1, 1).reshape(2, 4), axis=1, name="int64"),
+    C("CumSum", f32(2, 3, 4), axis=-2, exclusive=1, name="exclusive"),
+    C("CumSum", f32(3, 5), axis=0, reverse=1, name="reverse"),
+    C("CumSum", f32(2, 5), axis=1, exclusive=1, reverse=1, sym={0: ("batch", 5)}, name="exclusive-reverse"),
+    # fused ops (tgraph.ir.fused), produced by the fusion passes
+    C("LayerNormalization", f32(2, 3, 8), f32(8), f32(8), const=(1, 2), epsilon=1e-5, name="affine"),
+    C("LayerNormalization", f32(2, 8), f32(8), epsilon=1e-6, sym={0: ("batch", 8)}, name="no-bias"),
+    C("RMSNormalization", f32(2, 3, 8), f32(8), const=(1,), epsilon=1e-6, opsets=(23, 25)),
+    C("Gelu", f32(3, 7, lo=-4, hi=4), opsets=(20, 23), name="erf"),
+    C("Gelu", f32(3, 7, lo=-4, hi=4), approximate="tanh", name="tanh"),
+    C("Attention", f32(2, 4, 3, 8), f32(2, 4, 3, 8), f32(2, 4, 3, 8), name="mha"),
+    C("Attention", f32(2, 4, 5, 8), f32(2, 2, 5, 8), f32(2, 2, 5, 8), is_causal=1, scale=0.3, name="gqa-causal"),
+    C("Attention", f32(2, 4, 3, 8), f32(2, 1, 5, 8), f32(2, 1, 5, 8),
+      np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool).reshape(2, 1, 1, 5), name="mqa-padding-mask"),
+    C("Attention", f32(1, 2, 4, 8), f32(1, 2, 4, 8), f32(1, 2, 4, 8), f32(1, 2, 4, 4), is_causal=1,
+      name="additive-mask-causal"),
+    C("tgraph.CausalMask", f32(4, 4), name="square"),
+    C("tgraph.CausalMask", f32(2, 3, 2, 5), name="past"),
+    C("tgraph.CausalMask", f32(1, 2, 5, 3), name="more-queries-than-keys"),
+    C("tgraph.CausalMask", f32(2, 3, 4).astype(np.float16), tol=1e-3, name="fp16"),
+    C("tgraph.CausalMask", f32(2, 2, 3, 6), sym={0: ("batch", "heads", "q", "k")}, opsets=ALL_OPSETS,
+      name="symbolic"),
+]
+
+
+# ------------------------------------------------------------------------------ helpers
+def build(case: Case):
+    """A one-node graph; returns (graph, output values, feeds, kernel inputs)."""
+    b = Builder()
+    g = b.graph
+    domain, _, op = case.op.rpartition(".")
+    values, feeds = [], {}
+    for i, array in enumerate(case.inputs):
+        if i in case.const:
+            values.append(b.const(array, hint=f"c{i}"))
+        else:
+            dims = case.sym.get(i, array.shape)
+            v = g.add_input(f"x{i}", TensorType(DType.of(array.dtype), dims))
+            feeds[v.name] = array
+            values.append(v)
+    out = b.op(op, *values, domain=domain, **case.attrs)
+    g.outputs = list(out) if isinstance(out, tuple) else [out]
+    g.verify()
+    return g, feeds
+
+
+def bindings(case: Case) -> Dict[str, int]:
+    bound = {}
+    for i, dims in case.sym.items():
+        for d, n in zip(dims, case.inputs[i].shape):
+            if isinstance(d, str):
+                bound[d] = n
+    return bound
+
+
+def ort_run(model: onnx.ModelProto, feeds):
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def assert_same(actual, expected, tol, what):
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    if actual.dtype.kind == "f":
+        np.testing.assert_allclose(actual.astype(np.float64), expected.astype(np.float64), rtol=tol, atol=tol,
+                                   err_msg=what)
+    else:
+        np.testing.assert_array_equal(actual, expected, err_msg=what)
+
+
+PARAMS = [pytest.param(case, opset, id=f"{case.id}-opset{opset}") for case in CASES for opset in case.opsets]
+
+
+@pytest.mark.parametrize("case,opset", PARAMS)
+def test_op_matches_kernel_reference_and_onnxruntime(case: Case, opset: int):
+    g, feeds = build(case)
+    node = g.nodes[0]
+    model = to_onnx(g, opset=opset)
+    onnx.checker.check_model(model, full_check=True)
+
+    kernel_out = OPS[node.qualified_op].kernel(*case.inputs, **node.attrs)
+    kernel_out = list(kernel_out) if isinstance(kernel_out, tuple) else [kernel_out]
+    ref_out = ReferenceEvaluator(model).run(None, feeds)
+    ort_out = ort_run(model, feeds)
+    assert len(kernel_out) == len(ref_out) == len(ort_out) == len(g.outputs)
+
+    bound = bindings(case)
+    for value, k, r, o in zip(g.outputs, kernel_out, ref_out, ort_out):
+        if case.ref_bug:
+            r = o
+        else:
+            assert_same(k, r, case.tol, f"{value.name}: kernel vs onnx.reference")
+        assert_same(o, k, case.tol, f"{value.name}: onnxruntime vs kernel")
+        # The inferred type describes what actually comes out.
+        assert value.type.dtype.numpy == np.asarray(r).dtype
+        assert value.type.shape is not None and len(value.type.shape) == np.ndim(r), value.type
+        for dim, actual in zip(value.type.shape, np.shape(r)):
+            if isinstance(dim, int):
+                assert dim == actual, f"{value.name}: inferred {value.type}, got {np.shape(r)}"
+            elif isinstance(dim, str) and dim in bound:
+                assert bound[dim] == actual, f"{value.name}: inferred {value.type}, got {np.shape(r)}"
+
+
+def test_every_op_has_a_case():
+    missing = set(OPS) - {case.op for case in CASES}
+    assert not missing, f"ops without a test case: {sorted(missing)}"
+
+
+def test_every_op_has_an_onnx_lowering():
+    missing = set(OPS) - set(LOWERINGS)
+    assert not missing, f"ops without an ONNX lowering rule: {sorted(missing)}"
+
+
+def test_symbolic_dims_become_dim_params():
+    case = next(c for c in CASES if c.id == "tgraph.CausalMask-symbolic")
+    g, _ = build(case)
+    model = to_onnx(g)
+    (inp,), (out,) = model.graph.input, model.graph.output
+    assert [d.dim_param for d in inp.type.tensor_type.shape.dim] == ["batch", "heads", "q", "k"]
+    assert [d.dim_param for d in out.type.tensor_type.shape.dim] == ["batch", "heads", "q", "k"]
+
+
+@pytest.mark.parametrize("tq,tk", [(1, 1), (1, 7), (3, 3), (4, 9), (6, 2)])
+def test_causal_mask_is_dynamic_in_tq_and_tk(tq, tk):
+    """One exported model, many (Tq, Tk): the mask is computed from the runtime shape."""
+    b = Builder()
+    x = b.graph.add_input("scores", TensorType(DType.float32, ("batch", 2, "q", "k")))
+    b.graph.outputs = [b.op("CausalMask", x, domain="tgraph")]
+    model = to_onnx(b.graph)
+    scores = f32(2, 2, tq, tk)
+    (got,) = ort_run(model, {"scores": scores})
+    keep = np.arange(tk)[None, :] <= np.arange(tq)[:, None] + (tk - tq)      # hand-derived rule
+    want = np.where(keep, scores, np.finfo(np.float32).min)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(OPS["tgraph.CausalMask"].kernel(scores), want)

@@ -1,0 +1,54 @@
+"""Convenience functions behind the CLI: build, optimise, export, run.
+
+Backends are imported lazily so `import tgraph` stays cheap and the IR never depends
+on them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+from .ir import Graph
+from .sources import LoadedModel, load_model
+
+DEFAULT_LEVEL = 2
+
+
+@dataclass
+class Built:
+    graph: Graph
+    model: LoadedModel
+    report: Any = None          # tgraph.passes.PipelineResult, or None at -O0
+
+
+def build(model: Union[str, LoadedModel], overrides: Optional[Mapping[str, str]] = None, *, seed: int = 0,
+          level: int = DEFAULT_LEVEL, pipeline: Optional[str] = None) -> Built:
+    """Trace a model and optimise it at `level` (or with an explicit pass `pipeline`)."""
+    from .dsl import trace
+    from .passes import optimize
+
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, overrides)
+    graph = trace(loaded.module, loaded.module.input_specs(), seed=seed)
+    report = None
+    if pipeline is not None or level > 0:
+        report = optimize(graph, level=None if pipeline is not None else level, pipeline=pipeline)
+    return Built(graph, loaded, report)
+
+
+def export_onnx(model, path: Union[str, Path], *, overrides=None, seed: int = 0, level: int = DEFAULT_LEVEL,
+                opset: Optional[int] = None, external_data: Optional[bool] = None) -> Built:
+    from .codegen.onnx import DEFAULT_OPSET, save_onnx
+
+    built = build(model, overrides, seed=seed, level=level)
+    save_onnx(built.graph, path, opset=opset or DEFAULT_OPSET, external_data=external_data)
+    return built
+
+
+def export_numpy(model, path: Union[str, Path], *, overrides=None, seed: int = 0,
+                 level: int = DEFAULT_LEVEL) -> Built:
+    from .codegen.numpy import write_numpy_module
+
+    built = build(model, overrides, seed=seed, level=level)
+    write_numpy_module(built.graph, path)
+    return built

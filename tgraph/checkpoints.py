@@ -1,0 +1,283 @@
+"""Hugging Face checkpoint directories -> DSL modules with real weights.
+
+A checkpoint directory holds `config.json` and `model.safetensors` (or shards listed in
+`model.safetensors.index.json`). Each model family registers an `HFAdapter` for the
+`model_type`s it implements: how the HF config maps to the family's dataclass (refusing
+options we do not implement, by name), and a weight map from our parameter names to HF
+tensor names plus a transform (transpose, split of a fused QKV ...).
+
+Loading is strict: a missing, unexpected or mis-shaped tensor, or a corrupt file, is a
+`CheckpointError` naming it. Pickle checkpoints are refused: unpickling runs code.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import CheckpointError, ConfigError
+
+# our parameter name -> (HF tensor names, transform(*arrays) -> array)
+WeightRule = Tuple[Tuple[str, ...], Callable[..., np.ndarray]]
+
+
+def same(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+def transposed(x: np.ndarray) -> np.ndarray:
+    """PyTorch Linear stores [out, in]; our Linear is [in, out]."""
+    return np.ascontiguousarray(x.T)
+
+
+def rule(*hf_names: str, fn: Callable[..., np.ndarray] = same) -> WeightRule:
+    return tuple(hf_names), fn
+
+
+def linear(hf_prefix: str, ours: str, bias: bool = True, weights: Optional[Dict[str, WeightRule]] = None
+           ) -> Dict[str, WeightRule]:
+    """The usual torch.nn.Linear pair: `<hf>.weight` (transposed) and `<hf>.bias`."""
+    out = weights if weights is not None else {}
+    out[f"{ours}.weight"] = rule(f"{hf_prefix}.weight", fn=transposed)
+    if bias:
+        out[f"{ours}.bias"] = rule(f"{hf_prefix}.bias")
+    return out
+
+
+@dataclass
+class HFAdapter:
+    """How one family reads Hugging Face checkpoints."""
+
+    family: str
+    model_types: Sequence[str]
+    config_from_hf: Callable[[Dict[str, Any]], Any]        # HF config dict -> family config (ConfigError if unsupported)
+    weight_map: Callable[[Any], Dict[str, WeightRule]]      # family config -> {our name: rule}
+    ignore: Sequence[str] = ()                              # regexes of HF tensors that carry no weights (buffers)
+    accepts: Optional[Callable[[Dict[str, Any]], Optional[str]]] = None  # extra check: None or a refusal reason
+    base_prefixes: Sequence[str] = ()                       # where head models nest the base model ("transformer.")
+    renames: Sequence[Tuple[str, str]] = ()                 # (regex, replacement) for legacy tensor names
+    # (config, SafetensorsWeights) -> config: choices only the stored tensors reveal (T5: a saved
+    # lm_head.weight means an untied head, whatever transformers>=5 wrote in config.json)
+    refine: Optional[Callable[[Any, "SafetensorsWeights"], Any]] = None
+
+
+HF_ADAPTERS: Dict[str, HFAdapter] = {}
+
+
+def register_adapter(adapter: HFAdapter) -> HFAdapter:
+    for t in adapter.model_types:
+        HF_ADAPTERS[t] = adapter
+    return adapter
+
+
+def hf_get(hf: Mapping[str, Any], key: str, default: Any = None, *alts: str) -> Any:
+    for k in (key,) + alts:
+        if k in hf and hf[k] is not None:
+            return hf[k]
+    return default
+
+
+def refuse_if(hf: Mapping[str, Any], key: str, allowed: Iterable[Any], model_type: str) -> None:
+    """ConfigError when `hf[key]` is set to something we do not implement."""
+    value = hf.get(key)
+    if value is not None and value not in list(allowed):
+        raise ConfigError(f"{model_type}: config option {key}={value!r} is not supported "
+                          f"(supported: {', '.join(repr(a) for a in allowed)})")
+
+
+# ---------------------------------------------------------------- files
+def read_config(directory: Path) -> Dict[str, Any]:
+    path = directory / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no config.json (not a Hugging Face checkpoint directory)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return config
+
+
+class SafetensorsWeights:
+    """Lazy, name-indexed access to one or more safetensors files."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.files: Dict[str, Path] = {}          # tensor name -> file
+        single = directory / "model.safetensors"
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            for name, fname in weight_map.items():
+                if os.sep in fname or "/" in fname or fname.startswith("."):
+                    raise CheckpointError(f"{index}: shard name {fname!r} points outside the directory")
+                self.files[name] = directory / fname
+        elif single.is_file():
+            for name in self._keys(single):
+                self.files[name] = single
+        else:
+            pickles = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")] \
+                + [p.name for p in directory.glob("*.pth")]
+            if pickles:
+                raise CheckpointError(
+                    f"{directory / pickles[0]}: pickle checkpoints are refused because unpickling runs arbitrary code; "
+                    "convert it once in a trusted environment: "
+                    "transformers.AutoModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)")
+            raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+        self._handles: Dict[Path, Any] = {}
+        self.stored: Dict[str, str] = {}          # name after strip_prefixes -> name in the file
+
+    def strip_prefixes(self, prefixes: Sequence[str]) -> None:
+        """Head-model checkpoints (GPT2LMHeadModel, BertForMaskedLM ...) nest the base model under a
+        prefix; renaming `transformer.h.0...` to `h.0...` lets one weight map read both kinds."""
+        files: Dict[str, Path] = {}
+        stored: Dict[str, str] = {}
+        for name, path in self.files.items():
+            short = next((name[len(p):] for p in prefixes if name.startswith(p)), name)
+            if short in files:
+                raise CheckpointError(f"{self.directory}: tensors {stored[short]!r} and {name!r} are the same "
+                                      "weight with and without the base-model prefix")
+            files[short], stored[short] = path, name
+        self.files, self.stored = files, stored
+
+    def rename(self, renames: Sequence[Tuple[str, str]]) -> None:
+        """Legacy spellings -> current ones (TF-era BERT checkpoints say `LayerNorm.gamma`/`beta`
+        for `weight`/`bias`), so one weight map reads both; messages keep the stored name."""
+        if not renames:
+            return
+        patterns = [(re.compile(p), r) for p, r in renames]
+        files: Dict[str, Path] = {}
+        stored: Dict[str, str] = {}
+        for name, path in self.files.items():
+            new = name
+            for pattern, replacement in patterns:
+                new = pattern.sub(replacement, new)
+            original = self.original(name)
+            if new in files:
+                raise CheckpointError(f"{self.directory}: tensors {stored[new]!r} and {original!r} are the same "
+                                      "weight under a legacy and a current name")
+            files[new], stored[new] = path, original
+        self.files, self.stored = files, stored
+
+    def original(self, name: str) -> str:
+        """The tensor's name as stored in the file (for messages)."""
+        return self.stored.get(name, name)
+
+    @staticmethod
+    def _keys(path: Path) -> List[str]:
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                return list(f.keys())
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
+
+    def names(self) -> List[str]:
+        return list(self.files)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def get(self, name: str) -> np.ndarray:
+        from safetensors import SafetensorError, safe_open
+
+        path = self.files[name]
+        if not path.is_file():
+            raise CheckpointError(f"{path}: shard file is missing (listed for tensor {name!r})")
+        try:
+            if path not in self._handles:
+                self._handles[path] = safe_open(str(path), framework="numpy")
+            return self._handles[path].get_tensor(self.original(name))
+        except (SafetensorError, OSError, ValueError, TypeError) as e:
+            raise CheckpointError(f"{path}: cannot read tensor {self.original(name)!r} ({e})") from None
+
+
+def convert_weights(source: SafetensorsWeights, rules: Mapping[str, WeightRule], ignore: Sequence[str],
+                    label: str) -> Dict[str, np.ndarray]:
+    """Apply the weight map strictly; every HF tensor must be used or explicitly ignorable."""
+    missing = sorted({h for hf_names, _ in rules.values() for h in hf_names if h not in source})
+    if missing:
+        raise CheckpointError(f"{label}: missing tensor {missing[0]!r}" +
+                              (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    used = {h for hf_names, _ in rules.values() for h in hf_names}
+    patterns = [re.compile(p) for p in ignore]
+    unexpected = sorted(n for n in source.names() if n not in used and not any(p.fullmatch(n) for p in patterns))
+    if unexpected:
+        raise CheckpointError(f"{label}: unexpected tensor {source.original(unexpected[0])!r}" +
+                              (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "") +
+                              " - the checkpoint does not match this architecture/config")
+    out: Dict[str, np.ndarray] = {}
+    items = list(rules.items())
+    from tqdm import tqdm
+
+    total_bytes = sum(os.path.getsize(p) for p in set(source.files.values()) if p.is_file())
+    show = total_bytes > 200 * 2**20          # progress only for loads that take a moment
+    for ours, (hf_names, fn) in tqdm(items, desc=f"loading {label}", unit="tensor", disable=not show, leave=False):
+        arrays = [source.get(h) for h in hf_names]
+        try:
+            out[ours] = np.asarray(fn(*arrays))
+        except ValueError as e:
+            raise CheckpointError(f"{label}: tensor {source.original(hf_names[0])!r} has an unexpected shape "
+                                  f"{tuple(arrays[0].shape)} for {ours} ({e})") from None
+    return out
+
+
+def _adapter_for(config: Dict[str, Any], directory: Path) -> HFAdapter:
+    from .models import zoo  # noqa: F401  (families register their adapters on import)
+
+    model_type = config.get("model_type")
+    if not model_type:
+        raise CheckpointError(f"{directory / 'config.json'}: no model_type")
+    adapter = HF_ADAPTERS.get(model_type)
+    if adapter is None:
+        raise ConfigError(f"{directory / 'config.json'}: model_type {model_type!r} is not supported "
+                          f"(supported: {', '.join(sorted(HF_ADAPTERS))})")
+    if adapter.accepts is not None:
+        reason = adapter.accepts(config)
+        if reason:
+            raise ConfigError(f"{directory / 'config.json'}: {reason}")
+    return adapter
+
+
+def load_checkpoint_model(directory, overrides: Optional[Mapping[str, str]] = None):
+    """A checkpoint directory -> `LoadedModel` with its weights assigned."""
+    from .models import get_family, make_config
+    from .sources import LoadedModel
+
+    directory = Path(directory)
+    hf = read_config(directory)
+    adapter = _adapter_for(hf, directory)
+    config = adapter.config_from_hf(hf)
+    source = SafetensorsWeights(directory)
+    source.strip_prefixes(adapter.base_prefixes)
+    source.rename(adapter.renames)
+    if adapter.refine is not None:
+        config = adapter.refine(config, source)
+    if overrides:
+        config = make_config(type(config), overrides, base=config)
+    family = get_family(adapter.family)
+    model = family.build(config)
+    rules = adapter.weight_map(config)
+    weights = convert_weights(source, rules, adapter.ignore, label=str(directory))
+    ours = dict(model.named_parameters())
+    not_mapped = [n for n in ours if n not in weights]
+    if not_mapped:
+        raise CheckpointError(f"{directory}: no checkpoint tensor maps to parameter {not_mapped[0]!r}")
+    for name, array in weights.items():
+        if name not in ours:
+            raise CheckpointError(f"{directory}: weight map names unknown parameter {name!r}")
+        if tuple(array.shape) != ours[name].shape:
+            raise CheckpointError(f"{directory}: tensor {source.original(rules[name][0][0])!r} gives shape "
+                                  f"{tuple(array.shape)} but {name} needs {ours[name].shape}")
+        ours[name].assign(array, name=f"{directory.name}: {name}")
+    return LoadedModel(model, str(directory), "checkpoint", config, getattr(config, "vocab_size", None))

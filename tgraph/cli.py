@@ -1,0 +1,301 @@
+"""The `tgraph` command line.
+
+    tgraph export MODEL -o OUT.onnx [-O N] [--opset N] [--set k=v ...] [--seed N]
+    tgraph codegen numpy MODEL -o OUT.py [same model options]
+    tgraph run MODEL_OR_ONNX [--backend ort|numpy] [--provider auto|cpu|cuda] [--check]
+    tgraph inspect MODEL_OR_ONNX [--json]
+
+Every user mistake is one line on stderr and a non-zero exit; `--debug` shows the
+traceback. Writers are atomic, so a failed command leaves no file behind.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from .errors import ConfigError, TgraphError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL = 3
+
+
+# ---------------------------------------------------------------- argument parsing
+def _parse_sets(items: Optional[List[str]]) -> Dict[str, str]:
+    out: Dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _parse_dims(text: Optional[str]) -> Dict[str, int]:
+    dims = {"batch": 1, "seq": 8, "decoder_seq": 8}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not value.strip().isdigit() or int(value) <= 0:
+            raise ConfigError(f"--dims expects name=positive_int[,...], got {item!r}")
+        dims[key.strip()] = int(value)
+    return dims
+
+
+def _add_model_options(p: argparse.ArgumentParser, output: bool = True) -> None:
+    p.add_argument("model", metavar="MODEL", help="registered name, path/to/file.py:factory, or checkpoint dir")
+    if output:
+        p.add_argument("-o", "--output", required=True, help="file to write")
+    p.add_argument("-O", dest="level", type=int, choices=[0, 1, 2, 3], default=None,
+                   help="optimization level (0 = as built; default 2)")
+    p.add_argument("--set", dest="sets", action="append", metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--seed", type=int, default=0, help="seed for random weight initialisation")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tgraph", description="Build, optimise and export Transformer graphs.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("export", help="export a model to ONNX")
+    _add_model_options(p)
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 23)")
+    p.add_argument("--external-data", action="store_true", help="store weights in OUT.onnx.data")
+    p.add_argument("--report", action="store_true", help="print what each pass changed")
+
+    p = sub.add_parser("codegen", help="generate code for a backend")
+    p.add_argument("backend", choices=["numpy"])
+    _add_model_options(p)
+
+    p = sub.add_parser("run", help="run a model or an .onnx file on random (or given) inputs")
+    _add_model_options(p, output=False)
+    p.add_argument("--backend", choices=["ort", "numpy"], default="ort")
+    p.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--dims", default=None, help="symbolic dim sizes, e.g. batch=2,seq=16")
+    p.add_argument("--inputs", default=None, help=".npz file with input arrays")
+    p.add_argument("--check", action="store_true", help="compare onnxruntime with the generated NumPy module")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max abs error allowed by --check")
+
+    p = sub.add_parser("inspect", help="inputs, outputs, op histogram, parameter count")
+    _add_model_options(p, output=False)
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+# ---------------------------------------------------------------- commands
+def _level(args) -> int:
+    from .api import DEFAULT_LEVEL
+
+    return DEFAULT_LEVEL if args.level is None else args.level
+
+
+def cmd_export(args) -> int:
+    from .api import export_onnx
+
+    out = Path(args.output)
+    if out.suffix != ".onnx":
+        raise ConfigError(f"output file must end in .onnx: {out}")
+    start = time.perf_counter()
+    built = export_onnx(args.model, out, overrides=_parse_sets(args.sets), seed=args.seed, level=_level(args),
+                        opset=args.opset, external_data=True if args.external_data else None)
+    took = time.perf_counter() - start
+    print(f"wrote {out} ({built.graph.parameter_count():,} parameters, {len(built.graph.nodes)} nodes, "
+          f"-O{_level(args)}, {took:.2f}s)")
+    if args.report and built.report is not None:
+        print(built.report)
+    return 0
+
+
+def cmd_codegen(args) -> int:
+    from .api import export_numpy
+
+    out = Path(args.output)
+    if out.suffix != ".py":
+        raise ConfigError(f"output file must end in .py: {out}")
+    built = export_numpy(args.model, out, overrides=_parse_sets(args.sets), seed=args.seed, level=_level(args))
+    print(f"wrote {out} and {out.with_suffix('.npz')} ({len(built.graph.nodes)} nodes)")
+    return 0
+
+
+def _load_inputs(path: str) -> Dict:
+    import numpy as np
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"inputs file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"cannot read inputs file {path}: {e}") from None
+
+
+def _summarise(outputs: Dict) -> List[str]:
+    import numpy as np
+
+    lines = []
+    for name, array in outputs.items():
+        a = np.asarray(array)
+        stats = f"mean {a.mean():.6g} std {a.std():.6g}" if a.size and a.dtype.kind == "f" else ""
+        lines.append(f"  {name}: {a.dtype}{list(a.shape)} {stats}".rstrip())
+    return lines
+
+
+def cmd_run(args) -> int:
+    from .runtime import Session, make_random_inputs
+
+    dims = _parse_dims(args.dims)
+    is_onnx = args.model.endswith(".onnx")
+    if is_onnx:
+        if not os.path.isfile(args.model):
+            raise ConfigError(f"ONNX file not found: {args.model}")
+        if args.backend == "numpy" or args.check:
+            raise ConfigError("--backend numpy and --check need a model (name, file.py:factory or checkpoint), "
+                              "not an .onnx file")
+        session = Session(args.model, providers=args.provider, threads=args.threads)
+        inputs = _load_inputs(args.inputs) if args.inputs else make_random_inputs(session, dims, seed=args.seed)
+        start = time.perf_counter()
+        outputs = session.run(inputs)
+        took = time.perf_counter() - start
+        print(f"ran {args.model} with onnxruntime on {', '.join(session.providers)} in {took * 1e3:.1f} ms")
+        print("\n".join(_summarise(outputs)))
+        return 0
+
+    from .api import build
+    from .codegen.onnx import to_onnx
+
+    built = build(args.model, _parse_sets(args.sets), seed=args.seed, level=_level(args))
+    model_proto = to_onnx(built.graph)
+    session = Session(model_proto, providers=args.provider, threads=args.threads) \
+        if (args.backend == "ort" or args.check) else None
+    inputs = _load_inputs(args.inputs) if args.inputs else make_random_inputs(
+        session if session is not None else model_proto, dims, seed=args.seed, vocab_size=built.model.vocab_size)
+    results = {}
+    if session is not None:
+        start = time.perf_counter()
+        results["ort"] = session.run(inputs)
+        print(f"onnxruntime ({', '.join(session.providers)}): {(time.perf_counter() - start) * 1e3:.1f} ms")
+    if args.backend == "numpy" or args.check:
+        from .codegen.numpy import load_numpy_module, write_numpy_module
+
+        with tempfile.TemporaryDirectory(prefix="tgraph-") as tmp:
+            path = write_numpy_module(built.graph, Path(tmp) / "model.py")
+            module = load_numpy_module(path)
+            start = time.perf_counter()
+            results["numpy"] = module.run(inputs)
+            print(f"numpy backend: {(time.perf_counter() - start) * 1e3:.1f} ms")
+    shown = results.get(args.backend) or next(iter(results.values()))
+    print("\n".join(_summarise(shown)))
+    if args.check:
+        import numpy as np
+
+        worst = 0.0
+        for name, ref in results["ort"].items():
+            got = results["numpy"][name]
+            if np.shape(got) != np.shape(ref):
+                raise TgraphError(f"--check: output {name} has shape {np.shape(got)} in NumPy, {np.shape(ref)} in ORT")
+            diff = float(np.max(np.abs(np.asarray(got, np.float64) - np.asarray(ref, np.float64)))) if np.size(ref) else 0.0
+            worst = max(worst, diff)
+            print(f"check {name}: max abs error onnxruntime vs numpy = {diff:.3e}")
+        if not worst <= args.tolerance:
+            print(f"tgraph: check FAILED: max abs error {worst:.3e} > {args.tolerance:g}", file=sys.stderr)
+            return 1
+        print(f"check passed (max abs error {worst:.3e} <= {args.tolerance:g})")
+    return 0
+
+
+def _inspect_onnx(path: str) -> Dict:
+    import numpy as np
+    import onnx
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"ONNX file not found: {path}")
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception as e:
+        raise ConfigError(f"cannot read ONNX file {path}: {e}") from None
+
+    def sig(vi):
+        t = vi.type.tensor_type
+        dims = [d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in t.shape.dim]
+        return {"name": vi.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": dims}
+
+    hist: Dict[str, int] = {}
+    for node in model.graph.node:
+        key = f"{node.domain}.{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
+        hist[key] = hist.get(key, 0) + 1
+    count = sum(int(np.prod(init.dims)) for init in model.graph.initializer)
+    return {"source": path, "inputs": [sig(v) for v in model.graph.input], "outputs": [sig(v) for v in model.graph.output],
+            "ops": dict(sorted(hist.items())), "nodes": len(model.graph.node), "parameters": count,
+            "opset": {o.domain or "ai.onnx": o.version for o in model.opset_import}}
+
+
+def cmd_inspect(args) -> int:
+    if args.model.endswith(".onnx"):
+        info = _inspect_onnx(args.model)
+    else:
+        from .api import build
+
+        built = build(args.model, _parse_sets(args.sets), seed=args.seed, level=_level(args))
+        g = built.graph
+        info = {"source": args.model, "level": _level(args),
+                "inputs": [{"name": v.name, "dtype": v.dtype.name, "shape": list(v.shape)} for v in g.inputs],
+                "outputs": [{"name": v.name, "dtype": v.dtype.name, "shape": list(v.shape)} for v in g.outputs],
+                "ops": g.op_histogram(), "nodes": len(g.nodes),
+                "parameters": g.parameter_count()}
+        if built.report is not None:
+            info["passes"] = built.report.counts()
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    print(f"{info['source']}: {info['nodes']} nodes, {info['parameters']:,} parameters")
+    for kind in ("inputs", "outputs"):
+        print(f"{kind}:")
+        for v in info[kind]:
+            print(f"  {v['name']}: {v['dtype']}[{', '.join(str(d) for d in v['shape'])}]")
+    print("ops:")
+    for op, n in info["ops"].items():
+        print(f"  {op:<28} {n}")
+    if info.get("passes"):
+        print("passes:")
+        for name, changes in info["passes"].items():
+            print(f"  {name:<28} {changes}")
+    return 0
+
+
+COMMANDS = {"export": cmd_export, "codegen": cmd_codegen, "run": cmd_run, "inspect": cmd_inspect}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except TgraphError as e:
+        if args.debug:
+            raise
+        print(f"tgraph: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("tgraph: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:
+        if args.debug:
+            raise
+        print(f"tgraph: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Exception as e:  # a bug in tgraph, still reported in one line
+        if args.debug:
+            raise
+        print(f"tgraph: internal error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Rotary position embeddings (RoFormer, Su et al. 2021), in the "rotate_half" layout that
+LLaMA, GPT-NeoX and Hugging Face use.
+
+For a head vector x (its first `rotary_dim` entries, the rest pass through unrotated) at
+position p:  x·cos(pθ) + rotate_half(x)·sin(pθ),  rotate_half(x) = concat(-x₂, x₁) of the
+two halves, θ_i = theta^(-2i/rotary_dim), each frequency used for both halves.
+
+The cos/sin tables are built in the graph from the runtime sequence length
+(Shape → Range → Cast → Mul by the inv_freq constant → Cos/Sin), once per trace, so the
+graph works for any length and a `fuse-rotary` pass sees the formula in primitive ops.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..ir import DType
+from .tensor import Tensor, TensorOps, arange, concat
+from .tracer import current
+
+
+def inv_freq(rotary_dim: int, theta: float) -> np.ndarray:
+    """θ_i = theta^(-2i/d) for i < d/2, repeated for the second half: shape (d,)."""
+    half = 1.0 / np.power(float(theta), np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim)
+    return np.concatenate([half, half]).astype(np.float32)
+
+
+def rotate_half(x: TensorOps) -> Tensor:
+    """concat(-x₂, x₁) over the last axis."""
+    d = x.shape[-1]
+    x1, x2 = x.split([d // 2, d // 2], axis=-1)                        # (..., R) -> 2 x (..., R/2)
+    return concat([-x2, x1], axis=-1)                                 # (..., R)
+
+
+def apply_rotary(x: TensorOps, cos: TensorOps, sin: TensorOps) -> Tensor:
+    """x: (B, H, T, D); cos/sin: (T, R) with R <= D. Rotates the first R dims of each head."""
+    d, r = x.shape[-1], cos.shape[-1]
+    if r == d:
+        return x * cos + rotate_half(x) * sin                         # (B, H, T, D)
+    x_rot, x_pass = x.split([r, d - r], axis=-1)                      # (B, H, T, R), (B, H, T, D-R)
+    return concat([x_rot * cos + rotate_half(x_rot) * sin, x_pass], axis=-1)   # (B, H, T, D)
+
+
+@dataclass(frozen=True)
+class RotaryEmbedding:
+    """Rotary settings of one model: which dims rotate and at which base frequency.
+
+    `bind(ids)` builds the tables for the sequence length of `ids` (B, T) and returns the
+    `rotary(q, k)` callable that `MultiHeadAttention` takes.
+    """
+
+    head_dim: int
+    rotary_dim: Optional[int] = None        # None: the whole head (LLaMA); GPT-NeoX rotates a fraction
+    theta: float = 10000.0
+
+    def __post_init__(self):
+        r = self.dim
+        if r <= 0 or r > self.head_dim or r % 2:
+            raise ConfigError(f"rotary: rotary_dim ({r}) must be even and in 1..head_dim ({self.head_dim})")
+        if not self.theta > 0:
+            raise ConfigError(f"rotary: theta must be positive, got {self.theta}")
+
+    @property
+    def dim(self) -> int:
+        return self.head_dim if self.rotary_dim is None else self.rotary_dim
+
+    def tables(self, ids: TensorOps, seq_axis: int = 1) -> Tuple[Tensor, Tensor]:
+        """cos, sin: (T, R) for positions 0..T-1, T = ids.shape[seq_axis] at run time."""
+        key = ("rotary", ids._value().name, seq_axis, self.dim, float(self.theta))
+
+        def make_freqs():
+            seq = ids.shape_of(seq_axis, seq_axis + 1).squeeze(0)             # [T] -> () int64
+            pos = arange(0, seq).cast(DType.float32).unsqueeze(1)             # (T, 1)
+            freq = tracer.builder.const(inv_freq(self.dim, self.theta), hint="inv_freq")
+            return (pos * Tensor(freq)).value                               # (T, 1) * (R,) -> (T, R)
+
+        tracer = current()
+        freqs = Tensor(tracer.cached(key + ("freqs",), make_freqs))
+        cos = Tensor(tracer.cached(key + ("cos",), lambda: freqs.cos().value))
+        sin = Tensor(tracer.cached(key + ("sin",), lambda: freqs.sin().value))
+        return cos, sin
+
+    def bind(self, ids: TensorOps, seq_axis: int = 1) -> Callable[[TensorOps, TensorOps], Tuple[Tensor, Tensor]]:
+        cos, sin = self.tables(ids, seq_axis)
+
+        def rotary(q: TensorOps, k: TensorOps):
+            return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return rotary

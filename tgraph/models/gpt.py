@@ -1,0 +1,104 @@
+"""GPT-1 ("Improving Language Understanding by Generative Pre-Training", Radford et al. 2018).
+
+A decoder-only Transformer: post-LN blocks, LayerNorm(x + attn(x)) then
+LayerNorm(x + mlp(x)), no final LayerNorm; learned token and position embeddings; the
+LM head tied to the token embedding. Its "gelu" is the tanh approximation (HF maps
+afn="gelu" to gelu_new).
+
+Hugging Face: model_type "openai-gpt", checkpoints of `OpenAIGPTModel` (keys `h.0...`)
+and `OpenAIGPTLMHeadModel` (keys `transformer.h.0...`). HF masks future positions with
+-1e4 rather than the dtype's lowest value; both give them zero probability in float32.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict
+
+from ..checkpoints import HFAdapter, WeightRule, register_adapter, rule
+from ..dsl import Embedding, InputSpec, LearnedPositions, Linear, Module, ModuleList, padding_keep_mask
+from ..ir import DType
+from . import gpt_common
+from .registry import register_model
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 40478          # the paper's 40,000 BPE merges plus specials, as released
+    n_positions: int = 512
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    layer_norm_epsilon: float = 1e-5
+    activation: str = "gelu_tanh"    # a tgraph.dsl activation name; HF afn "gelu"
+    tie_word_embeddings: bool = True
+    use_attention_mask: bool = True  # adds the `attention_mask` input (padding)
+
+    def __post_init__(self):
+        gpt_common.validate(self, "gpt")
+
+
+class Block(gpt_common.Block):
+    def forward(self, x, keep):                               # x: (B, T, C)
+        x = self.ln_1(x + self.attn(x, keep_mask=keep))
+        return self.ln_2(x + self.mlp(x))
+
+
+class GPT(Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        c = self.config = config
+        self.tokens_embed = Embedding(c.vocab_size, c.n_embd)
+        self.positions_embed = LearnedPositions(c.n_positions, c.n_embd)
+        scale = (c.n_embd // c.n_head) ** -0.5
+        self.h = ModuleList([Block(c.n_embd, c.n_head, 4 * c.n_embd, c.layer_norm_epsilon, c.activation, scale)
+                             for _ in range(c.n_layer)])
+        self.lm_head = None if c.tie_word_embeddings else Linear(c.n_embd, c.vocab_size, bias=False)
+
+    def input_specs(self):
+        ids = InputSpec(DType.int64, ("batch", "seq"))
+        specs = {"input_ids": ids}
+        if self.config.use_attention_mask:
+            specs["attention_mask"] = ids
+        return specs
+
+    def forward(self, input_ids, attention_mask=None):
+        keep = padding_keep_mask(attention_mask) if attention_mask is not None else None  # (B, 1, 1, T)
+        x = gpt_common.embed(self.tokens_embed, self.positions_embed, input_ids)         # (B, T, C)
+        for block in self.h:
+            x = block(x, keep)
+        return {"logits": gpt_common.lm_logits(x, self.tokens_embed, self.lm_head)}     # (B, T, V)
+
+
+@register_model("gpt", GPTConfig)
+def build(config: GPTConfig) -> GPT:
+    return GPT(config)
+
+
+# ---------------------------------------------------------------- Hugging Face
+# HF OpenAIGPT's own table (modeling_openai.ACT_FNS): its "gelu" is gelu_new, the tanh formula.
+HF_ACTIVATIONS = {"gelu": "gelu_tanh", "relu": "relu", "silu": "silu", "swish": "silu"}
+
+
+def config_from_hf(hf: Dict[str, Any]) -> GPTConfig:
+    return GPTConfig(
+        **gpt_common.common_config(hf, GPTConfig),
+        activation=gpt_common.activation_from_hf(hf, "afn", HF_ACTIVATIONS, "gelu", "openai-gpt"),
+    )
+
+
+def weight_map(c: GPTConfig) -> Dict[str, WeightRule]:
+    weights: Dict[str, WeightRule] = {
+        "tokens_embed.weight": rule("tokens_embed.weight"),
+        "positions_embed.weight": rule("positions_embed.weight"),
+    }
+    for i in range(c.n_layer):
+        gpt_common.block_weights(i, c.n_embd, weights)
+    gpt_common.head_weights(c.tie_word_embeddings, weights)
+    return weights
+
+
+register_adapter(HFAdapter(
+    family="gpt", model_types=("openai-gpt",), config_from_hf=config_from_hf, weight_map=weight_map,
+    ignore=gpt_common.IGNORED_BUFFERS, base_prefixes=("transformer.",),
+    accepts=lambda hf: gpt_common.refuse_architectures(hf, ("OpenAIGPTModel", "OpenAIGPTLMHeadModel")),
+))

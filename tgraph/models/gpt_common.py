@@ -1,0 +1,128 @@
+"""What GPT-1 and GPT-2 share, so neither family copies the other.
+
+Both stack the same block layout (ln_1, attn, ln_2, mlp; only the order of the residual
+and the LayerNorm differs), embed tokens plus learned positions, tie the LM head to the
+token embedding, and ship OpenAI's `Conv1D` weights: already [in, out] (no transpose),
+with Q, K and V fused column-wise in `c_attn`.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
+
+import numpy as np
+
+from ..checkpoints import WeightRule, hf_get, rule, transposed
+from ..dsl import (ACTIVATIONS, Embedding, FeedForward, LayerNorm, LearnedPositions, Linear, Module,
+                   MultiHeadAttention, arange)
+from ..errors import ConfigError
+
+
+# ---------------------------------------------------------------- config checks
+def validate(config: Any, family: str) -> None:
+    """The checks every GPT config needs; raises ConfigError naming the family and field."""
+    for name in ("vocab_size", "n_positions", "n_embd", "n_head", "n_layer"):
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"{family}: {name} must be positive, got {getattr(config, name)}")
+    if config.n_embd % config.n_head:
+        raise ConfigError(f"{family}: n_embd ({config.n_embd}) is not divisible by n_head ({config.n_head})")
+    if not config.layer_norm_epsilon > 0:
+        raise ConfigError(f"{family}: layer_norm_epsilon must be positive, got {config.layer_norm_epsilon}")
+    if config.activation not in ACTIVATIONS:
+        raise ConfigError(f"{family}: activation {config.activation!r} is not one of {', '.join(sorted(ACTIVATIONS))}")
+
+
+# ---------------------------------------------------------------- modules
+class Block(Module):
+    """The parameters of one GPT block; subclasses say where the LayerNorms go."""
+
+    def __init__(self, n_embd: int, n_head: int, d_ff: int, eps: float, activation: str, scale: float):
+        super().__init__()
+        self.ln_1 = LayerNorm(n_embd, eps)
+        self.attn = MultiHeadAttention(n_embd, n_head, causal=True, scale=scale)
+        self.ln_2 = LayerNorm(n_embd, eps)
+        self.mlp = FeedForward(n_embd, d_ff, act=activation)
+
+
+def embed(tokens: Embedding, positions: LearnedPositions, input_ids) -> Any:
+    """Token embedding plus learned positions 0..T-1 (right padding leaves real tokens' positions alone)."""
+    seq = input_ids.shape_of(1, 2).squeeze(0)                 # T, a 0-d runtime length
+    return tokens(input_ids) + positions(arange(0, seq))      # (B, T, C) + (T, C) -> (B, T, C)
+
+
+def lm_logits(x, tokens: Embedding, head: Optional[Linear]) -> Any:
+    """Logits from the tied token embedding (x Eᵀ), or from an untied head."""
+    if head is not None:
+        return head(x)                                        # (B, T, C) @ (C, V) -> (B, T, V)
+    return x @ tokens.weight.swap_last()                      # (B, T, C) @ (C, V) -> (B, T, V)
+
+
+# ---------------------------------------------------------------- Hugging Face checkpoints
+def columns(i: int, n: int, width: int) -> Callable[[np.ndarray], np.ndarray]:
+    """The i-th of n column blocks of a fused [..., n*width] tensor (Q, K, V of `c_attn`)."""
+    def take(x: np.ndarray) -> np.ndarray:
+        if x.shape[-1] != n * width:
+            raise ValueError(f"expected last dim {n * width} = {n} x {width}")
+        return np.ascontiguousarray(x[..., i * width:(i + 1) * width])
+    return take
+
+
+def conv1d(hf: str, ours: str, weights: Dict[str, WeightRule]) -> None:
+    """OpenAI's Conv1D is x @ W + b with W already [in, out]: copied as is."""
+    weights[f"{ours}.weight"] = rule(f"{hf}.weight")
+    weights[f"{ours}.bias"] = rule(f"{hf}.bias")
+
+
+def block_weights(i: int, n_embd: int, weights: Dict[str, WeightRule]) -> None:
+    """HF `h.{i}` (ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj) -> our Block."""
+    hf, ours = f"h.{i}", f"h.{i}"
+    for ln in ("ln_1", "ln_2"):
+        weights[f"{ours}.{ln}.weight"] = rule(f"{hf}.{ln}.weight")
+        weights[f"{ours}.{ln}.bias"] = rule(f"{hf}.{ln}.bias")
+    for j, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+        weights[f"{ours}.attn.{proj}.weight"] = rule(f"{hf}.attn.c_attn.weight", fn=columns(j, 3, n_embd))
+        weights[f"{ours}.attn.{proj}.bias"] = rule(f"{hf}.attn.c_attn.bias", fn=columns(j, 3, n_embd))
+    conv1d(f"{hf}.attn.c_proj", f"{ours}.attn.o_proj", weights)
+    conv1d(f"{hf}.mlp.c_fc", f"{ours}.mlp.up", weights)
+    conv1d(f"{hf}.mlp.c_proj", f"{ours}.mlp.down", weights)
+
+
+def head_weights(tied: bool, weights: Dict[str, WeightRule]) -> None:
+    """An untied `lm_head` is a torch Linear ([V, C], transposed); a tied one is not saved at all."""
+    if not tied:
+        weights["lm_head.weight"] = rule("lm_head.weight", fn=transposed)
+
+
+# Buffers older transformers versions saved: the causal mask, its fill value, position ids.
+IGNORED_BUFFERS = (r"h\.\d+\.attn\.bias", r"h\.\d+\.attn\.masked_bias", r"position_ids")
+
+
+def activation_from_hf(hf: Mapping[str, Any], key: str, table: Mapping[str, str], default: str,
+                       model_type: str) -> str:
+    """Map HF's activation name to ours; an activation we do not implement is refused by name."""
+    value = hf_get(hf, key, default)
+    if value not in table:
+        raise ConfigError(f"{model_type}: config option {key}={value!r} is not supported "
+                          f"(supported: {', '.join(repr(a) for a in table)})")
+    return table[value]
+
+
+def refuse_architectures(hf: Mapping[str, Any], allowed: Sequence[str]) -> Optional[str]:
+    """Head models we do not implement (double heads, classifiers) carry extra weights and outputs."""
+    archs = hf.get("architectures") or []
+    bad = [a for a in archs if a not in allowed]
+    if bad:
+        return f"architecture {bad[0]!r} is not supported (supported: {', '.join(allowed)})"
+    return None
+
+
+def common_config(hf: Mapping[str, Any], defaults: Any) -> Dict[str, Any]:
+    """The fields GPT-1 and GPT-2 configs name alike (with the HF attribute_map aliases)."""
+    return dict(
+        vocab_size=hf_get(hf, "vocab_size", defaults.vocab_size),
+        n_positions=hf_get(hf, "n_positions", defaults.n_positions, "max_position_embeddings"),
+        n_embd=hf_get(hf, "n_embd", defaults.n_embd, "hidden_size"),
+        n_layer=hf_get(hf, "n_layer", defaults.n_layer, "num_hidden_layers"),
+        n_head=hf_get(hf, "n_head", defaults.n_head, "num_attention_heads"),
+        layer_norm_epsilon=float(hf_get(hf, "layer_norm_epsilon", defaults.layer_norm_epsilon)),
+        tie_word_embeddings=bool(hf_get(hf, "tie_word_embeddings", True)),
+    )

@@ -1,0 +1,185 @@
+"""LLaMA (Touvron et al. 2023): a pre-norm decoder with RMSNorm, SwiGLU and rotary positions.
+
+    h = x + Attn(RMSNorm(x))            grouped-query attention, RoPE on q and k, causal
+    y = h + W_down(silu(W_gate h) * W_up h)   applied to RMSNorm(h)
+
+No biases (Qwen2 adds q/k/v biases, `attention_bias`), an untied LM head unless
+`tie_word_embeddings`. The same code reads Hugging Face "llama" checkpoints and the
+LLaMA-shaped "mistral" (full attention only) and "qwen2" (q/k/v biases, no sliding window).
+Default sizes are small so a bare `tgraph build llama` is quick; LLaMA-7B is
+d_model=4096, num_layers=32, num_heads=32, d_ff=11008, vocab_size=32000.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+from ..checkpoints import HFAdapter, WeightRule, hf_get, linear, register_adapter, rule, transposed
+from ..dsl import (ACTIVATIONS, Embedding, FeedForward, InputSpec, Linear, Module, ModuleList, MultiHeadAttention,
+                   RMSNorm, padding_keep_mask)
+from ..dsl.rotary import RotaryEmbedding
+from ..errors import ConfigError
+from ..ir import DType
+from .hf_options import activation_from_hf, rope_from_hf
+from .registry import register_model
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 32000
+    d_model: int = 512
+    num_layers: int = 8
+    num_heads: int = 8
+    num_kv_heads: Optional[int] = None     # None: = num_heads (LLaMA-1); fewer: grouped-query attention
+    head_dim: Optional[int] = None         # None: d_model // num_heads
+    d_ff: int = 1536                       # LLaMA: 2/3 · 4·d_model, rounded up to a multiple of 256
+    hidden_act: str = "silu"               # SwiGLU
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    attention_bias: bool = False           # biases on q/k/v projections (Qwen2)
+    attention_out_bias: bool = False       # bias on the output projection (HF llama attention_bias sets both)
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"llama: {name} must be positive, got {getattr(self, name)}")
+        if self.num_kv_heads is not None and self.num_kv_heads <= 0:
+            raise ConfigError(f"llama: num_kv_heads must be positive, got {self.num_kv_heads}")
+        if self.num_heads % self.kv_heads:
+            raise ConfigError(f"llama: num_heads ({self.num_heads}) is not a multiple of "
+                              f"num_kv_heads ({self.kv_heads})")
+        if self.head_dim is None and self.d_model % self.num_heads:
+            raise ConfigError(f"llama: d_model ({self.d_model}) is not divisible by num_heads ({self.num_heads}); "
+                              "give head_dim")
+        if self.head_size <= 0 or self.head_size % 2:
+            raise ConfigError(f"llama: head_dim ({self.head_size}) must be positive and even for rotary positions")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ConfigError(f"llama: hidden_act {self.hidden_act!r} unknown (known: {', '.join(sorted(ACTIVATIONS))})")
+        if not self.rms_norm_eps > 0:
+            raise ConfigError(f"llama: rms_norm_eps must be positive, got {self.rms_norm_eps}")
+        if not self.rope_theta > 0:
+            raise ConfigError(f"llama: rope_theta must be positive, got {self.rope_theta}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.num_heads
+
+
+class DecoderLayer(Module):
+    def __init__(self, c: LlamaConfig):
+        super().__init__()
+        self.input_norm = RMSNorm(c.d_model, c.rms_norm_eps)
+        self.self_attn = MultiHeadAttention(c.d_model, c.num_heads, num_kv_heads=c.kv_heads, head_dim=c.head_size,
+                                            bias=c.attention_bias, out_bias=c.attention_out_bias, causal=True)
+        self.post_attention_norm = RMSNorm(c.d_model, c.rms_norm_eps)
+        self.mlp = FeedForward(c.d_model, c.d_ff, act=c.hidden_act, gated=True, bias=c.mlp_bias)
+
+    def forward(self, x, keep, rotary):                                  # x: (B, T, C)
+        x = x + self.self_attn(self.input_norm(x), keep_mask=keep, rotary=rotary)
+        return x + self.mlp(self.post_attention_norm(x))
+
+
+class Llama(Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        c = self.config = config
+        self.embed_tokens = Embedding(c.vocab_size, c.d_model)
+        self.layers = ModuleList([DecoderLayer(c) for _ in range(c.num_layers)])
+        self.norm = RMSNorm(c.d_model, c.rms_norm_eps)
+        if not c.tie_word_embeddings:
+            self.lm_head = Linear(c.d_model, c.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(c.head_size, theta=c.rope_theta)
+
+    def input_specs(self):
+        ids = InputSpec(DType.int64, ("batch", "seq"))
+        return {"input_ids": ids, "attention_mask": ids}
+
+    def forward(self, input_ids, attention_mask=None):
+        keep = padding_keep_mask(attention_mask) if attention_mask is not None else None   # (B, 1, 1, T)
+        rotary = self.rotary.bind(input_ids)                              # cos/sin: (T, head_dim)
+        x = self.embed_tokens(input_ids)                                  # (B, T, C)
+        for layer in self.layers:
+            x = layer(x, keep, rotary)
+        x = self.norm(x)
+        if self.config.tie_word_embeddings:
+            logits = x @ self.embed_tokens.weight.swap_last()             # (B, T, C) @ (C, V) -> (B, T, V)
+        else:
+            logits = self.lm_head(x)                                      # (B, T, V)
+        return {"logits": logits}
+
+
+@register_model("llama", LlamaConfig)
+def build(config: LlamaConfig) -> Llama:
+    return Llama(config)
+
+
+# ---------------------------------------------------------------- Hugging Face checkpoints
+def config_from_hf(hf: Dict[str, Any]) -> LlamaConfig:
+    """HF llama / mistral / qwen2 config.json -> LlamaConfig, refusing what we do not implement."""
+    mt = hf.get("model_type", "llama")
+    rope = rope_from_hf(hf, mt)          # llama's default RoPE ignores partial_rotary_factor, as HF does
+    max_pos = hf.get("max_position_embeddings")
+    window = hf.get("sliding_window")
+    if mt == "qwen2" and hf.get("use_sliding_window"):
+        raise ConfigError(f"{mt}: config option use_sliding_window=True is not supported (sliding-window attention)")
+    if mt == "mistral" and window is not None and (max_pos is None or window < max_pos):
+        raise ConfigError(f"{mt}: config option sliding_window={window!r} is not supported (sliding-window attention "
+                          f"narrower than max_position_embeddings={max_pos!r}); only full attention is implemented")
+    layer_types = hf.get("layer_types") or []
+    other = [t for t in layer_types if t != "full_attention"]
+    if other:
+        raise ConfigError(f"{mt}: config option layer_types containing {other[0]!r} is not supported "
+                          "(only full_attention layers)")
+    qkv_bias = bool(hf.get("attention_bias", False)) or mt == "qwen2"
+    out_bias = bool(hf.get("attention_bias", False)) and mt != "qwen2"
+    heads = hf_get(hf, "num_attention_heads", 32)
+    return LlamaConfig(
+        vocab_size=hf_get(hf, "vocab_size", 32000),
+        d_model=hf_get(hf, "hidden_size", 4096),
+        num_layers=hf_get(hf, "num_hidden_layers", 32),
+        num_heads=heads,
+        num_kv_heads=hf_get(hf, "num_key_value_heads", heads),
+        head_dim=hf_get(hf, "head_dim", None),
+        d_ff=hf_get(hf, "intermediate_size", 11008),
+        hidden_act=activation_from_hf(hf, mt, "silu"),
+        rms_norm_eps=float(hf_get(hf, "rms_norm_eps", 1e-6)),
+        rope_theta=rope.theta,
+        attention_bias=qkv_bias,
+        attention_out_bias=out_bias,
+        mlp_bias=bool(hf.get("mlp_bias", False)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    )
+
+
+def weight_map(c: LlamaConfig) -> Dict[str, WeightRule]:
+    """Our names -> HF names after the "model." prefix of *ForCausalLM checkpoints is stripped."""
+    w: Dict[str, WeightRule] = {"embed_tokens.weight": rule("embed_tokens.weight"), "norm.weight": rule("norm.weight")}
+    for i in range(c.num_layers):
+        ours, hf = f"layers.{i}", f"layers.{i}"
+        w[f"{ours}.input_norm.weight"] = rule(f"{hf}.input_layernorm.weight")
+        w[f"{ours}.post_attention_norm.weight"] = rule(f"{hf}.post_attention_layernorm.weight")
+        for p in ("q", "k", "v"):
+            linear(f"{hf}.self_attn.{p}_proj", f"{ours}.self_attn.{p}_proj", bias=c.attention_bias, weights=w)
+        linear(f"{hf}.self_attn.o_proj", f"{ours}.self_attn.o_proj", bias=c.attention_out_bias, weights=w)
+        for theirs, mine in (("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down")):
+            linear(f"{hf}.mlp.{theirs}", f"{ours}.mlp.{mine}", bias=c.mlp_bias, weights=w)
+    if not c.tie_word_embeddings:
+        w["lm_head.weight"] = rule("lm_head.weight", fn=transposed)
+    return w
+
+
+register_adapter(HFAdapter(
+    family="llama",
+    model_types=("llama", "mistral", "qwen2"),
+    config_from_hf=config_from_hf,
+    weight_map=weight_map,
+    # Rotary inverse frequencies (old checkpoints saved them); a tied head's saved copy of the embedding.
+    ignore=(r"(.*\.)?rotary_emb\.inv_freq", r"lm_head\.weight"),
+    base_prefixes=("model.",),
+))

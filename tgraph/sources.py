@@ -1,0 +1,98 @@
+"""Resolve a MODEL argument to a DSL module: a registered family, `file.py:factory`, or a
+Hugging Face checkpoint directory.
+
+A user's own file is executed (the user named it, exactly as `python file.py` would);
+a checkpoint directory never is: its config is JSON and its weights are safetensors.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import inspect
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from .errors import ConfigError, TgraphError
+
+
+@dataclass
+class LoadedModel:
+    module: Any                # a tgraph.dsl.Module with input_specs()
+    source: str                # what the user gave
+    kind: str                  # "registered", "file" or "checkpoint"
+    config: Any = None
+    vocab_size: Optional[int] = None
+
+
+def _literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _load_factory_file(spec: str, overrides: Mapping[str, str]) -> LoadedModel:
+    path_text, _, factory_name = spec.rpartition(":")
+    path = Path(path_text)
+    if not path.is_file():
+        raise ConfigError(f"model file not found: {path}")
+    if not factory_name.isidentifier():
+        raise ConfigError(f"{spec}: {factory_name!r} is not a function name")
+    module_name = f"tgraph_user_{abs(hash(str(path.resolve())))}"
+    mod_spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(mod_spec)
+    sys.modules[module_name] = module
+    try:
+        mod_spec.loader.exec_module(module)
+    except TgraphError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"{path}: importing it failed: {type(e).__name__}: {e}") from e
+    factory = getattr(module, factory_name, None)
+    if factory is None or not callable(factory):
+        raise ConfigError(f"{path} has no function {factory_name!r}")
+    kwargs = {k: _literal(v) for k, v in overrides.items()}
+    params = inspect.signature(factory).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = [k for k in kwargs if k not in params]
+        if unknown:
+            raise ConfigError(f"--set {unknown[0]}: {factory_name}() takes no such argument "
+                              f"(it takes: {', '.join(params) or 'nothing'})")
+    try:
+        model = factory(**kwargs)
+    except TgraphError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"{path}:{factory_name}() failed: {type(e).__name__}: {e}") from e
+    if not hasattr(model, "input_specs"):
+        raise ConfigError(f"{path}:{factory_name}() must return a tgraph Module with an input_specs() method")
+    return LoadedModel(model, spec, "file", getattr(model, "config", None), _vocab_of(model))
+
+
+def _vocab_of(model) -> Optional[int]:
+    config = getattr(model, "config", None)
+    return getattr(config, "vocab_size", None)
+
+
+def load_model(spec: str, overrides: Optional[Mapping[str, str]] = None) -> LoadedModel:
+    """MODEL -> module. Errors are one line and name the offending file, key or model."""
+    overrides = dict(overrides or {})
+    if os.path.isdir(spec):
+        from .checkpoints import load_checkpoint_model
+
+        return load_checkpoint_model(spec, overrides)
+    head, sep, _ = spec.rpartition(":")
+    if sep and head.endswith(".py"):
+        return _load_factory_file(spec, overrides)
+    if spec.endswith((".py", ".onnx", ".json", ".safetensors")) or os.sep in spec:
+        raise ConfigError(f"not found or not a model: {spec} (expected a registered model name, "
+                          "path/to/file.py:factory, or a checkpoint directory)")
+    from .models import get_family, make_config
+
+    family = get_family(spec)
+    config = make_config(family.config_cls, overrides)
+    model = family.build(config)
+    return LoadedModel(model, spec, "registered", config, getattr(config, "vocab_size", None))
