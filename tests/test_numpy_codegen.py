@@ -246,7 +246,8 @@ def test_generated_code_is_readable():
     assert "enc_q_matmul = x @ P['enc.q.weight']  # float32[batch,seq,16]  (enc.q)" in lines
     assert "mul = enc_q_matmul * np.float32(0.125)  # float32[batch,seq,16]" in lines
     assert "transpose = np.transpose(reshape, (0, 2, 1, 3))  # float32[batch,2,seq,8]" in lines
-    assert any(line.startswith("reshape = k.reshape(mul, np.array([0, 0, 2, 8], dtype=np.int64))") for line in lines)
+    assert "reshape = np.reshape(mul, (mul.shape[0], mul.shape[1], 2, 8))  # float32[batch,seq,2,8]" in lines
+    assert "softmax = k.softmax(transpose)  # float32[batch,2,seq,8]" in lines
     assert "def softmax(x, axis=-1):" in lines          # kernel source copied...
     assert "def gemm(" not in src                       # ...only the ones used
     assert "x = np.asarray(inputs['x'], dtype=np.float32)  # float32[batch,seq,8]" in lines
@@ -588,3 +589,19 @@ def test_tiny_gpt_matches_onnxruntime_and_reference(tmp_path):
     module = load_numpy_module(tmp_path / "gpt_tiny.py")
     np.testing.assert_allclose(module.run(feeds2)["logits"][:, :-1], got["logits"][:, :-1], rtol=1e-5, atol=1e-6)
     assert "model: gpt_tiny" in ast.get_docstring(ast.parse((tmp_path / "gpt_tiny.py").read_text()))
+
+
+def test_literals_are_exact_and_readable():
+    from tgraph.codegen.numpy.literals import array_lit, attr_lit, comment, doc
+
+    assert attr_lit(0.5) == "0.5" and attr_lit(0.1) == "0.1"
+    assert attr_lit(float(np.float32(1e-5))) == "np.float32(1e-05)"     # ONNX float attrs are float32
+    assert eval(attr_lit(float(np.float32(1e-5))), {"np": np}) == np.float32(1e-5)
+    assert attr_lit(float("-inf")) == "-np.inf" and attr_lit([1]) == "(1,)" and attr_lit(DType.int64) == "np.int64"
+    assert array_lit(np.zeros((0, 3), np.int32)) == "np.zeros((0, 3), dtype=np.int32)"
+    for a in [np.array([[1.5, -0.0], [np.nan, np.inf]], np.float16), np.array([True, False]), np.int64(-3),
+              np.array([2**63 - 1, -2**63], np.int64), np.array(np.pi, np.float64)]:
+        back = eval(array_lit(np.asarray(a)), {"np": np})
+        assert back.dtype == np.asarray(a).dtype and back.tobytes() == np.asarray(a).tobytes()
+    assert comment("a\nb\r\x00\u2028") == "a\\nb\\r\\x00\\u2028"
+    assert eval('"""' + doc('x"""\\\n') + '"""') == 'x"""\\\n'

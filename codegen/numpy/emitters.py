@@ -129,13 +129,19 @@ def _cast(ctx: EmitContext) -> str:
 
 
 def _reshape(ctx: EmitContext) -> str:
+    """A constant shape becomes np.reshape; a 0 entry ("copy this dim") reads ``x.shape[i]``."""
     shape = ctx.const(1)
-    if shape is not None and shape.ndim == 1:
-        dims = [int(d) for d in shape]
-        if ctx.attrs.get("allowzero") or 0 not in dims:
-            # Without 0 ("copy this dim") entries ONNX Reshape is exactly np.reshape.
-            return f"np.reshape({ctx.args[0]}, {attr_lit(dims)})"
-    return Call(kernels.reshape)(ctx)
+    if shape is None or shape.ndim != 1:
+        return Call(kernels.reshape)(ctx)
+    x = ctx.args[0]
+    dims = [int(d) for d in shape]
+    if ctx.attrs.get("allowzero") or 0 not in dims:
+        return f"np.reshape({x}, {attr_lit(dims)})"
+    rank = ctx.input(0).type.rank
+    if rank is None or not x.isidentifier() or any(d == 0 and i >= rank for i, d in enumerate(dims)):
+        return Call(kernels.reshape)(ctx)
+    parts = [f"{x}.shape[{i}]" if d == 0 else str(d) for i, d in enumerate(dims)]
+    return f"np.reshape({x}, ({', '.join(parts)}{',' if len(parts) == 1 else ''}))"
 
 
 _TO_END = 2 ** 62

@@ -99,6 +99,20 @@ def array_lit(array: np.ndarray) -> str:
     return f"np.array({_nested(array)}, dtype={dt})"
 
 
+def float_attr_lit(value: float) -> str:
+    """A float attribute, exactly. ONNX float attributes are float32, so a value that is a
+    float32 prints in float32's shortest form: ``0.5``, or ``np.float32(1e-05)`` when the
+    short text would read back as a different float64."""
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        return _float_text(np.float64(value))
+    f32 = np.float32(value)
+    if float(f32) != value:
+        return repr(value)
+    text = _float_text(f32)
+    return text if float(text) == value else f"np.float32({text})"
+
+
 def attr_lit(value: Any) -> str:
     """An attribute value as a Python literal (sequences become tuples)."""
     if value is None:
@@ -109,7 +123,9 @@ def attr_lit(value: Any) -> str:
         return array_lit(value)
     if isinstance(value, str):
         return str_lit(value)
-    if isinstance(value, (bool, int, float, np.bool_, np.integer, np.floating)):
+    if isinstance(value, (float, np.floating)):
+        return float_attr_lit(value)
+    if isinstance(value, (bool, int, np.bool_, np.integer)):
         return _element_text(value)
     if isinstance(value, (list, tuple)):
         items = [attr_lit(v) for v in value]

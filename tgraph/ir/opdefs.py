@@ -114,13 +114,19 @@ def _norm_axis(axis: int, rank: int, op: str) -> int:
     return axis % rank
 
 
+MAX_SHAPE_ELEMENTS = 64
+
+
 def _ints(a) -> Optional[List[Dim]]:
     """Contents of a shape-like input as dims: ints from a constant, dims from symbolic contents."""
     if a is None:
         return None
     if isinstance(a, tuple):
         return list(a)
-    return [int(x) for x in np.asarray(a).reshape(-1)]
+    a = np.asarray(a)
+    if a.dtype.kind not in "iu" or a.size > MAX_SHAPE_ELEMENTS:
+        return None          # weights and float data are never shape contents
+    return [int(x) for x in a.reshape(-1)]
 
 
 def _static_ints(a) -> Optional[List[int]]:
@@ -459,7 +465,8 @@ def _sym_concat(c, attrs, ins):
 
 
 def _sym_passthrough(c, attrs, ins):
-    return None if c[0] is None else tuple(_ints(c[0]))
+    dims = _ints(c[0])
+    return None if dims is None else tuple(dims)
 
 
 def _sym_arith(fn):
