@@ -38,18 +38,112 @@ def _swap_last_perm(rank: int) -> List[int]:
     return list(range(rank - 2)) + [rank - 1, rank - 2]
 
 
+def _is_zero(v: Optional[Value]) -> bool:
+    c = _scalar_const(v)
+    return c is not None and c == 0.0
+
+
+def _shape_contents(v: Optional[Value], depth: int = 4) -> Optional[Tuple]:
+    """The contents of a 1-D shape tensor as dims, looking through what exporters wrap around it:
+    ``Reshape(s, [-1])`` and torch's ``Where(Equal(s, -1), 1, s)`` (which selects `s` whenever
+    every entry is a size, i.e. non-negative)."""
+    if v is None or depth < 0:
+        return None
+    if v.const is not None:
+        return tuple(int(x) for x in np.asarray(v.const).reshape(-1)) if v.const.dtype.kind in "iu" else None
+    if v.sym is not None:
+        return tuple(v.sym)
+    n = v.producer
+    if n is None or n.domain != "":
+        return None
+    if n.op == "Reshape" and v.type.rank == 1:
+        return _shape_contents(n.inputs[0], depth - 1)
+    if n.op == "Where" and _producer(n.inputs[0], "Equal") is not None:
+        s = _shape_contents(n.inputs[2], depth - 1)
+        if s is not None and all(isinstance(d, str) or (isinstance(d, int) and d >= 0) for d in s):
+            return s
+    return None
+
+
+def _with_dead_feeders(graph: Graph, nodes: List[Node], keep: Sequence[Optional[Value]]) -> List[Node]:
+    """`nodes` plus the nodes that only feed them (the shape arithmetic of the Reshapes and
+    Expands being replaced, e.g. Shape(repeated K) -> Slice -> Concat): they die with the
+    match, so their reading a match intermediate is not a use "elsewhere". Producers of
+    `keep` (the replacement's inputs) stay."""
+    inside = {id(n) for n in nodes}
+    kept = {id(v.producer) for v in keep if v is not None and v.producer is not None}
+    outputs = {id(v) for v in graph.outputs}
+    out, frontier = list(nodes), list(nodes)
+    while frontier:
+        node = frontier.pop()
+        for v in node.inputs:
+            p = v.producer if v is not None else None
+            if p is None or id(p) in inside or id(p) in kept or any(id(o) in outputs for o in p.outputs):
+                continue
+            if all(id(u) in inside for o in p.outputs for u, _ in o.uses):
+                inside.add(id(p))
+                out.append(p)
+                frontier.append(p)
+    if len(out) > len(nodes):             # a feeder may be shared by two feeders: look again
+        return _with_dead_feeders(graph, out, keep)
+    return out
+
+
+def _flat_transposed(kt: Value) -> Optional[Tuple[Value, List[Node]]]:
+    """torch's dynamo export writes Kᵀ with the heads folded into the batch:
+    Reshape(Transpose(Reshape(K, [B*H, T, D]), [0, 2, 1]), [B, H, D, T]) -> (K, the three nodes)."""
+    r2 = _producer(kt, "Reshape")
+    tr = _producer(r2.inputs[0], "Transpose") if r2 is not None else None
+    r1 = _producer(tr.inputs[0], "Reshape") if tr is not None else None
+    if r1 is None or tr.attrs.get("perm") != [0, 2, 1]:
+        return None
+    k = r1.inputs[0]
+    if k.type.rank != 4 or r1.outputs[0].type.rank != 3 or kt.type.rank != 4:
+        return None
+    (b, h, t, d), (_, t1, d1), (b2, h2, d2, t2) = k.shape, r1.outputs[0].shape, kt.shape
+    if None in (b, h, t, d) or (t1, d1) != (t, d) or (b2, h2, d2, t2) != (b, h, d, t):
+        return None
+    return k, [r2, tr, r1]
+
+
+def _unrepeat(x: Value) -> Optional[Tuple[Value, int, List[Node]]]:
+    """HF's repeat_kv: Reshape(Expand(Unsqueeze(x0, [2]), [B, Hkv, G, T, D]), [B, Hkv*G, T, D]) ->
+    (x0, G, the three nodes), or None when `x` is not written that way (provably)."""
+    rs = _producer(x, "Reshape")
+    ex = _producer(rs.inputs[0], "Expand") if rs is not None else None
+    un = _producer(ex.inputs[0], "Unsqueeze") if ex is not None else None
+    if un is None or un.attrs.get("axes") not in ([2], [-3]):
+        return None
+    x0 = un.inputs[0]
+    if x0.type.rank != 4 or x.type.rank != 4:
+        return None
+    (b, hk, t, d), (b2, h, t2, d2) = x0.shape, x.shape
+    if not (isinstance(hk, int) and isinstance(h, int) and hk and h % hk == 0) or (b, t, d) != (b2, t2, d2) \
+            or None in (b, t, d):
+        return None
+    group = h // hk
+    target = _shape_contents(ex.inputs[1])
+    # Expand broadcasts size-1 dims only: every axis but the new one must keep its size.
+    if target is None or len(target) != 5 or target[2] != group or \
+            any(want not in (have, 1) for want, have in zip((target[0],) + target[1:2] + target[3:], (b, hk, t, d))):
+        return None
+    return x0, group, [rs, ex, un]
+
+
 @dataclass
 class AttentionMatch:
     root: Node
     q: Value
-    k: Value                       # [B, Hkv, Tk, D]; when k_is_transposed, it is Kᵀ [B, Hkv, D, Tk]
+    k: Value                       # [B, Hkv, Tk, D] once permuted by k_perm (None: as is)
     v: Value
     scale: float = 1.0
     causal: bool = False
     keep: Optional[Value] = None   # bool, True = attend
     bias: Optional[Value] = None   # additive float
-    k_is_transposed: bool = False
+    k_perm: Optional[List[int]] = None
     grouped: bool = False
+    nan_to_zero: bool = False      # probabilities passed through Where(IsNaN(p), 0, p)
+    unrepeat: Optional[Tuple] = None   # (k0, v0, nodes): K/V before HF's repeat_kv
     nodes: List[Node] = field(default_factory=list)
 
 
@@ -68,6 +162,13 @@ class AttentionRule(Rule):
         am = self._match(graph, node)
         if am is None:
             return None
+        base = am.nodes
+        if am.unrepeat is not None:     # feed the un-repeated K/V, unless the repeated ones are used elsewhere
+            k0, v0, extra = am.unrepeat
+            nodes = _with_dead_feeders(graph, base + extra, [am.q, k0, v0, am.keep, am.bias])
+            if escapes(graph, Match(node, {}, nodes)) is None:
+                am.k, am.v, base = k0, v0, base + extra
+        am.nodes = _with_dead_feeders(graph, base, [am.q, am.k, am.v, am.keep, am.bias])
         m = Match(node, {"attention": am}, am.nodes)
         reason = escapes(graph, m) or self._check(am)
         if reason:
@@ -85,11 +186,22 @@ class AttentionRule(Rule):
             grouped = True
             nodes.append(pv)
         probs, v = pv.inputs
-        # softmax, possibly computed in fp32 between casts
-        cast_out = _producer(probs, "Cast")
-        if cast_out is not None:
-            nodes.append(cast_out)
-            probs = cast_out.inputs[0]
+        # softmax, possibly computed in fp32 between casts, possibly with NaN rows zeroed
+        # (torch's SDPA export: Where(IsNaN(p), 0, p) for rows whose keys are all masked)
+        nan_to_zero = False
+        while True:
+            n = probs.producer
+            if n is not None and n.domain == "" and n.op == "Cast" and n.inputs[0].type.dtype.is_float \
+                    and probs.type.dtype.is_float:
+                nodes.append(n)
+                probs = n.inputs[0]
+            elif n is not None and n.domain == "" and n.op == "Where" and not nan_to_zero \
+                    and _is_zero(n.inputs[1]) and _producer(n.inputs[0], "IsNaN") is not None \
+                    and n.inputs[0].producer.inputs[0] is n.inputs[2]:
+                nodes += [n, n.inputs[0].producer]
+                probs, nan_to_zero = n.inputs[2], True
+            else:
+                break
         sm = _producer(probs, "Softmax")
         if sm is None:
             return None                                 # not attention-shaped: no near miss to report
@@ -98,11 +210,10 @@ class AttentionRule(Rule):
             raise NoMatch(f"{sm.name}: softmax is not over the last axis")
         nodes.append(sm)
         s = sm.inputs[0]
-        cast_in = _producer(s, "Cast")
-        if cast_in is not None:
-            nodes.append(cast_in)
-            s = cast_in.inputs[0]
-        am = AttentionMatch(root, None, None, v, grouped=grouped)
+        while _producer(s, "Cast") is not None and s.producer.inputs[0].type.dtype.is_float:
+            nodes.append(s.producer)
+            s = s.producer.inputs[0]
+        am = AttentionMatch(root, None, None, v, grouped=grouped, nan_to_zero=nan_to_zero)
         # masking layers, in any order
         while True:
             n = s.producer
@@ -142,16 +253,30 @@ class AttentionRule(Rule):
         nodes.append(qk)
         q, kt = qk.inputs
         q, kt = self._strip_scale(q, am, nodes), self._strip_scale(kt, am, nodes)
+        # K = Kᵀ with its last two axes swapped: compose that with a Transpose producing Kᵀ
+        # (GPT-2 and BERT write Kᵀ = Transpose(K [B, T, H, D], perm=[0, 2, 3, 1])).
+        rank = kt.type.rank or 0
         tr = _producer(kt, "Transpose")
-        if tr is not None and tr.attrs.get("perm") == _swap_last_perm(kt.type.rank or 0):
+        if tr is not None and tr.attrs.get("perm") is not None:
+            perm = list(tr.attrs["perm"])
             nodes.append(tr)
             k = tr.inputs[0]
+            composed = perm[:-2] + [perm[-1], perm[-2]]
+            am.k_perm = None if composed == list(range(rank)) else composed
+        elif _flat_transposed(kt) is not None:
+            k, flat_nodes = _flat_transposed(kt)
+            nodes += flat_nodes
         else:
-            k, am.k_is_transposed = kt, True
+            k, am.k_perm = kt, _swap_last_perm(rank)
+        if not grouped and am.k_perm is None:          # HF repeat_kv: feed the un-repeated K and V
+            rk, rv = _unrepeat(k), _unrepeat(v)
+            if rk is not None and rv is not None and rk[1] == rv[1]:
+                am.unrepeat = (rk[0], rv[0], rk[2] + rv[2])
         if grouped:                                     # undo the 5-D views of q, k and v
             rq = _producer(q, "Reshape")
             uk, uv = _producer(k, "Unsqueeze"), _producer(v, "Unsqueeze")
-            if rq is None or uk is None or uv is None or uk.attrs.get("axes") != [2] or uv.attrs.get("axes") != [2]:
+            if am.k_perm is not None or rq is None or uk is None or uv is None or uk.attrs.get("axes") != [2] \
+                    or uv.attrs.get("axes") != [2]:
                 raise NoMatch("grouped attention without the (B, Hkv, G, T, D) query view and unsqueezed K/V")
             nodes += [rq, uk, uv]
             q, k, v = rq.inputs[0], uk.inputs[0], uv.inputs[0]
@@ -193,16 +318,18 @@ class AttentionRule(Rule):
         for name, t in (("query", q), ("key", k), ("value", v)):
             if t.type.rank != 4:
                 return f"{name} {t.name} is {t.type}, not [batch, heads, seq, head_dim]"
+        if am.k_perm is not None and sorted(am.k_perm) != [0, 1, 2, 3]:
+            return f"keys are transposed by {am.k_perm}, not a permutation of rank 4"
+        k_shape = k.shape if am.k_perm is None else tuple(k.shape[p] for p in am.k_perm)
         if not q.type.dtype.is_float:
             return "attention on a non-float tensor"
-        hq, hk = q.shape[1], (k.shape[1])
+        if len({q.type.dtype, k.type.dtype, v.type.dtype}) != 1:
+            return f"query, key and value dtypes differ ({q.type.dtype.name}, {k.type.dtype.name}, {v.type.dtype.name})"
+        if am.root.outputs[0].type.dtype != q.type.dtype:
+            return f"attention computes in {q.type.dtype.name} but its result is {am.root.outputs[0].type.dtype.name}"
+        hq, hk = q.shape[1], k_shape[1]
         if not (isinstance(hq, int) and isinstance(hk, int)) or hq % hk:
             return f"query heads {hq} are not a multiple of key/value heads {hk}"
-        if am.causal:
-            tq = q.shape[2]
-            tk = k.shape[3] if am.k_is_transposed else k.shape[2]
-            if tq != tk or tq is None:
-                return f"causal with query length {tq} and key length {tk} (not provably equal)"
         for extra in (am.keep, am.bias):
             if extra is not None and extra.type.rank not in (None, 2, 3, 4) and not am.grouped:
                 return f"mask {extra.name} has rank {extra.type.rank}"
@@ -218,12 +345,18 @@ class AttentionRule(Rule):
     def rewrite(self, b: Builder, m: Match):
         am: AttentionMatch = m.attention
         k = am.k
-        if am.k_is_transposed:
-            k = b.op("Transpose", k, perm=[0, 1, 3, 2])
+        if am.k_perm is not None:
+            k = b.op("Transpose", k, perm=list(am.k_perm))
         keep, bias = am.keep, am.bias
         if am.grouped:                                   # [B, 1, 1, Tq|1, Tk] -> [B, 1, Tq|1, Tk]
             keep = b.op("Squeeze", keep, axes=[1]) if keep is not None else None
             bias = b.op("Squeeze", bias, axes=[1]) if bias is not None else None
+        # is_causal is upper-left aligned; where Tq may differ from Tk (a KV cache's past), the
+        # end-aligned causal mask is written out and joins the padding mask.
+        square = am.q.shape[2] is not None and am.q.shape[2] == k.shape[2]
+        if am.causal and not square:
+            causal = causal_keep(b, b.op("Shape", am.q, start=2, end=3), b.op("Shape", k, start=2, end=3))
+            keep = causal if keep is None else b.op("And", keep, causal)          # (B, 1, Tq, Tk)
         mask = None
         if bias is not None and keep is not None:
             lowest = b.const(np.array(np.finfo(am.q.type.dtype.numpy).min, am.q.type.dtype.numpy), hint="mask_fill")
@@ -231,7 +364,11 @@ class AttentionRule(Rule):
         else:
             mask = bias if bias is not None else keep
         ins = [am.q, k, am.v] + ([mask] if mask is not None else [])
-        return b.op("Attention", *ins, is_causal=int(am.causal), scale=float(am.scale))
+        y = b.op("Attention", *ins, is_causal=int(am.causal and square), scale=float(am.scale))
+        if am.nan_to_zero:      # a row of NaN probabilities gives a NaN output row: zero that instead
+            zero = b.const(np.array(0, y.type.dtype.numpy), hint="zero")
+            y = b.op("Where", b.op("IsNaN", y), zero, y)
+        return y
 
 
 @register_pass(level=2)
@@ -293,3 +430,13 @@ class ExplicitCausalRule(Rule):
         keep = b.op("Not", b.op("Greater", cols, rows))                                      # (Tq, Tk)
         lowest = b.const(np.array(np.finfo(s.type.dtype.numpy).min, s.type.dtype.numpy), hint="mask_fill")
         return b.op("Where", keep, s, lowest)
+
+
+def causal_keep(b: Builder, tq: Value, tk: Value) -> Value:
+    """bool (Tq, Tk), True where key j <= i + (Tk - Tq): causality aligned to the end of the key
+    axis, so the new queries after a KV cache's past see the whole past. tq, tk: int64 [1]."""
+    tq0, tk0 = b.op("Squeeze", tq, axes=[0]), b.op("Squeeze", tk, axes=[0])
+    zero, one = b.const(np.array(0, np.int64)), b.const(np.array(1, np.int64))
+    rows = b.op("Unsqueeze", b.op("Range", b.op("Sub", tk0, tq0), tk0, one), axes=[1])   # (Tq, 1)
+    cols = b.op("Range", zero, tk0, one)                                                  # (Tk,)
+    return b.op("Not", b.op("Greater", cols, rows))                                      # (Tq, Tk)

@@ -34,6 +34,7 @@ class PassRecord:
     nodes_after: int
     seconds: float
     verify_seconds: float = 0.0
+    near_misses: List = field(default_factory=list)   # pattern.NearMiss of rewrite passes
 
     @property
     def changed(self) -> bool:
@@ -74,6 +75,31 @@ class PipelineResult:
         """`counts()` restricted to passes that changed something, and to non-zero counts."""
         return {name: {k: v for k, v in c.items() if v}
                 for name, c in self.counts().items() if any(c.values())}
+
+    def fusions(self) -> Dict[str, int]:
+        """``{fusion: rewrites}`` of the fusion passes (named ``fuse-*``), e.g.
+        ``{"attention": 12, "layer-norm": 25}``: which fusions fired and how often."""
+        out: Dict[str, int] = {}
+        for name, c in self.counts().items():
+            if name.startswith("fuse-"):
+                for k, v in c.items():
+                    if v:
+                        out[k] = out.get(k, 0) + v
+        return out
+
+    def near_misses(self, only_unfired: bool = True) -> Dict[str, List[str]]:
+        """``{rule: ["at NODE: reason", ...]}`` of rewrite rules that did not fire (all rules
+        when `only_unfired` is False); a rule that fired anywhere is not reported as missing."""
+        counts = {k: v for c in self.counts().values() for k, v in c.items()}
+        out: Dict[str, List[str]] = {}
+        for r in self.records:
+            for m in r.near_misses:
+                if only_unfired and counts.get(m.rule, 0):
+                    continue
+                line = f"at {m.node}: {m.reason}"
+                if line not in out.setdefault(m.rule, []):
+                    out[m.rule].append(line)
+        return out
 
     def __str__(self) -> str:
         if not self.records:
@@ -131,7 +157,8 @@ class PassManager:
                 changes = {}
             if not isinstance(changes, dict):
                 raise PassError(f"pass {p.name!r} returned {type(changes).__name__}, expected a dict of counts")
-            record = PassRecord(p.name, dict(changes), before, len(graph.nodes), seconds)
+            record = PassRecord(p.name, dict(changes), before, len(graph.nodes), seconds,
+                                near_misses=list(getattr(p, "near_misses", None) or []))
             if self.verify:
                 t1 = time.perf_counter()
                 try:

@@ -126,3 +126,42 @@ def test_console_script_has_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "not divisible" in proc.stderr
     assert not (tmp_path / "x.onnx").exists()
+
+
+# ---------------------------------------------------------------- fusion reports
+LLAMA_SMALL = ["--set", "d_model=32", "--set", "num_heads=4", "--set", "num_kv_heads=2", "--set", "d_ff=48",
+               "--set", "vocab_size=61", "--set", "num_layers=3"]
+
+
+def test_inspect_json_summarises_fusions(capsys):
+    code, stdout, err = run_cli(capsys, "inspect", "llama", "--json", *LLAMA_SMALL)
+    assert code == 0, err
+    info = json.loads(stdout)
+    # 3 layers: one attention, two RMSNorms, q and k rotaries each; plus the final norm
+    assert {k: info["fusions"].get(k) for k in ("rms-norm", "rotary", "attention")} == \
+        {"rms-norm": 7, "rotary": 6, "attention": 3}
+    assert info["ops"]["Attention"] == 3 and info["ops"]["RotaryEmbedding"] == 6
+    assert info["passes"]["fuse-attention"] == {"attention": 3}
+    code, stdout, err = run_cli(capsys, "inspect", "llama", "--json", *LLAMA_SMALL, "-O", "0")
+    assert code == 0, err
+    assert json.loads(stdout)["fusions"] == {}
+
+
+def test_inspect_text_shows_fusion_counts(capsys):
+    code, stdout, err = run_cli(capsys, "inspect", "transformer", *SMALL)
+    assert code == 0, err
+    # 1 encoder layer (self-attention) + 2 decoder layers (self + cross): 5 attentions, 1*2 + 2*3 norms
+    line = next(l for l in stdout.splitlines() if l.startswith("fusions: "))
+    assert {"layer-norm=8", "attention=5"} <= set(line.split()[1:]), line
+
+
+def test_export_report_shows_fusion_counts(tmp_path, capsys):
+    code, stdout, err = run_cli(capsys, "export", "transformer", "-o", str(tmp_path / "t.onnx"), *SMALL, "--report")
+    assert code == 0, err
+    rows = {line.split()[0]: line for line in stdout.splitlines() if line.strip()}
+    assert rows["fuse-attention"].endswith("attention=5")
+    assert rows["fuse-layer-norm"].endswith("layer-norm=8")
+    assert {"layer-norm=8", "attention=5"} <= set(rows["fusions:"].split()[1:])
+    code, stdout, err = run_cli(capsys, "export", "transformer", "-o", str(tmp_path / "t0.onnx"), *SMALL,
+                                "-O", "0", "--report")
+    assert code == 0 and "fusions" not in stdout                  # -O0 runs no pass: nothing to report

@@ -272,18 +272,27 @@ def _cross_causal(tq="q", tk="k"):
     return Fn(fn, q=f32(1, 2, tq, 8), k=f32(1, 2, tk, 8), v=f32(1, 2, tk, 8))
 
 
-def test_causal_with_unequal_lengths_stays_unfused_and_becomes_explicit():
+def test_causal_with_unequal_lengths_fuses_with_an_end_aligned_mask():
+    """Tq != Tk (a KV cache's past): is_causal (upper-left) would be wrong, so the fused op
+    gets the end-aligned causal mask explicitly; query i sees keys j <= i + Tk - Tq."""
     m = _cross_causal()
     g = trace(m, m.input_specs())
-    assert any("not provably equal" in x.reason for x in explain(g, [AttentionRule()]))
     feeds = {"q": RNG.standard_normal((1, 2, 3, 8)).astype(np.float32),
              "k": RNG.standard_normal((1, 2, 5, 8)).astype(np.float32)}
     feeds["v"] = feeds["k"].copy()
     before = evaluate(g, feeds)["y"]
     optimize(g, level=2)
     hist = g.op_histogram()
-    assert "tgraph.CausalMask" not in hist and hist.get("Where") == 1 and "Attention" not in hist
-    np.testing.assert_allclose(run_onnx(g, feeds)["y"], before, atol=1e-5)
+    assert "tgraph.CausalMask" not in hist and hist.get("Attention") == 1
+    (att,) = [n for n in g.nodes if n.op == "Attention"]
+    assert att.attrs["is_causal"] == 0 and len(att.inputs) == 4 and att.inputs[3].type.dtype.name == "bool"
+    s = feeds["q"] @ feeds["k"].swapaxes(-1, -2) * 0.25
+    s = np.where(np.arange(5)[None] <= np.arange(3)[:, None] + 2, s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    ref = (p / p.sum(-1, keepdims=True)) @ feeds["v"]
+    np.testing.assert_allclose(before, ref, atol=1e-5)
+    np.testing.assert_allclose(run_onnx(g, feeds)["y"], ref, atol=1e-5)
+    np.testing.assert_allclose(evaluate(g, feeds)["y"], ref, atol=1e-5)
 
 
 def test_masked_positions_get_exactly_zero_probability_and_full_masks_give_no_nan():

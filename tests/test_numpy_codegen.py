@@ -93,6 +93,14 @@ CASES = [
     ("slice_dynamic", "Slice", [In(f32(6, 5)), In(i64(1)), In(i64(-1))], {}),
     ("gather", "Gather", [param(f32(10, 4)), In(np.array([[1, -1], [0, 9]], dtype=np.int64))], {}),
     ("gather_axis_int32", "Gather", [In(f32(3, 5)), np.array([4, 0], dtype=np.int32)], {"axis": 1}),
+    ("gather_elements", "GatherElements", [In(f32(3, 4)), np.array([[0, 3], [2, -1], [1, 1]], np.int64)],
+     {"axis": 1}),
+    ("flatten", "Flatten", [In(f32(2, 3, 4))], {"axis": 2}),
+    ("gather_nd", "GatherND", [In(f32(2, 3, 4)), np.array([[[1], [0]], [[2], [2]]], np.int64)], {"batch_dims": 1}),
+    ("max", "Max", [In(i64(1, 5, 3)), In(i64(2, 5, 1)), i64(0, 7, 0)], {}),
+    ("less_or_equal", "LessOrEqual", [In(i64(1, 5, 3)), i64(2, 5, 1)], {}),
+    ("greater_or_equal", "GreaterOrEqual", [In(f32(2, 3)), np.float32(0.0)], {}),
+    ("isnan", "IsNaN", [In(np.array([1.0, np.nan, -np.inf], np.float32))], {}),
     ("where", "Where", [In(np.array([[True, False, True]])), In(f32(2, 3)), np.float32(-1.0)], {}),
     ("cast_to_int", "Cast", [In(np.array([-2.7, -0.5, 0.5, 3.9], np.float32))], {"to": DType.int64}),
     ("cast_to_half", "Cast", [In(f32(3, 4))], {"to": DType.float16}),
@@ -120,11 +128,23 @@ CASES = [
                                           In(np.array([[True, True, False, True, True]]))], {}),
     ("attention_float_mask", "Attention", [In(f32(1, 2, 3, 4)), In(f32(1, 2, 5, 4)), In(f32(1, 2, 5, 4)),
                                            In(f32(3, 5))], {}),
+    ("rotary_position_ids", "RotaryEmbedding", [In(f32(2, 3, 5, 8)), f32(7, 4), f32(7, 4),
+                                                In(np.array([[0, 1, 2, 3, 4], [6, 5, 0, 2, 2]]))], {}),
+    ("rotary_partial_interleaved", "RotaryEmbedding", [In(f32(2, 5, 12)), In(f32(2, 5, 2)), In(f32(2, 5, 2))],
+     {"rotary_embedding_dim": 4, "interleaved": 1, "num_heads": 2}),
+    # onnxruntime contrib ops (domain com.microsoft): checked against onnxruntime, not onnx.reference
+    ("skip_layer_norm", "com.microsoft.SkipLayerNormalization",
+     [In(f32(2, 3, 8)), In(f32(2, 3, 8)), param(f32(8)), param(f32(8)), param(f32(8))], {"epsilon": 1e-5}),
+    ("skip_layer_norm_bias_only", "com.microsoft.SkipLayerNormalization",
+     [In(f32(3, 8)), In(f32(3, 8)), param(f32(8)), None, param(f32(8))], {"epsilon": 1e-6}),
+    ("skip_rms_norm", "com.microsoft.SkipSimplifiedLayerNormalization",
+     [In(f32(2, 3, 8)), In(f32(2, 3, 8)), param(f32(8))], {"epsilon": 1e-6}),
 ]
 
 
 def build_case(op, inputs, attrs):
     """A one-node graph; returns (graph, feeds, kernel arguments)."""
+    domain, _, op = ("tgraph", ".", op) if op == "CausalMask" else op.rpartition(".")
     g = Graph(name=f"case_{op.lower()}")
     b = Builder(g)
     feeds, args, values = {}, [], []
@@ -134,13 +154,15 @@ def build_case(op, inputs, attrs):
             values.append(g.add_input(name, TensorType.of_array(spec.array)))
             feeds[name] = spec.array
             args.append(spec.array)
+        elif spec is None:                    # an omitted optional input
+            values.append(None)
+            args.append(None)
         elif isinstance(spec, tuple):
             values.append(g.add_constant(spec[1], hint=f"layer.{i}.weight", is_param=True, exact_name=True))
             args.append(spec[1])
         else:
             values.append(b.const(spec, hint=f"c{i}"))
             args.append(np.asarray(spec))
-    domain = "tgraph" if op == "CausalMask" else ""
     out = b.op(op, *values, domain=domain, **attrs)
     g.outputs = list(out) if isinstance(out, tuple) else [out]
     g.verify()
@@ -184,6 +206,13 @@ def test_op_matches_kernel_and_onnx_reference(case, tmp_path):
     onnx_codegen = pytest.importorskip("tgraph.codegen.onnx")
     from onnx.reference import ReferenceEvaluator
 
+    if node.domain == "com.microsoft":                # onnx.reference has no contrib kernels
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(onnx_codegen.to_onnx(graph).SerializeToString(), providers=["CPUExecutionProvider"])
+        for name, r in zip(names, sess.run(names, feeds)):
+            np.testing.assert_allclose(got[name], r, rtol=1e-5, atol=1e-5, err_msg=f"{case[0]} vs onnxruntime")
+        return
     ref = ReferenceEvaluator(onnx_codegen.to_onnx(graph)).run(None, feeds)
     for name, r in zip(names, ref):
         assert_same(got[name], r, f"{case[0]} vs onnx.reference")

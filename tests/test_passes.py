@@ -650,7 +650,8 @@ PROPERTY = settings(max_examples=80, deadline=None, suppress_health_check=[Healt
 def test_every_pass_preserves_values_and_is_idempotent(case):
     graph, inputs = case
     for name in sorted(PASSES):
-        check_pipeline(graph, inputs, [name])
+        if getattr(PASSES[name], "exact", True):   # to-fp16/to-bf16 change dtypes: tests/test_precision.py
+            check_pipeline(graph, inputs, [name])
 
 
 @PROPERTY

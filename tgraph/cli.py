@@ -4,6 +4,7 @@
     tgraph codegen numpy MODEL -o OUT.py [same model options]
     tgraph run MODEL_OR_ONNX [--backend ort|numpy] [--provider auto|cpu|cuda] [--check]
     tgraph inspect MODEL_OR_ONNX [--json]
+    tgraph optimize IN.onnx -o OUT.onnx [-O N | --pipeline P] [--report]
 
 Every user mistake is one line on stderr and a non-zero exit; `--debug` shows the
 traceback. Writers are atomic, so a failed command leaves no file behind.
@@ -56,6 +57,8 @@ def _add_model_options(p: argparse.ArgumentParser, output: bool = True) -> None:
                    help="optimization level (0 = as built; default 2)")
     p.add_argument("--set", dest="sets", action="append", metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--seed", type=int, default=0, help="seed for random weight initialisation")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="weights and compute dtype (float16/bfloat16 keep norms, softmax and reductions in float32)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="compare onnxruntime with the generated NumPy module")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max abs error allowed by --check")
 
+    p = sub.add_parser("optimize", help="import an ONNX file, run the passes, write the result")
+    p.add_argument("input", metavar="IN.onnx")
+    p.add_argument("-o", "--output", required=True, help="file to write (.onnx)")
+    p.add_argument("-O", dest="level", type=int, choices=[0, 1, 2, 3], default=None,
+                   help="optimization level (default 2)")
+    p.add_argument("--pipeline", default=None, help="explicit pass pipeline, e.g. dce,fuse-attention")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset to write (default 23)")
+    p.add_argument("--report", action="store_true", help="what each pass did, and why rules did not fire")
+
     p = sub.add_parser("inspect", help="inputs, outputs, op histogram, parameter count")
     _add_model_options(p, output=False)
     p.add_argument("--json", action="store_true")
@@ -104,13 +116,18 @@ def cmd_export(args) -> int:
         raise ConfigError(f"output file must end in .onnx: {out}")
     start = time.perf_counter()
     built = export_onnx(args.model, out, overrides=_parse_sets(args.sets), seed=args.seed, level=_level(args),
-                        opset=args.opset, external_data=True if args.external_data else None)
+                        opset=args.opset, external_data=True if args.external_data else None, dtype=args.dtype)
     took = time.perf_counter() - start
     print(f"wrote {out} ({built.graph.parameter_count():,} parameters, {len(built.graph.nodes)} nodes, "
           f"-O{_level(args)}, {took:.2f}s)")
     if args.report and built.report is not None:
         print(built.report)
+        print(_fusions_line(built.report.fusions()))
     return 0
+
+
+def _fusions_line(fusions: Dict[str, int]) -> str:
+    return "fusions: " + (" ".join(f"{k}={v}" for k, v in fusions.items()) or "none")
 
 
 def cmd_codegen(args) -> int:
@@ -119,7 +136,8 @@ def cmd_codegen(args) -> int:
     out = Path(args.output)
     if out.suffix != ".py":
         raise ConfigError(f"output file must end in .py: {out}")
-    built = export_numpy(args.model, out, overrides=_parse_sets(args.sets), seed=args.seed, level=_level(args))
+    built = export_numpy(args.model, out, overrides=_parse_sets(args.sets), seed=args.seed, level=_level(args),
+                         dtype=args.dtype)
     print(f"wrote {out} and {out.with_suffix('.npz')} ({len(built.graph.nodes)} nodes)")
     return 0
 
@@ -155,6 +173,9 @@ def cmd_run(args) -> int:
     if is_onnx:
         if not os.path.isfile(args.model):
             raise ConfigError(f"ONNX file not found: {args.model}")
+        if args.dtype != "float32":
+            raise ConfigError("--dtype converts a model as it is built; an .onnx file runs in the dtype it was "
+                              "exported with")
         if args.backend == "numpy" or args.check:
             raise ConfigError("--backend numpy and --check need a model (name, file.py:factory or checkpoint), "
                               "not an .onnx file")
@@ -170,7 +191,7 @@ def cmd_run(args) -> int:
     from .api import build
     from .codegen.onnx import to_onnx
 
-    built = build(args.model, _parse_sets(args.sets), seed=args.seed, level=_level(args))
+    built = build(args.model, _parse_sets(args.sets), seed=args.seed, level=_level(args), dtype=args.dtype)
     model_proto = to_onnx(built.graph)
     session = Session(model_proto, providers=args.provider, threads=args.threads) \
         if (args.backend == "ort" or args.check) else None
@@ -242,13 +263,14 @@ def cmd_inspect(args) -> int:
     else:
         from .api import build
 
-        built = build(args.model, _parse_sets(args.sets), seed=args.seed, level=_level(args))
+        built = build(args.model, _parse_sets(args.sets), seed=args.seed, level=_level(args), dtype=args.dtype)
         g = built.graph
         info = {"source": args.model, "level": _level(args),
                 "inputs": [{"name": v.name, "dtype": v.dtype.name, "shape": list(v.shape)} for v in g.inputs],
                 "outputs": [{"name": v.name, "dtype": v.dtype.name, "shape": list(v.shape)} for v in g.outputs],
                 "ops": g.op_histogram(), "nodes": len(g.nodes),
                 "parameters": g.parameter_count()}
+        info["fusions"] = built.report.fusions() if built.report is not None else {}
         if built.report is not None:
             info["passes"] = built.report.counts()
     if args.json:
@@ -266,10 +288,45 @@ def cmd_inspect(args) -> int:
         print("passes:")
         for name, changes in info["passes"].items():
             print(f"  {name:<28} {changes}")
+    if "fusions" in info:
+        print(_fusions_line(info["fusions"]))
     return 0
 
 
-COMMANDS = {"export": cmd_export, "codegen": cmd_codegen, "run": cmd_run, "inspect": cmd_inspect}
+def cmd_optimize(args) -> int:
+    from .codegen.onnx import save_onnx
+    from .onnx_import import import_onnx
+    from .passes import optimize
+
+    out = Path(args.output)
+    if out.suffix != ".onnx":
+        raise ConfigError(f"output file must end in .onnx: {out}")
+    if args.level is not None and args.pipeline is not None:
+        raise ConfigError("give -O or --pipeline, not both")
+    start = time.perf_counter()
+    graph = import_onnx(args.input)
+    before = len(graph.nodes)
+    result = optimize(graph, level=args.level, pipeline=args.pipeline)
+    kwargs = {} if args.opset is None else {"opset": args.opset}
+    save_onnx(graph, out, **kwargs)
+    took = time.perf_counter() - start
+    print(f"wrote {out} ({before} -> {len(graph.nodes)} nodes, {took:.2f}s)")
+    if args.report:
+        print(result)
+        fired = result.summary()
+        print("fired: " + (", ".join(f"{p}: {c}" for p, c in fired.items()) or "nothing"))
+        misses = result.near_misses()
+        if misses:
+            print("near misses (rules that did not fire):")
+            for rule, lines in misses.items():
+                for line in lines[:5]:
+                    print(f"  {rule} {line}")
+                if len(lines) > 5:
+                    print(f"  {rule}: ... {len(lines) - 5} more")
+    return 0
+
+
+COMMANDS = {"export": cmd_export, "optimize": cmd_optimize, "codegen": cmd_codegen, "run": cmd_run, "inspect": cmd_inspect}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
-from tgraph.ir import fused, kernels
+from tgraph.ir import contrib, fused, kernels
 from tgraph.ir.core import Node, Value
 from tgraph.ir.opdefs import OPS
 from tgraph.ir.types import DType
@@ -204,6 +204,9 @@ EMITTERS: Dict[str, Callable[[EmitContext], str]] = {
     "Equal": Inline("{0} == {1}"),
     "Less": Inline("{0} < {1}"),
     "Greater": Inline("{0} > {1}"),
+    "LessOrEqual": Inline("{0} <= {1}"),
+    "GreaterOrEqual": Inline("{0} >= {1}"),
+    "IsNaN": Inline("np.isnan({0})"),
     "Softmax": Call(kernels.softmax),
     "ReduceMean": Call(kernels.reduce_mean),
     "ReduceSum": Call(kernels.reduce_sum),
@@ -217,6 +220,10 @@ EMITTERS: Dict[str, Callable[[EmitContext], str]] = {
     "Split": Call(kernels.split),
     "Slice": _slice,
     "Gather": Call(kernels.gather),
+    "GatherElements": Call(kernels.gather_elements),
+    "GatherND": Call(kernels.gather_nd),
+    "Max": Call(kernels.maximum),
+    "Flatten": Call(kernels.flatten),
     "Where": Inline("np.where({0}, {1}, {2})"),
     "Cast": _cast,
     "Trilu": Call(kernels.trilu),
@@ -231,4 +238,8 @@ EMITTERS: Dict[str, Callable[[EmitContext], str]] = {
     "RMSNormalization": Call(fused.rms_normalization),
     "Gelu": Call(fused.gelu),
     "Attention": Call(fused.attention),
+    "RotaryEmbedding": Call(fused.rotary_embedding),
+    # onnxruntime contrib ops (tgraph.ir.contrib): what the -O3 ort fusions produce
+    "com.microsoft.SkipLayerNormalization": Call(contrib.skip_layer_normalization),
+    "com.microsoft.SkipSimplifiedLayerNormalization": Call(contrib.skip_simplified_layer_normalization),
 }

@@ -174,7 +174,8 @@ _SAME_AS_ONNX = (
     "Add", "Sub", "Mul", "Div", "Pow", "MatMul", "Gemm", "Sqrt", "Reciprocal", "Neg", "Exp", "Log", "Erf",
     "Tanh", "Sigmoid", "Relu", "Cos", "Sin", "Identity", "Not", "And", "Or", "Equal", "Less", "Greater",
     "Softmax", "Transpose", "Reshape", "Expand", "Concat", "Slice", "Gather", "Where", "Trilu", "Shape",
-    "Range", "Cast", "LayerNormalization", "RMSNormalization", "Gelu",
+    "Range", "Cast", "LayerNormalization", "RMSNormalization", "Gelu", "RotaryEmbedding",
+    "LessOrEqual", "GreaterOrEqual", "IsNaN", "Flatten", "GatherElements", "GatherND", "Max",
 )
 
 
@@ -283,3 +284,14 @@ def lower_attention(ctx: LoweringContext, node: Node) -> None:
             m = ctx.emit("Expand", [m, shape], 1)[0]
         ins.append(m)
     ctx.emit("Attention", ins, names(node.outputs), **node.attrs)
+
+
+@lowering("com.microsoft.SkipLayerNormalization", "com.microsoft.SkipSimplifiedLayerNormalization")
+def lower_skip_norm(ctx: LoweringContext, node: Node) -> None:
+    """onnxruntime's outputs are (output, mean, inv_std_var, input_skip_bias_sum): the IR's
+    second output (the sum) goes to index 3, and is left out when nothing reads it."""
+    ctx.use_domain("com.microsoft", 1)
+    out, total = node.outputs
+    needed = total.users or (node.graph is not None and any(o is total for o in node.graph.outputs))
+    outs = [out.name] + (["", "", total.name] if needed else [])
+    ctx.emit(node.op, names(node.inputs), outs, domain="com.microsoft", epsilon=float(node.attrs["epsilon"]))

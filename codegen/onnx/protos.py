@@ -45,6 +45,22 @@ def tensor_proto(array: np.ndarray, name: str) -> TensorProto:
     return numpy_helper.from_array(np.asarray(array, order="C"), name)
 
 
+_RAW_KINDS = frozenset("fiub")
+
+
+def fill_tensor(t: TensorProto, array: np.ndarray, name: str) -> None:
+    """Write `array` into the (empty) initializer `t` in place: one copy of the data, where
+    building a TensorProto and then appending it to a graph would make three."""
+    array = np.asarray(array)
+    if array.dtype.kind not in _RAW_KINDS or array.dtype.byteorder == ">" or array.dtype.isbuiltin != 1:
+        t.CopyFrom(tensor_proto(array, name))      # bfloat16, big-endian, strings: numpy_helper knows
+        return
+    t.name = name
+    t.data_type = DType.of(array.dtype).onnx
+    t.dims.extend(array.shape)
+    t.raw_data = np.ascontiguousarray(array).tobytes()
+
+
 def finfo_min(dtype: DType) -> float:
     """The lowest finite value of a float dtype (bfloat16 through ml_dtypes)."""
     if dtype is DType.bfloat16:

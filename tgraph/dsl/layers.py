@@ -167,13 +167,18 @@ class MultiHeadAttention(Module):
         return x.reshape(0, 0, heads, self.head_dim).transpose(0, 2, 1, 3)   # (B, T, H*D) -> (B, H, T, D)
 
     def forward(self, x: TensorOps, kv: Optional[TensorOps] = None, keep_mask: Optional[TensorOps] = None,
-                bias: Optional[TensorOps] = None, rotary: Optional[Callable] = None) -> Tensor:
+                bias: Optional[TensorOps] = None, rotary: Optional[Callable] = None, cache=None) -> Tensor:
+        """`cache` (a `tgraph.dsl.cache.LayerCache`) prepends the past keys/values to this call's
+        and records the result as the layer's present; the causal mask, aligned to the end of the
+        key axis, then lets query i see the whole past plus new tokens up to i."""
         kv = x if kv is None else kv
         q = self.split_heads(self.q_proj(x), self.num_heads)                  # (B, H, Tq, D)
         k = self.split_heads(self.k_proj(kv), self.num_kv_heads)              # (B, Hkv, Tk, D)
         v = self.split_heads(self.v_proj(kv), self.num_kv_heads)              # (B, Hkv, Tk, D)
         if rotary is not None:
             q, k = rotary(q, k)
+        if cache is not None:
+            k, v = cache.update(k, v)                                          # (B, Hkv, P + Tk, D)
         context = attention(q, k, v, scale=self.scale, causal=self.causal, keep_mask=keep_mask, bias=bias)
         merged = context.transpose(0, 2, 1, 3).reshape(0, 0, self.num_heads * self.head_dim)  # (B, Tq, H*D)
         return self.o_proj(merged)
@@ -230,9 +235,13 @@ class SinusoidalPositions(Module):
         super().__init__()
         self.dim, self.max_len = dim, max_len
 
-    def forward(self, x: TensorOps, offset=0) -> Tensor:
+    def forward(self, x: TensorOps, offset=0, position_ids: Optional[TensorOps] = None) -> Tensor:
+        """Rows offset .. offset + T - 1 (offset: an int or a 0-d runtime past length), or the
+        rows of explicit position ids ((T,) or (B, T))."""
         table = current().cached(("sinusoid", self.max_len, self.dim),
                                  lambda: current().builder.const(sinusoid_table(self.max_len, self.dim), hint="sinusoid_table"))
+        if position_ids is not None:
+            return x + Tensor(table).gather(position_ids)                       # (B, T, C) + ((B,) T, C)
         seq = x.shape_of(1, 2)                                                  # [T]
         rows = Tensor(table).slice(0, offset, seq if isinstance(offset, int) and offset == 0 else seq + offset)
         return x + rows                                                         # (B, T, C) + (T, C)

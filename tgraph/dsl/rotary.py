@@ -67,24 +67,35 @@ class RotaryEmbedding:
     def dim(self) -> int:
         return self.head_dim if self.rotary_dim is None else self.rotary_dim
 
-    def tables(self, ids: TensorOps, seq_axis: int = 1) -> Tuple[Tensor, Tensor]:
-        """cos, sin: (T, R) for positions 0..T-1, T = ids.shape[seq_axis] at run time."""
-        key = ("rotary", ids._value().name, seq_axis, self.dim, float(self.theta))
-
-        def make_freqs():
-            seq = ids.shape_of(seq_axis, seq_axis + 1).squeeze(0)             # [T] -> () int64
-            pos = arange(0, seq).cast(DType.float32).unsqueeze(1)             # (T, 1)
-            freq = tracer.builder.const(inv_freq(self.dim, self.theta), hint="inv_freq")
-            return (pos * Tensor(freq)).value                               # (T, 1) * (R,) -> (T, R)
-
+    def tables(self, ids: TensorOps, seq_axis: int = 1, positions: Optional[TensorOps] = None) -> Tuple[Tensor, Tensor]:
+        """cos, sin: (T, R) for positions 0..T-1, T = ids.shape[seq_axis] at run time; or for
+        explicit `positions` (a KV cache's offsets): (T,) ids give (T, R), (B, T) ids give
+        (B, 1, T, R), which broadcasts over the heads of (B, H, T, D)."""
         tracer = current()
+        if positions is not None:
+            key = ("rotary", positions._value().name, self.dim, float(self.theta))
+            make_freqs = lambda: self._freqs(positions)                       # noqa: E731
+        else:
+            key = ("rotary", ids._value().name, seq_axis, self.dim, float(self.theta))
+
+            def make_freqs():
+                seq = ids.shape_of(seq_axis, seq_axis + 1).squeeze(0)         # [T] -> () int64
+                return self._freqs(arange(0, seq))
         freqs = Tensor(tracer.cached(key + ("freqs",), make_freqs))
         cos = Tensor(tracer.cached(key + ("cos",), lambda: freqs.cos().value))
         sin = Tensor(tracer.cached(key + ("sin",), lambda: freqs.sin().value))
         return cos, sin
 
-    def bind(self, ids: TensorOps, seq_axis: int = 1) -> Callable[[TensorOps, TensorOps], Tuple[Tensor, Tensor]]:
-        cos, sin = self.tables(ids, seq_axis)
+    def _freqs(self, positions: TensorOps):
+        """positions (T,) -> (T, R); (B, T) -> (B, 1, T, R): position · θ_i."""
+        freq = Tensor(current().builder.const(inv_freq(self.dim, self.theta), hint="inv_freq"))
+        pos = positions.cast(DType.float32).unsqueeze(positions.ndim)          # (..., T, 1)
+        freqs = pos * freq                                                     # (..., T, 1) * (R,) -> (..., T, R)
+        return (freqs.unsqueeze(1) if positions.ndim == 2 else freqs).value
+
+    def bind(self, ids: TensorOps, seq_axis: int = 1,
+             positions: Optional[TensorOps] = None) -> Callable[[TensorOps, TensorOps], Tuple[Tensor, Tensor]]:
+        cos, sin = self.tables(ids, seq_axis, positions)
 
         def rotary(q: TensorOps, k: TensorOps):
             return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

@@ -7,6 +7,7 @@ from .core import Graph, Node, Value
 from .names import NameAuthority, sanitize
 from .opdefs import OPS, OpDef, get_op
 from . import fused  # noqa: F401,E402  (registers the fused ops into OPS)
+from . import contrib  # noqa: F401,E402  (registers onnxruntime's com.microsoft ops)
 from .printer import format_graph
 from .types import DType, Dim, TensorType
 from .verify import verify

@@ -1,7 +1,8 @@
 """Fused ops: what the fusion passes produce (standard ONNX ops of opsets 17-23).
 
 Each entry follows its ONNX operator's semantics (LayerNormalization-17, Gelu-20,
-RMSNormalization-23, Attention-23 with 4-D [batch, heads, seq, head_dim] inputs) so
+RMSNormalization-23, Attention-23 with 4-D [batch, heads, seq, head_dim] inputs,
+RotaryEmbedding-23) so
 that the ONNX lowering is the default one-to-one rule. The kernels are the reference
 semantics, like `kernels.py`, and follow the same self-containment rules.
 """
@@ -41,8 +42,17 @@ def gelu(x, approximate="none"):
     return x * half * (k.erf(x * np.asarray(1.0 / np.sqrt(2.0), x.dtype)) + 1)
 
 
-def attention(q, k, v, attn_mask=None, is_causal=0, scale=None, q_num_heads=None, kv_num_heads=None):
+def attention(q, k, v, attn_mask=None, is_causal=0, scale=None, q_num_heads=None, kv_num_heads=None,
+              softmax_precision=None):
     # q: [B, Hq, Tq, D]; k, v: [B, Hkv, Tk, D]. Hkv divides Hq (grouped-query attention).
+    # softmax_precision (an ONNX dtype number, e.g. 1 = float32): scores and softmax are
+    # computed in that dtype, then the result is cast back (half-precision models use 1).
+    out_dtype = q.dtype
+    if softmax_precision is not None:
+        wide = {1: np.float32, 10: np.float16, 11: np.float64}[int(softmax_precision)]
+        q, k, v = q.astype(wide), k.astype(wide), v.astype(wide)
+        if attn_mask is not None and attn_mask.dtype != np.bool_:
+            attn_mask = attn_mask.astype(wide)
     group = q.shape[1] // k.shape[1]
     if group > 1:
         k = np.repeat(k, group, axis=1)
@@ -57,7 +67,32 @@ def attention(q, k, v, attn_mask=None, is_causal=0, scale=None, q_num_heads=None
         tq, tk = scores.shape[-2], scores.shape[-1]
         scores = np.where(np.tril(np.ones((tq, tk), dtype=bool)), scores, lowest)  # upper-left aligned (ONNX)
     e = np.exp(scores - np.max(scores, axis=-1, keepdims=True))
-    return (e / np.sum(e, axis=-1, keepdims=True)) @ v
+    return ((e / np.sum(e, axis=-1, keepdims=True)) @ v).astype(out_dtype, copy=False)
+
+
+def rotary_embedding(x, cos_cache, sin_cache, position_ids=None, interleaved=0, rotary_embedding_dim=0,
+                     num_heads=None):
+    # x: [B, H, S, D], or [B, S, H*D] with num_heads. With position_ids [B, S] the caches are
+    # tables [max_pos, R/2] indexed by them; without, they are [B, S, R/2]. The first R dims
+    # of each head rotate (pairs (i, i + R/2), or (2i, 2i+1) when interleaved); the rest pass.
+    shape = x.shape
+    if x.ndim == 3:
+        x = x.reshape(shape[0], shape[1], num_heads, shape[2] // num_heads)
+    else:
+        x = np.transpose(x, (0, 2, 1, 3))                       # [B, S, H, D]
+    r = rotary_embedding_dim or x.shape[-1]
+    if position_ids is not None:
+        cos_cache, sin_cache = cos_cache[position_ids], sin_cache[position_ids]
+    cos, sin = cos_cache[:, :, None, :], sin_cache[:, :, None, :]   # [B, S, 1, R/2]
+    rot, rest = x[..., :r], x[..., r:]
+    x1, x2 = (rot[..., 0::2], rot[..., 1::2]) if interleaved else (rot[..., :r // 2], rot[..., r // 2:])
+    real, imag = cos * x1 - sin * x2, sin * x1 + cos * x2
+    if interleaved:
+        rot = np.stack([real, imag], axis=-1).reshape(rot.shape)
+    else:
+        rot = np.concatenate([real, imag], axis=-1)
+    y = np.concatenate([rot, rest], axis=-1)
+    return y.reshape(shape) if len(shape) == 3 else np.transpose(y, (0, 2, 1, 3))
 
 
 # ---------------------------------------------------------------- inference
@@ -92,10 +127,48 @@ def _infer_attention(ins, attrs, consts):
     return [TensorType(ins[0].dtype, (q[0], hq, q[2], v[3]))]
 
 
+def _infer_rotary(ins, attrs, consts):
+    x, cos, sin = ins[:3]
+    shape = _need_rank(x, "RotaryEmbedding")
+    if not x.dtype.is_float:
+        raise ShapeError(f"RotaryEmbedding of a {x.dtype.name} tensor")
+    _same_dtype([x, cos, sin], "RotaryEmbedding")
+    heads = attrs.get("num_heads")
+    if len(shape) == 3:
+        if not heads:
+            raise ShapeError("RotaryEmbedding: a 3-D input [batch, seq, hidden] needs num_heads")
+        if isinstance(shape[2], int) and shape[2] % heads:
+            raise ShapeError(f"RotaryEmbedding: hidden size {shape[2]} is not a multiple of num_heads={heads}")
+        head = shape[2] // heads if isinstance(shape[2], int) else None
+    elif len(shape) == 4:
+        head = shape[3]
+    else:
+        raise ShapeError(f"RotaryEmbedding: input must be [batch, heads, seq, head_dim] or [batch, seq, hidden], "
+                         f"got rank {len(shape)}")
+    r = attrs.get("rotary_embedding_dim") or head
+    if isinstance(r, int) and (r % 2 or (isinstance(head, int) and r > head)):
+        raise ShapeError(f"RotaryEmbedding: rotary_embedding_dim {r} must be even and at most head size {head}")
+    pos = ins[3] if len(ins) > 3 else None
+    want_rank = 2 if pos is not None else 3
+    for name, t in (("cos_cache", cos), ("sin_cache", sin)):
+        if t.shape is not None and len(t.shape) != want_rank:
+            raise ShapeError(f"RotaryEmbedding: {name} must have rank {want_rank} "
+                             f"{'with' if pos is not None else 'without'} position_ids, got {t}")
+        half = None if t.shape is None else t.shape[-1]
+        if isinstance(half, int) and isinstance(r, int) and half != r // 2:
+            raise ShapeError(f"RotaryEmbedding: {name} last dim {half} is not rotary_embedding_dim/2 = {r // 2}")
+    if pos is not None and pos.dtype is not DType.int64:
+        raise ShapeError(f"RotaryEmbedding: position_ids must be int64, got {pos.dtype.name}")
+    return [x]
+
+
 register(OpDef("LayerNormalization", _infer_norm, layer_normalization, (2, 3),
                attrs={"axis": -1, "epsilon": 1e-5, "stash_type": 1}))
 register(OpDef("RMSNormalization", _infer_norm, rms_normalization, (2, 2),
                attrs={"axis": -1, "epsilon": 1e-5, "stash_type": 1}))
 register(OpDef("Gelu", _infer_gelu, gelu, (1, 1), attrs={"approximate": "none"}))
 register(OpDef("Attention", _infer_attention, attention, (3, 4),
-               attrs={"is_causal": 0, "scale": None, "q_num_heads": None, "kv_num_heads": None}))
+               attrs={"is_causal": 0, "scale": None, "q_num_heads": None, "kv_num_heads": None,
+                      "softmax_precision": None}))
+register(OpDef("RotaryEmbedding", _infer_rotary, rotary_embedding, (3, 4),
+               attrs={"interleaved": 0, "rotary_embedding_dim": 0, "num_heads": None}))

@@ -124,6 +124,36 @@ def gather(x, indices, axis=0):
     return np.take(x, indices.astype(np.int64), axis=axis)
 
 
+def gather_elements(x, indices, axis=0):
+    idx = indices.astype(np.int64)
+    idx = np.where(idx < 0, idx + x.shape[axis], idx)     # ONNX allows negative indices
+    return np.take_along_axis(x, idx, axis=axis)
+
+
+def gather_nd(data, indices, batch_dims=0):
+    # ONNX GatherND: the last axis of `indices` indexes the leading axes of `data` (after batch_dims).
+    idx = indices.astype(np.int64)
+    b, k = int(batch_dims), idx.shape[-1]
+    n = int(np.prod(data.shape[:b], dtype=np.int64))
+    d = data.reshape((n,) + data.shape[b:])
+    i = idx.reshape((n, -1, k))
+    i = np.where(i < 0, i + np.array(data.shape[b:b + k], dtype=np.int64), i)
+    out = np.stack([d[j][tuple(i[j].T)] for j in range(n)]) if n else np.zeros((0,) + data.shape[b + k:], data.dtype)
+    return out.reshape(idx.shape[:-1] + data.shape[b + k:])
+
+
+def maximum(*xs):
+    out = xs[0]
+    for x in xs[1:]:
+        out = np.maximum(out, x)
+    return out
+
+
+def flatten(x, axis=1):
+    axis = axis + x.ndim if axis < 0 else axis
+    return x.reshape(int(np.prod(x.shape[:axis], dtype=np.int64)), int(np.prod(x.shape[axis:], dtype=np.int64)))
+
+
 def trilu(x, k=None, upper=1):
     k = 0 if k is None else int(k)
     return np.triu(x, k) if upper else np.tril(x, k)

@@ -439,6 +439,41 @@ def infer_cumsum(ins, attrs, consts):
     return [t]
 
 
+def infer_isnan(ins, attrs, consts):
+    if not ins[0].dtype.is_float:
+        raise ShapeError(f"IsNaN: expected a float tensor, got {ins[0].dtype.name}")
+    return [TensorType(DType.bool, ins[0].shape)]
+
+
+def infer_flatten(ins, attrs, consts):
+    shape = _need_rank(ins[0], "Flatten")
+    axis = attrs.get("axis", 1)
+    if not -len(shape) <= axis <= len(shape):
+        raise ShapeError(f"Flatten: axis {axis} out of range for rank {len(shape)}")
+    axis = axis + len(shape) if axis < 0 else axis
+    return [ins[0].with_shape((_sym_product(shape[:axis]), _sym_product(shape[axis:])))]
+
+
+def infer_gather_elements(ins, attrs, consts):
+    shape, idx = _need_rank(ins[0], "GatherElements"), _need_rank(ins[1], "GatherElements")
+    if not ins[1].dtype.is_int:
+        raise ShapeError(f"GatherElements: indices must be integers, got {ins[1].dtype.name}")
+    if len(shape) != len(idx):
+        raise ShapeError(f"GatherElements: data rank {len(shape)} != indices rank {len(idx)}")
+    _norm_axis(attrs.get("axis", 0), len(shape), "GatherElements")
+    return [ins[0].with_shape(idx)]
+
+
+def infer_gather_nd(ins, attrs, consts):
+    shape, idx = _need_rank(ins[0], "GatherND"), _need_rank(ins[1], "GatherND")
+    b, k = attrs.get("batch_dims", 0), idx[-1] if idx else None
+    if ins[1].dtype is not DType.int64:
+        raise ShapeError(f"GatherND: indices must be int64, got {ins[1].dtype.name}")
+    if not isinstance(k, int) or not 1 <= k <= len(shape) - b:
+        raise ShapeError(f"GatherND: the last indices dim ({k}) must be static and in 1..{len(shape) - b}")
+    return [ins[0].with_shape(tuple(idx[:-1]) + tuple(shape[b + k:]))]
+
+
 def infer_causal_mask(ins, attrs, consts):
     if len(_need_rank(ins[0], "CausalMask")) < 2:
         raise ShapeError("CausalMask: scores must have rank >= 2")
@@ -462,6 +497,18 @@ def _sym_gather(c, attrs, ins):
 def _sym_concat(c, attrs, ins):
     parts = [_ints(x) for x in c]
     return None if any(p is None for p in parts) else tuple(d for p in parts for d in p)
+
+
+def _sym_slice(c, attrs, ins):
+    """A positive-step slice of a 1-D shape tensor (dynamo exports slice Shape outputs)."""
+    data = _ints(c[0])
+    starts, ends = _static_ints(c[1]), _static_ints(c[2])
+    steps = _static_ints(c[4]) if len(c) > 4 and c[4] is not None else [1]
+    axes = _static_ints(c[3]) if len(c) > 3 and c[3] is not None else [0]
+    if data is None or starts is None or ends is None or steps is None or len(starts) != 1 \
+            or len(ends) != 1 or axes not in ([0], [-1]) or steps[0] < 1:
+        return None
+    return tuple(data[starts[0]:ends[0]:steps[0]])   # Python slicing clamps like ONNX for steps > 0
 
 
 def _sym_passthrough(c, attrs, ins):
@@ -514,6 +561,9 @@ _def("Or", infer_compare, _np.logical_or, (2, 2))
 _def("Equal", infer_compare, _np.equal, (2, 2))
 _def("Less", infer_compare, _np.less, (2, 2))
 _def("Greater", infer_compare, _np.greater, (2, 2))
+_def("LessOrEqual", infer_compare, _np.less_equal, (2, 2))
+_def("GreaterOrEqual", infer_compare, _np.greater_equal, (2, 2))
+_def("IsNaN", infer_isnan, _np.isnan)
 _def("Softmax", infer_softmax, kernels.softmax, attrs={"axis": -1})
 _def("ReduceMean", infer_reduce, kernels.reduce_mean, attrs={"axes": None, "keepdims": 1})
 _def("ReduceSum", infer_reduce, kernels.reduce_sum, attrs={"axes": None, "keepdims": 1})
@@ -525,8 +575,12 @@ _def("Unsqueeze", infer_unsqueeze, kernels.unsqueeze, attrs={"axes": REQUIRED}, 
 _def("Expand", infer_expand, kernels.expand, (2, 2))
 _def("Concat", infer_concat, kernels.concat, (1, 1 << 16), attrs={"axis": REQUIRED}, sym=_sym_concat)
 _def("Split", infer_split, kernels.split, attrs={"axis": 0, "split": None, "num_outputs": None}, num_outputs=None)
-_def("Slice", infer_slice, kernels.slice, (3, 5))
+_def("Slice", infer_slice, kernels.slice, (3, 5), sym=_sym_slice)
 _def("Gather", infer_gather, kernels.gather, (2, 2), attrs={"axis": 0}, sym=_sym_gather)
+_def("GatherElements", infer_gather_elements, kernels.gather_elements, (2, 2), attrs={"axis": 0})
+_def("GatherND", infer_gather_nd, kernels.gather_nd, (2, 2), attrs={"batch_dims": 0})
+_def("Max", infer_elementwise, kernels.maximum, (1, 1 << 16))
+_def("Flatten", infer_flatten, kernels.flatten, attrs={"axis": 1})
 _def("Where", infer_where, _np.where, (3, 3))
 _def("Cast", infer_cast, kernels.cast, attrs={"to": REQUIRED},
      sym=lambda c, a, i: _sym_passthrough(c, a, i) if DType.of(a["to"]) in (DType.int64, DType.int32) else None)

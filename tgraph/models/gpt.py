@@ -12,12 +12,13 @@ and `OpenAIGPTLMHeadModel` (keys `transformer.h.0...`). HF masks future position
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from ..checkpoints import HFAdapter, WeightRule, register_adapter, rule
-from ..dsl import Embedding, InputSpec, LearnedPositions, Linear, Module, ModuleList, padding_keep_mask
-from ..ir import DType
+from ..dsl import Embedding, LearnedPositions, Linear, Module, ModuleList, padding_keep_mask
+from ..dsl.cache import KVCache, layer_caches
 from . import gpt_common
+from .decoding import check_cache_options, decoder_input_specs
 from .registry import register_model
 
 
@@ -32,14 +33,17 @@ class GPTConfig:
     activation: str = "gelu_tanh"    # a tgraph.dsl activation name; HF afn "gelu"
     tie_word_embeddings: bool = True
     use_attention_mask: bool = True  # adds the `attention_mask` input (padding)
+    use_cache: bool = False          # KV-cache inputs/outputs (tgraph.dsl.cache): past_key_values.*, present.*
+    use_position_ids: Optional[bool] = None   # explicit position_ids input; None: = use_cache
 
     def __post_init__(self):
         gpt_common.validate(self, "gpt")
+        check_cache_options(self, "gpt")
 
 
 class Block(gpt_common.Block):
-    def forward(self, x, keep):                               # x: (B, T, C)
-        x = self.ln_1(x + self.attn(x, keep_mask=keep))
+    def forward(self, x, keep, cache=None):                   # x: (B, T, C)
+        x = self.ln_1(x + self.attn(x, keep_mask=keep, cache=cache))
         return self.ln_2(x + self.mlp(x))
 
 
@@ -55,18 +59,19 @@ class GPT(Module):
         self.lm_head = None if c.tie_word_embeddings else Linear(c.n_embd, c.vocab_size, bias=False)
 
     def input_specs(self):
-        ids = InputSpec(DType.int64, ("batch", "seq"))
-        specs = {"input_ids": ids}
-        if self.config.use_attention_mask:
-            specs["attention_mask"] = ids
-        return specs
+        c = self.config
+        return decoder_input_specs(c, c.n_layer, c.n_head, c.n_embd // c.n_head, mask=c.use_attention_mask)
 
-    def forward(self, input_ids, attention_mask=None):
-        keep = padding_keep_mask(attention_mask) if attention_mask is not None else None  # (B, 1, 1, T)
-        x = gpt_common.embed(self.tokens_embed, self.positions_embed, input_ids)         # (B, T, C)
-        for block in self.h:
-            x = block(x, keep)
-        return {"logits": gpt_common.lm_logits(x, self.tokens_embed, self.lm_head)}     # (B, T, V)
+    def forward(self, input_ids, attention_mask=None, position_ids=None, **past):
+        c = self.config
+        keep = padding_keep_mask(attention_mask) if attention_mask is not None else None  # (B, 1, 1, P + T)
+        cache = KVCache.from_inputs(past, c.n_layer) if c.use_cache else None
+        past_length = cache.past_length() if cache else None
+        x = gpt_common.embed(self.tokens_embed, self.positions_embed, input_ids, past_length, position_ids)  # (B, T, C)
+        for block, layer_cache in zip(self.h, layer_caches(cache, c.n_layer)):
+            x = block(x, keep, layer_cache)
+        logits = gpt_common.lm_logits(x, self.tokens_embed, self.lm_head)
+        return {"logits": logits, **(cache.outputs() if cache else {})}     # (B, T, V)
 
 
 @register_model("gpt", GPTConfig)

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 from ..checkpoints import HFAdapter, WeightRule, hf_get, refuse_if, register_adapter, rule
-from ..dsl import Embedding, InputSpec, LayerNorm, LearnedPositions, Linear, Module, ModuleList, padding_keep_mask
+from ..dsl import Embedding, LayerNorm, LearnedPositions, Linear, Module, ModuleList, padding_keep_mask
+from ..dsl.cache import KVCache, layer_caches
 from ..errors import ConfigError
-from ..ir import DType
 from . import gpt_common
+from .decoding import check_cache_options, decoder_input_specs
 from .registry import register_model
 
 
@@ -35,9 +36,12 @@ class GPT2Config:
     scale_attn_weights: bool = True              # scores / sqrt(head_dim)
     scale_attn_by_inverse_layer_idx: bool = False  # and / (layer index + 1) (Stanford CRFM's Mistral runs)
     use_attention_mask: bool = True  # adds the `attention_mask` input (padding)
+    use_cache: bool = False          # KV-cache inputs/outputs (tgraph.dsl.cache): past_key_values.*, present.*
+    use_position_ids: Optional[bool] = None   # explicit position_ids input; None: = use_cache
 
     def __post_init__(self):
         gpt_common.validate(self, "gpt2")
+        check_cache_options(self, "gpt2")
         if self.n_inner is not None and self.n_inner <= 0:
             raise ConfigError(f"gpt2: n_inner must be positive or None, got {self.n_inner}")
 
@@ -51,8 +55,8 @@ class GPT2Config:
 
 
 class Block(gpt_common.Block):
-    def forward(self, x, keep):                               # x: (B, T, C)
-        x = x + self.attn(self.ln_1(x), keep_mask=keep)
+    def forward(self, x, keep, cache=None):                   # x: (B, T, C)
+        x = x + self.attn(self.ln_1(x), keep_mask=keep, cache=cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -68,19 +72,20 @@ class GPT2(Module):
         self.lm_head = None if c.tie_word_embeddings else Linear(c.n_embd, c.vocab_size, bias=False)
 
     def input_specs(self):
-        ids = InputSpec(DType.int64, ("batch", "seq"))
-        specs = {"input_ids": ids}
-        if self.config.use_attention_mask:
-            specs["attention_mask"] = ids
-        return specs
+        c = self.config
+        return decoder_input_specs(c, c.n_layer, c.n_head, c.n_embd // c.n_head, mask=c.use_attention_mask)
 
-    def forward(self, input_ids, attention_mask=None):
-        keep = padding_keep_mask(attention_mask) if attention_mask is not None else None  # (B, 1, 1, T)
-        x = gpt_common.embed(self.wte, self.wpe, input_ids)  # (B, T, C)
-        for block in self.h:
-            x = block(x, keep)
+    def forward(self, input_ids, attention_mask=None, position_ids=None, **past):
+        c = self.config
+        keep = padding_keep_mask(attention_mask) if attention_mask is not None else None  # (B, 1, 1, P + T)
+        cache = KVCache.from_inputs(past, c.n_layer) if c.use_cache else None
+        past_length = cache.past_length() if cache else None
+        x = gpt_common.embed(self.wte, self.wpe, input_ids, past_length, position_ids)  # (B, T, C)
+        for block, layer_cache in zip(self.h, layer_caches(cache, c.n_layer)):
+            x = block(x, keep, layer_cache)
         x = self.ln_f(x)
-        return {"logits": gpt_common.lm_logits(x, self.wte, self.lm_head)}   # (B, T, V)
+        logits = gpt_common.lm_logits(x, self.wte, self.lm_head)
+        return {"logits": logits, **(cache.outputs() if cache else {})}   # (B, T, V)
 
 
 @register_model("gpt2", GPT2Config)

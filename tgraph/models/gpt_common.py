@@ -12,8 +12,8 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 import numpy as np
 
 from ..checkpoints import WeightRule, hf_get, rule, transposed
-from ..dsl import (ACTIVATIONS, Embedding, FeedForward, LayerNorm, LearnedPositions, Linear, Module,
-                   MultiHeadAttention, arange)
+from ..dsl import ACTIVATIONS, Embedding, FeedForward, LayerNorm, LearnedPositions, Linear, Module, MultiHeadAttention
+from ..dsl.cache import positions as cache_positions
 from ..errors import ConfigError
 
 
@@ -43,10 +43,11 @@ class Block(Module):
         self.mlp = FeedForward(n_embd, d_ff, act=activation)
 
 
-def embed(tokens: Embedding, positions: LearnedPositions, input_ids) -> Any:
-    """Token embedding plus learned positions 0..T-1 (right padding leaves real tokens' positions alone)."""
-    seq = input_ids.shape_of(1, 2).squeeze(0)                 # T, a 0-d runtime length
-    return tokens(input_ids) + positions(arange(0, seq))      # (B, T, C) + (T, C) -> (B, T, C)
+def embed(tokens: Embedding, positions: LearnedPositions, input_ids, past_length=None, position_ids=None) -> Any:
+    """Token embedding plus learned positions 0..T-1 (right padding leaves real tokens' positions
+    alone), past..past+T-1 after a KV cache's past, or explicit position ids ((B, T))."""
+    ids = cache_positions(input_ids, past_length, position_ids)   # (T,) or (B, T)
+    return tokens(input_ids) + positions(ids)                 # (B, T, C) + ((B,) T, C) -> (B, T, C)
 
 
 def lm_logits(x, tokens: Embedding, head: Optional[Linear]) -> Any:

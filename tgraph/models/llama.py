@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 from ..checkpoints import HFAdapter, WeightRule, hf_get, linear, register_adapter, rule, transposed
-from ..dsl import (ACTIVATIONS, Embedding, FeedForward, InputSpec, Linear, Module, ModuleList, MultiHeadAttention,
+from ..dsl import (ACTIVATIONS, Embedding, FeedForward, Linear, Module, ModuleList, MultiHeadAttention,
                    RMSNorm, padding_keep_mask)
+from ..dsl.cache import KVCache, layer_caches, positions
 from ..dsl.rotary import RotaryEmbedding
 from ..errors import ConfigError
-from ..ir import DType
 from .hf_options import activation_from_hf, rope_from_hf
+from .decoding import check_cache_options, decoder_input_specs
 from .registry import register_model
 
 
@@ -40,6 +41,8 @@ class LlamaConfig:
     attention_out_bias: bool = False       # bias on the output projection (HF llama attention_bias sets both)
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
+    use_cache: bool = False                # KV-cache inputs/outputs (tgraph.dsl.cache): past_key_values.*, present.*
+    use_position_ids: Optional[bool] = None   # explicit position_ids input; None: = use_cache
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff"):
@@ -61,6 +64,7 @@ class LlamaConfig:
             raise ConfigError(f"llama: rms_norm_eps must be positive, got {self.rms_norm_eps}")
         if not self.rope_theta > 0:
             raise ConfigError(f"llama: rope_theta must be positive, got {self.rope_theta}")
+        check_cache_options(self, "llama")
 
     @property
     def kv_heads(self) -> int:
@@ -80,8 +84,8 @@ class DecoderLayer(Module):
         self.post_attention_norm = RMSNorm(c.d_model, c.rms_norm_eps)
         self.mlp = FeedForward(c.d_model, c.d_ff, act=c.hidden_act, gated=True, bias=c.mlp_bias)
 
-    def forward(self, x, keep, rotary):                                  # x: (B, T, C)
-        x = x + self.self_attn(self.input_norm(x), keep_mask=keep, rotary=rotary)
+    def forward(self, x, keep, rotary, cache=None):                      # x: (B, T, C)
+        x = x + self.self_attn(self.input_norm(x), keep_mask=keep, rotary=rotary, cache=cache)
         return x + self.mlp(self.post_attention_norm(x))
 
 
@@ -97,21 +101,24 @@ class Llama(Module):
         self.rotary = RotaryEmbedding(c.head_size, theta=c.rope_theta)
 
     def input_specs(self):
-        ids = InputSpec(DType.int64, ("batch", "seq"))
-        return {"input_ids": ids, "attention_mask": ids}
+        c = self.config
+        return decoder_input_specs(c, c.num_layers, c.kv_heads, c.head_size)
 
-    def forward(self, input_ids, attention_mask=None):
-        keep = padding_keep_mask(attention_mask) if attention_mask is not None else None   # (B, 1, 1, T)
-        rotary = self.rotary.bind(input_ids)                              # cos/sin: (T, head_dim)
+    def forward(self, input_ids, attention_mask=None, position_ids=None, **past):
+        c = self.config
+        keep = padding_keep_mask(attention_mask) if attention_mask is not None else None   # (B, 1, 1, P + T)
+        cache = KVCache.from_inputs(past, c.num_layers) if c.use_cache else None
+        pos = positions(input_ids, cache.past_length(), position_ids) if cache else None   # (T,) or (B, T)
+        rotary = self.rotary.bind(input_ids, positions=pos)               # cos/sin: ((B, 1,) T, R)
         x = self.embed_tokens(input_ids)                                  # (B, T, C)
-        for layer in self.layers:
-            x = layer(x, keep, rotary)
+        for layer, layer_cache in zip(self.layers, layer_caches(cache, c.num_layers)):
+            x = layer(x, keep, rotary, layer_cache)
         x = self.norm(x)
-        if self.config.tie_word_embeddings:
+        if c.tie_word_embeddings:
             logits = x @ self.embed_tokens.weight.swap_last()             # (B, T, C) @ (C, V) -> (B, T, V)
         else:
             logits = self.lm_head(x)                                      # (B, T, V)
-        return {"logits": logits}
+        return {"logits": logits, **(cache.outputs() if cache else {})}
 
 
 @register_model("llama", LlamaConfig)

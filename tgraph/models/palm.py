@@ -19,12 +19,13 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 from ..checkpoints import HFAdapter, WeightRule, hf_get, linear, register_adapter, rule, transposed
-from ..dsl import (ACTIVATIONS, Embedding, FeedForward, InputSpec, LayerNorm, Linear, Module, ModuleList,
+from ..dsl import (ACTIVATIONS, Embedding, FeedForward, LayerNorm, Linear, Module, ModuleList,
                    MultiHeadAttention, padding_keep_mask)
+from ..dsl.cache import KVCache, layer_caches, positions
 from ..dsl.rotary import RotaryEmbedding
 from ..errors import ConfigError
-from ..ir import DType
 from .hf_options import activation_from_hf, rope_from_hf
+from .decoding import check_cache_options, decoder_input_specs
 from .registry import register_model
 
 
@@ -47,6 +48,8 @@ class PaLMConfig:
     rotary_pct: float = 1.0                # fraction of each head's dims that rotate (GPT-NeoX: 0.25)
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = True
+    use_cache: bool = False                # KV-cache inputs/outputs (tgraph.dsl.cache): past_key_values.*, present.*
+    use_position_ids: Optional[bool] = None   # explicit position_ids input; None: = use_cache
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "d_ff"):
@@ -71,6 +74,7 @@ class PaLMConfig:
             raise ConfigError(f"palm: layer_norm_eps must be positive, got {self.layer_norm_eps}")
         if not self.rope_theta > 0:
             raise ConfigError(f"palm: rope_theta must be positive, got {self.rope_theta}")
+        check_cache_options(self, "palm")
 
     @property
     def head_size(self) -> int:
@@ -94,12 +98,12 @@ class ParallelBlock(Module):
                                        bias=c.attention_bias, causal=True)
         self.mlp = FeedForward(c.d_model, c.d_ff, act=c.hidden_act, gated=c.gated_mlp, bias=c.mlp_bias)
 
-    def forward(self, x, keep, rotary):                                  # x: (B, T, C)
+    def forward(self, x, keep, rotary, cache=None):                      # x: (B, T, C)
         if self.shared_norm:
             h_attn = h_mlp = self.norm(x)
         else:
             h_attn, h_mlp = self.attn_norm(x), self.mlp_norm(x)
-        return x + self.attn(h_attn, keep_mask=keep, rotary=rotary) + self.mlp(h_mlp)
+        return x + self.attn(h_attn, keep_mask=keep, rotary=rotary, cache=cache) + self.mlp(h_mlp)
 
 
 class PaLM(Module):
@@ -114,21 +118,24 @@ class PaLM(Module):
         self.rotary = RotaryEmbedding(c.head_size, rotary_dim=c.rotary_dim, theta=c.rope_theta)
 
     def input_specs(self):
-        ids = InputSpec(DType.int64, ("batch", "seq"))
-        return {"input_ids": ids, "attention_mask": ids}
+        c = self.config
+        return decoder_input_specs(c, c.num_layers, c.num_kv_heads, c.head_size)
 
-    def forward(self, input_ids, attention_mask=None):
-        keep = padding_keep_mask(attention_mask) if attention_mask is not None else None   # (B, 1, 1, T)
-        rotary = self.rotary.bind(input_ids)                              # cos/sin: (T, rotary_dim)
+    def forward(self, input_ids, attention_mask=None, position_ids=None, **past):
+        c = self.config
+        keep = padding_keep_mask(attention_mask) if attention_mask is not None else None   # (B, 1, 1, P + T)
+        cache = KVCache.from_inputs(past, c.num_layers) if c.use_cache else None
+        pos = positions(input_ids, cache.past_length(), position_ids) if cache else None   # (T,) or (B, T)
+        rotary = self.rotary.bind(input_ids, positions=pos)               # cos/sin: ((B, 1,) T, R)
         x = self.embed(input_ids)                                         # (B, T, C)
-        for layer in self.layers:
-            x = layer(x, keep, rotary)
+        for layer, layer_cache in zip(self.layers, layer_caches(cache, c.num_layers)):
+            x = layer(x, keep, rotary, layer_cache)
         x = self.final_norm(x)
-        if self.config.tie_word_embeddings:
+        if c.tie_word_embeddings:
             logits = x @ self.embed.weight.swap_last()                    # (B, T, C) @ (C, V) -> (B, T, V)
         else:
             logits = self.lm_head(x)                                      # (B, T, V)
-        return {"logits": logits}
+        return {"logits": logits, **(cache.outputs() if cache else {})}
 
 
 @register_model("palm", PaLMConfig)

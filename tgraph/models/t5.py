@@ -32,10 +32,12 @@ import numpy as np
 from ..checkpoints import HFAdapter, WeightRule, linear, register_adapter, rule, transposed
 from ..dsl import (Embedding, FeedForward, InputSpec, Linear, Module, ModuleList, MultiHeadAttention, Parameter,
                    RMSNorm, Tensor, arange, padding_keep_mask, where)
+from ..dsl.cache import KVCache, layer_caches
 from ..dsl.tracer import current
 from ..errors import CheckpointError, ConfigError
 from ..ir import DType
 from .hf_options import HF_ACTIVATIONS
+from .decoding import check_cache_options, decoder_input_specs, encoder_states_specs
 from .registry import register_model
 
 # HF feed_forward_proj "[gated-]ACT" -> (gated, our activation). HF reads "gated-gelu" as gelu_new
@@ -66,6 +68,8 @@ class T5Config:
     scale_decoder_outputs: Optional[bool] = None   # y * d_model^-0.5 before the head; None: = tie_word_embeddings
     lm_head: bool = True                       # False: T5Model, outputs the decoder's last_hidden_state
     use_decoder_attention_mask: bool = False   # adds `decoder_attention_mask` (only needed for left-padded targets)
+    part: str = "full"                         # "encoder" | "decoder": export one half (generation runs the encoder once)
+    use_cache: bool = False                    # part="decoder" only: KV-cache inputs/outputs of the self-attention
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_layers",
@@ -86,6 +90,7 @@ class T5Config:
                               f"(supported: {', '.join(FEED_FORWARD)})")
         if not self.layer_norm_epsilon > 0:
             raise ConfigError(f"t5: layer_norm_epsilon must be positive, got {self.layer_norm_epsilon}")
+        check_cache_options(self, "t5", encoder_decoder=True)
 
     @property
     def decoder_layers(self) -> int:
@@ -143,9 +148,11 @@ class RelativePositionBias(Module):
         r = np.arange(-max_distance, max_distance + 1)
         self.table = relative_position_bucket(r, bidirectional, num_buckets, max_distance)  # (2M+1,) int64
 
-    def forward(self, q_len, k_len):                                     # 0-d int64 runtime lengths
+    def forward(self, q_len, k_len, q_offset=None):                      # 0-d int64 runtime lengths
+        """Queries sit at q_offset .. q_offset + Tq - 1 (a KV cache's past length; default 0)."""
         m = self.max_distance
-        rel = arange(0, k_len).unsqueeze(0) - arange(0, q_len).unsqueeze(1)  # (1, Tk) - (Tq, 1) -> (Tq, Tk): j - i
+        rows = arange(0, q_len) if q_offset is None else arange(q_offset, q_offset + q_len)   # (Tq,)
+        rel = arange(0, k_len).unsqueeze(0) - rows.unsqueeze(1)            # (1, Tk) - (Tq, 1) -> (Tq, Tk): j - i
         rel = where(rel < -m, -m, where(rel > m, m, rel))                   # (Tq, Tk), clipped to [-M, M]
         table = Tensor(current().builder.const(self.table, hint="relative_buckets"))      # (2M+1,) int64
         buckets = table.gather(rel + m)                                     # (2M+1,)[(Tq, Tk)] -> (Tq, Tk)
@@ -173,8 +180,8 @@ class T5Block(Module):
         self.ffn_norm = RMSNorm(c.d_model, c.layer_norm_epsilon)
         self.ffn = FeedForward(c.d_model, c.d_ff, act=act, gated=gated, bias=False, std=std)
 
-    def forward(self, x, keep, bias, memory=None, memory_keep=None):       # x: (B, T, C), bias: (1, H, T, T)
-        x = x + self.self_attn(self.self_attn_norm(x), keep_mask=keep, bias=bias)
+    def forward(self, x, keep, bias, memory=None, memory_keep=None, cache=None):   # x: (B, T, C), bias: (1, H, T, P+T)
+        x = x + self.self_attn(self.self_attn_norm(x), keep_mask=keep, bias=bias, cache=cache)
         if self.decoder:                                                   # memory: (B, S, C)
             x = x + self.cross_attn(self.cross_attn_norm(x), kv=memory, keep_mask=memory_keep)
         return x + self.ffn(self.ffn_norm(x))
@@ -192,11 +199,15 @@ class T5Stack(Module):
         self.blocks = ModuleList([T5Block(c, decoder) for _ in range(layers)])
         self.final_norm = RMSNorm(c.d_model, c.layer_norm_epsilon)
 
-    def forward(self, x, keep, memory=None, memory_keep=None):          # x: (B, T, C)
+    def forward(self, x, keep, memory=None, memory_keep=None, cache=None):   # x: (B, T, C)
         length = x.shape_of(1, 2).squeeze(0)                              # [T] -> T (0-d)
-        bias = self.relative_bias(length, length)                         # (1, H, T, T)
-        for block in self.blocks:
-            x = block(x, keep, bias, memory, memory_keep)
+        if cache is None:
+            bias = self.relative_bias(length, length)                     # (1, H, T, T)
+        else:                                                             # new queries follow the past
+            past = cache.past_length()
+            bias = self.relative_bias(length, past + length, q_offset=past)   # (1, H, T, P + T)
+        for block, layer_cache in zip(self.blocks, layer_caches(cache, len(self.blocks))):
+            x = block(x, keep, bias, memory, memory_keep, layer_cache)
         return self.final_norm(x)
 
 
@@ -211,28 +222,46 @@ class T5(Module):
             self.lm_head = Linear(c.d_model, c.vocab_size, bias=False, std=1.0)
 
     def input_specs(self):
+        c = self.config
         src = InputSpec(DType.int64, ("batch", "seq"))
+        if c.part == "encoder":
+            return {"input_ids": src, "attention_mask": src}
+        if c.part == "decoder":           # cross-attention K/V are recomputed from the states each step
+            return {**decoder_input_specs(c, c.decoder_layers, c.num_heads, c.d_kv,
+                                          mask=c.use_decoder_attention_mask, positions=False),
+                    **encoder_states_specs(c.d_model)}
         tgt = InputSpec(DType.int64, ("batch", "decoder_seq"))
         specs = {"input_ids": src, "attention_mask": src, "decoder_input_ids": tgt}
-        if self.config.use_decoder_attention_mask:
+        if c.use_decoder_attention_mask:
             specs["decoder_attention_mask"] = tgt
         return specs
 
-    def forward(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
+                encoder_hidden_states=None, encoder_attention_mask=None, **past):
         c = self.config
+        if c.part == "decoder":           # input_ids are the decoder's; attention_mask its own padding
+            cache = KVCache.from_inputs(past, c.decoder_layers) if c.use_cache else None
+            out = self.decode(input_ids, attention_mask, encoder_hidden_states,
+                              padding_keep_mask(encoder_attention_mask), cache)
+            return {**out, **(cache.outputs() if cache else {})}
         keep = padding_keep_mask(attention_mask)                          # (B, 1, 1, S)
         memory = self.encoder(self.shared(input_ids), keep)               # (B, S, C)
-        target_keep = padding_keep_mask(decoder_attention_mask) if decoder_attention_mask is not None else None
-        y = self.decoder(self.shared(decoder_input_ids), target_keep, memory, keep)   # (B, T, C)
+        if c.part == "encoder":
+            return {"last_hidden_state": memory}
+        return {**self.decode(decoder_input_ids, decoder_attention_mask, memory, keep),
+                "encoder_last_hidden_state": memory}
+
+    def decode(self, ids, mask, memory, memory_keep, cache=None):
+        c = self.config
+        target_keep = padding_keep_mask(mask) if mask is not None else None    # (B, 1, 1, P + T)
+        y = self.decoder(self.shared(ids), target_keep, memory, memory_keep, cache)   # (B, T, C)
         if not c.lm_head:
-            return {"last_hidden_state": y, "encoder_last_hidden_state": memory}
+            return {"last_hidden_state": y}
         if c.scales_decoder_output:
             y = y * (c.d_model ** -0.5)
         if c.tie_word_embeddings:
-            logits = y @ self.shared.weight.swap_last()                   # (B, T, C) @ (C, V) -> (B, T, V)
-        else:
-            logits = self.lm_head(y)                                      # (B, T, V)
-        return {"logits": logits, "encoder_last_hidden_state": memory}
+            return {"logits": y @ self.shared.weight.swap_last()}        # (B, T, C) @ (C, V) -> (B, T, V)
+        return {"logits": self.lm_head(y)}                                # (B, T, V)
 
 
 @register_model("t5", T5Config)

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 from ..dsl import (Embedding, FeedForward, InputSpec, LayerNorm, Module, ModuleList, MultiHeadAttention,
                    SinusoidalPositions, padding_keep_mask)
+from ..dsl.cache import KVCache, layer_caches, positions
 from ..errors import ConfigError
 from ..ir import DType
+from .decoding import check_cache_options, decoder_input_specs, encoder_states_specs
 from .registry import register_model
 
 
@@ -27,6 +30,9 @@ class TransformerConfig:
     max_len: int = 1024
     layer_norm_eps: float = 1e-5
     use_attention_mask: bool = True  # adds the `attention_mask` input (source padding)
+    part: str = "full"               # "encoder" | "decoder": export one half (generation runs the encoder once)
+    use_cache: bool = False          # part="decoder" only: KV-cache inputs/outputs of the decoder's self-attention
+    use_position_ids: Optional[bool] = None   # explicit position_ids input; None: = use_cache
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_heads", "d_ff", "max_len"):
@@ -38,6 +44,7 @@ class TransformerConfig:
             raise ConfigError(f"transformer: d_model ({self.d_model}) must be even for sinusoidal positions")
         if self.num_encoder_layers < 0 or self.num_decoder_layers < 1:
             raise ConfigError("transformer: needs num_encoder_layers >= 0 and num_decoder_layers >= 1")
+        check_cache_options(self, "transformer", encoder_decoder=True)
 
 
 class EncoderLayer(Module):
@@ -63,8 +70,8 @@ class DecoderLayer(Module):
         self.ffn = FeedForward(c.d_model, c.d_ff, act="relu")
         self.ffn_norm = LayerNorm(c.d_model, c.layer_norm_eps)
 
-    def forward(self, y, memory, keep):                            # y: (B, T, C), memory: (B, S, C)
-        y = self.self_attn_norm(y + self.self_attn(y))
+    def forward(self, y, memory, keep, cache=None):                # y: (B, T, C), memory: (B, S, C)
+        y = self.self_attn_norm(y + self.self_attn(y, cache=cache))
         y = self.cross_attn_norm(y + self.cross_attn(y, kv=memory, keep_mask=keep))
         return self.ffn_norm(y + self.ffn(y))
 
@@ -79,25 +86,47 @@ class Transformer(Module):
         self.decoder = ModuleList([DecoderLayer(c) for _ in range(c.num_decoder_layers)])
 
     def input_specs(self):
+        c = self.config
         ids = InputSpec(DType.int64, ("batch", "seq"))
-        specs = {"input_ids": ids, "decoder_input_ids": InputSpec(DType.int64, ("batch", "decoder_seq"))}
-        if self.config.use_attention_mask:
+        if c.part == "decoder":           # cross-attention K/V are recomputed from the states each step
+            return {**decoder_input_specs(c, c.num_decoder_layers, c.num_heads, c.d_model // c.num_heads, mask=False),
+                    **encoder_states_specs(c.d_model, mask=c.use_attention_mask)}
+        specs = {"input_ids": ids}
+        if c.part == "full":
+            specs["decoder_input_ids"] = InputSpec(DType.int64, ("batch", "decoder_seq"))
+        if c.use_attention_mask:
             specs["attention_mask"] = ids
         return specs
 
-    def embed_tokens(self, ids):
-        return self.positions(self.embed(ids) * math.sqrt(self.config.d_model))   # (B, T, C)
+    def embed_tokens(self, ids, position_ids=None):
+        return self.positions(self.embed(ids) * math.sqrt(self.config.d_model), position_ids=position_ids)  # (B, T, C)
 
-    def forward(self, input_ids, decoder_input_ids, attention_mask=None):
-        keep = padding_keep_mask(attention_mask) if attention_mask is not None else None  # (B, 1, 1, S)
+    def encode(self, input_ids, keep):
         memory = self.embed_tokens(input_ids)
         for layer in self.encoder:
             memory = layer(memory, keep)
-        y = self.embed_tokens(decoder_input_ids)
-        for layer in self.decoder:
-            y = layer(y, memory, keep)
-        logits = y @ self.embed.weight.swap_last()                  # (B, T, C) @ (C, V) -> (B, T, V)
-        return {"logits": logits}
+        return memory                                                # (B, S, C)
+
+    def decode(self, ids, memory, keep, cache=None, position_ids=None):
+        pos = positions(ids, cache.past_length(), position_ids) if cache else None   # (T,) or (B, T)
+        y = self.embed_tokens(ids, pos)
+        for layer, layer_cache in zip(self.decoder, layer_caches(cache, len(self.decoder))):
+            y = layer(y, memory, keep, layer_cache)
+        return y @ self.embed.weight.swap_last()                     # (B, T, C) @ (C, V) -> (B, T, V)
+
+    def forward(self, input_ids, decoder_input_ids=None, attention_mask=None, encoder_hidden_states=None,
+                encoder_attention_mask=None, position_ids=None, **past):
+        c = self.config
+        if c.part == "decoder":
+            keep = padding_keep_mask(encoder_attention_mask) if encoder_attention_mask is not None else None
+            cache = KVCache.from_inputs(past, c.num_decoder_layers) if c.use_cache else None
+            logits = self.decode(input_ids, encoder_hidden_states, keep, cache, position_ids)
+            return {"logits": logits, **(cache.outputs() if cache else {})}
+        keep = padding_keep_mask(attention_mask) if attention_mask is not None else None  # (B, 1, 1, S)
+        memory = self.encode(input_ids, keep)
+        if c.part == "encoder":
+            return {"last_hidden_state": memory}
+        return {"logits": self.decode(decoder_input_ids, memory, keep)}
 
 
 @register_model("transformer", TransformerConfig)

@@ -120,3 +120,24 @@ def cuda_load_error(ort_module) -> Optional[str]:
     if not os.path.exists(path):
         return None
     return _probe(path)
+
+
+def missing_kernel_hint(message: str, bfloat16: bool = False) -> str:
+    """A hint for onnxruntime's "Could not find an implementation for Op(v)" error, or "".
+
+    onnxruntime's CPU provider has float16 kernels for everything tgraph emits but
+    almost no bfloat16 ones (MatMul, Add, Mul, Sqrt, Softmax, ReduceMean ... are
+    missing in 1.31), so a bfloat16 model (`bfloat16`: the model holds bfloat16
+    tensors) is for CUDA; say so instead of a bare error.
+    """
+    import re
+
+    m = re.search(r"Could not find an implementation for (\w+)\((\d+)\) node with name '([^']*)'", message)
+    if not m:
+        return ""
+    op, version, node = m.groups()
+    where = f" (node '{node}')" if node else ""
+    if bfloat16:
+        return (f"onnxruntime's {CPU} has no bfloat16 kernel for {op}-{version}{where}; run bfloat16 models "
+                f"with --provider cuda, or export with --dtype float16")
+    return f"this onnxruntime build has no kernel for {op}-{version}{where} with these input types"

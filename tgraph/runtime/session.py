@@ -195,10 +195,12 @@ class Session:
         except Exception as exc:  # onnxruntime's own exception types carry no common base
             names = [p[0] if isinstance(p, tuple) else p for p in requested]
             prefix = "CUDA requested but not active: " if providers == "cuda" else ""
+            hint = _prov.missing_kernel_hint(str(exc), _holds_bfloat16(model))
             raise RuntimeBackendError(f"{prefix}onnxruntime could not create a session for {self._label} "
-                                      f"with {names}: {_one_line(exc)}") from exc
+                                      f"with {names}: {hint or _one_line(exc)}") from exc
         self._vocab_sizes = None if self._model_path else vocab_sizes(_load_proto(model))
         self.providers: list = list(self._sess.get_providers())
+        self._provider_context = (providers, available, cuda_error)   # for describe()
         self.device: str = _prov.check_active(providers, self.providers, cuda_error=cuda_error)
         self.inputs: list = [_spec_from_node_arg(a) for a in self._sess.get_inputs()]
         self.outputs: list = [_spec_from_node_arg(a) for a in self._sess.get_outputs()]
@@ -216,6 +218,15 @@ class Session:
     def ort_session(self):
         """The underlying ``onnxruntime.InferenceSession``."""
         return self._sess
+
+    def describe(self) -> str:
+        """The provider really in use, e.g. ``"CUDAExecutionProvider (device 0)"`` or
+        ``"CPUExecutionProvider: CUDA not available: <reason>"``."""
+        from .device_cache import describe_providers
+
+        request, available, cuda_error = self._provider_context
+        return describe_providers(self.providers, self.device_id, request=request, available=available,
+                                  cuda_error=cuda_error)
 
     def __repr__(self) -> str:
         return (f"Session({self._label}, device={self.device!r}, providers={self.providers}, "
@@ -289,6 +300,17 @@ class Session:
 
     def _device_index(self, device: str) -> int:
         return self.device_id if device == "cuda" else 0
+
+
+def _holds_bfloat16(model: ModelSource) -> bool:
+    """Whether a model has bfloat16 inputs or weights (read without external data)."""
+    try:
+        proto = _load_proto(model)
+    except Exception:  # an unreadable model: onnxruntime's own error says enough
+        return False
+    bf16 = onnx.TensorProto.BFLOAT16
+    return proto is not None and (any(t.data_type == bf16 for t in proto.graph.initializer) or
+                                  any(v.type.tensor_type.elem_type == bf16 for v in proto.graph.input))
 
 
 def to_numpy(values: Mapping[str, object]) -> Dict[str, np.ndarray]:

@@ -1,0 +1,209 @@
+"""onnxruntime-specific fusions (-O3): rewrites whose result only onnxruntime runs well.
+
+-O2 produces standard ONNX ops that every runtime understands; the passes here trade
+that portability for speed on onnxruntime, so each one joins -O3 only where
+`bench/compare_anchor.py` measured it faster on onnxruntime CPU (the numbers are in
+each pass's docstring). Passes that did not help on CPU stay registered by name, for
+pipelines that target other providers, but not in a level.
+
+* `fuse-skip-layer-norm`: ``LayerNormalization(a + b)`` -> ``com.microsoft.SkipLayerNormalization``
+  (and the RMSNorm twin, ``SkipSimplifiedLayerNormalization``). onnxruntime's own
+  SkipLayerNormFusion leaves the residual Add alone when its sum is also read by the next
+  residual connection, i.e. in every pre-LN block; the contrib op returns that sum as a
+  second output, so the fusion applies there too. A constant bias added to one side
+  (the projection's bias) moves into the op's `bias` input.
+* `fuse-packed-qkv`: sibling MatMuls that read one activation through constant weights
+  (Q, K and V projections) -> one MatMul on the concatenated weights, then Split: one
+  bigger GEMM instead of three small ones (standard ops only).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from tgraph.ir import Builder, Graph, Node, Value
+from tgraph.ir.contrib import DOMAIN
+
+from .base import Pass, register_pass
+from .rewrite import is_output, replace_value
+
+
+def _const_vector(v: Optional[Value], size, dtype) -> bool:
+    return (v is not None and v.const is not None and v.const.ndim == 1 and v.type.dtype == dtype
+            and v.const.shape[0] == size)
+
+
+def _only_user(v: Value, node: Node, graph: Graph) -> bool:
+    return not is_output(graph, v) and len(v.uses) == 1 and v.uses[0][0] is node
+
+
+# ------------------------------------------------------------------------------ skip norms
+@dataclass
+class SkipNormMatch:
+    norm: Node                   # LayerNormalization / RMSNormalization
+    add: Node                    # the residual Add
+    x: Value
+    skip: Value
+    bias: Optional[Value]        # a constant vector folded from an Add on one side
+    folded: Optional[Node]       # that Add
+
+
+def match_skip_norm(graph: Graph, norm: Node) -> Tuple[Optional[SkipNormMatch], str]:
+    """`norm(Add(a, b))` over the last axis with a and b of one shape; a reason if not."""
+    if norm.domain != "" or norm.op not in ("LayerNormalization", "RMSNormalization"):
+        return None, ""
+    x = norm.inputs[0]
+    add = x.producer
+    if add is None or add.op != "Add" or add.domain != "":
+        return None, "input is not an Add"
+    rank = x.type.rank
+    if rank not in (2, 3):
+        return None, f"input rank {rank} (onnxruntime's kernel takes 2-D or 3-D)"
+    if norm.attrs.get("axis", -1) % rank != rank - 1:
+        return None, "not normalised over the last axis"
+    if norm.attrs.get("stash_type", 1) != 1:
+        return None, "stash_type is not fp32"
+    a, b = add.inputs
+    if a.type != x.type or b.type != x.type:
+        return None, f"Add broadcasts ({a.type} + {b.type})"
+    hidden, dtype = x.shape[-1], x.type.dtype
+    for i, v in enumerate(norm.inputs[1:], start=1):
+        if v is not None and not _const_vector(v, hidden, dtype):
+            return None, f"norm input {i} ({v.name}) is not a constant vector over the last axis"
+    m = SkipNormMatch(norm, add, a, b, None, None)
+    # fold `MatMul(..) + bias` on either side into the op's bias input
+    for side, other in ((a, b), (b, a)):
+        inner = side.producer
+        if inner is None or inner.op != "Add" or inner.domain != "" or not _only_user(side, add, graph):
+            continue
+        for val, vec in (inner.inputs, tuple(reversed(inner.inputs))):
+            if _const_vector(vec, hidden, dtype) and val.type == x.type:
+                m.x, m.skip, m.bias, m.folded = val, other, vec, inner
+                return m, ""
+    return m, ""
+
+
+def rewrite_skip_norm(graph: Graph, m: SkipNormMatch) -> None:
+    norm = m.norm
+    layer = norm.op == "LayerNormalization"
+    b = Builder(graph)
+    b.insert_before = m.folded or m.add      # before the first node it replaces: every user comes later
+    scope = norm.meta.get("scope", "")
+    b.scope = scope.split(".") if scope else []
+    if layer:
+        beta = norm.inputs[2] if len(norm.inputs) > 2 else None
+        ins = [m.x, m.skip, norm.inputs[1], beta] + ([m.bias] if m.bias is not None else [])
+        op = "SkipLayerNormalization"
+    else:
+        ins = [m.x, m.skip, norm.inputs[1]] + ([m.bias] if m.bias is not None else [])
+        op = "SkipSimplifiedLayerNormalization"
+    while ins[-1] is None:
+        ins.pop()
+    eps = float(norm.attrs.get("epsilon", 1e-5))       # always explicit: the contrib default is 1e-12
+    y, total = b.op(op, *ins, domain=DOMAIN, epsilon=eps)
+    replace_value(graph, norm.outputs[0], y)
+    add_out = m.add.outputs[0]
+    if add_out.uses or is_output(graph, add_out):
+        replace_value(graph, add_out, total)
+    graph.remove_nodes([norm, m.add] + ([m.folded] if m.folded is not None else []))
+
+
+@register_pass(level=3)
+class FuseSkipLayerNorm(Pass):
+    """Residual Add + LayerNorm/RMSNorm -> com.microsoft.Skip(Simplified)LayerNormalization.
+
+    Before:  %h = Add(%x, Add(MatMul(%a, %w), %bias)); %y = LayerNormalization(%h, %g, %b){epsilon=1e-5}
+    After:   %y, %h = com.microsoft.SkipLayerNormalization(%x, MatMul(%a, %w), %g, %b, %bias){epsilon=1e-5}
+    """
+
+    name = "fuse-skip-layer-norm"
+
+    def run(self, graph: Graph) -> Dict[str, int]:
+        self.near_misses: List[str] = []
+        counts = {"skip-layer-norm": 0, "skip-rms-norm": 0, "folded-bias": 0}
+        for node in list(graph.nodes):
+            if node.graph is not graph:
+                continue
+            m, reason = match_skip_norm(graph, node)
+            if m is None:
+                if reason:
+                    self.near_misses.append(f"{node.name}: {reason}")
+                continue
+            rewrite_skip_norm(graph, m)
+            counts["skip-layer-norm" if node.op == "LayerNormalization" else "skip-rms-norm"] += 1
+            counts["folded-bias"] += m.bias is not None
+        return counts
+
+
+# ------------------------------------------------------------------------------ packed QKV
+def _projection(graph: Graph, mm: Node) -> Optional[Tuple[Value, Optional[Node], Optional[Value]]]:
+    """(weight, bias Add, bias) of `MatMul(x, W)` [+ b] with W a 2-D constant read only here."""
+    if mm.op != "MatMul" or mm.domain != "":
+        return None
+    w = mm.inputs[1]
+    if w.const is None or w.const.ndim != 2 or len(w.uses) != 1 or mm.inputs[0].type.rank is None:
+        return None
+    out = mm.outputs[0]
+    if len(out.uses) == 1 and not is_output(graph, out):
+        add = out.uses[0][0]
+        if add.op == "Add" and add.domain == "":
+            other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
+            if _const_vector(other, w.const.shape[1], out.type.dtype) and add.outputs[0].type == out.type:
+                return w, add, other
+    return w, None, None
+
+
+def _groups(graph: Graph) -> List[List[Node]]:
+    by_input: Dict[int, List[Node]] = {}
+    for node in graph.nodes:
+        if _projection(graph, node) is not None:
+            by_input.setdefault(id(node.inputs[0]), []).append(node)
+    return [g for g in by_input.values() if len(g) > 1]
+
+
+@register_pass
+class FusePackedQKV(Pass):
+    """Sibling projections of one activation -> one MatMul on concatenated weights + Split.
+
+    Before:  %q = Add(MatMul(%x, %wq), %bq); %k = Add(MatMul(%x, %wk), %bk); %v = MatMul(%x, %wv) ...
+    After:   %q, %k, %v = Split(Add(MatMul(%x, Concat(%wq, %wk, %wv)), Concat(%bq, %bk, %bv))){axis=-1}
+
+    Biases are packed only when every sibling has one. Not in -O3: on onnxruntime CPU it
+    measured no faster (see the module docstring of bench/compare_anchor.py's report).
+    """
+
+    name = "fuse-packed-qkv"
+    max_group: int = 3
+
+    def run(self, graph: Graph) -> Dict[str, int]:
+        packed = 0
+        for group in _groups(graph):
+            group = group[: self.max_group] if self.max_group > 0 else group
+            projs = [_projection(graph, mm) for mm in group]
+            weights = [p[0].const for p in projs]
+            if len({w.shape[0] for w in weights}) != 1 or len({w.dtype for w in weights}) != 1:
+                continue
+            x = group[0].inputs[0]
+            b = Builder(graph)
+            b.insert_before = group[0]
+            scope = group[0].meta.get("scope", "")
+            b.scope = scope.rsplit(".", 1)[0].split(".") if scope else []
+            w = b.const(np.concatenate(weights, axis=1), hint="packed_weight")
+            y = b.op("MatMul", x, w)
+            with_bias = all(p[1] is not None for p in projs)
+            if with_bias:
+                y = b.op("Add", y, b.const(np.concatenate([p[2].const for p in projs]), hint="packed_bias"))
+            sizes = [int(w_.shape[1]) for w_ in weights]
+            parts = b.op("Split", y, axis=y.type.rank - 1, split=sizes)
+            for mm, (_, add, _), part in zip(group, projs, parts):
+                old = add.outputs[0] if with_bias else mm.outputs[0]
+                replace_value(graph, old, part)
+                graph.remove_nodes([add, mm] if with_bias else [mm])
+            packed += 1
+        graph.remove_unused_constants()
+        return {"packed": packed}
+
+
+ORT_FUSIONS: Sequence[str] = ("fuse-skip-layer-norm", "fuse-packed-qkv")

@@ -1,0 +1,62 @@
+"""Config options shared by every decoder that can export a KV cache (see `tgraph.dsl.cache`).
+
+Each such config has `use_cache: bool = False` and `use_position_ids: Optional[bool] = None`;
+encoder-decoders also have `part` ("full" | "encoder" | "decoder"). These helpers check
+them and build the decoder's input specs, so every family names its inputs alike:
+
+    input_ids         [batch, seq]
+    attention_mask    [batch, seq], or [batch, past_seq + seq] with a cache (past + new tokens)
+    position_ids      [batch, seq]  with a cache, unless use_position_ids=False (then positions
+                                    are past_seq .. past_seq + seq - 1, read from the past's shape)
+    past_key_values.{i}.key / .value  [batch, kv_heads, past_seq, head_dim]
+"""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+from ..dsl import InputSpec
+from ..dsl.cache import cache_input_specs, position_ids_spec, total_mask_spec
+from ..errors import ConfigError
+from ..ir import DType
+
+PARTS = ("full", "encoder", "decoder")
+
+
+def check_cache_options(config: Any, family: str, encoder_decoder: bool = False) -> None:
+    if getattr(config, "use_position_ids", None) and not config.use_cache:
+        raise ConfigError(f"{family}: use_position_ids=True needs use_cache=True")
+    if encoder_decoder:
+        if config.part not in PARTS:
+            raise ConfigError(f"{family}: part must be one of {', '.join(PARTS)}, got {config.part!r}")
+        if config.use_cache and config.part != "decoder":
+            raise ConfigError(f"{family}: use_cache=True needs part='decoder' (export the encoder once with "
+                              "part='encoder'; the cached decoder reads its encoder_hidden_states)")
+
+
+def wants_position_ids(config: Any) -> bool:
+    """`use_position_ids=None` (the default) follows use_cache."""
+    explicit = getattr(config, "use_position_ids", None)
+    return bool(config.use_cache if explicit is None else explicit)
+
+
+def decoder_input_specs(config: Any, num_layers: int, kv_heads: int, head_dim: int, mask: bool = True,
+                        positions: bool = True) -> Dict[str, InputSpec]:
+    """input_ids (+ attention_mask); with a cache also position_ids (if `positions` and wanted)
+    and the past inputs, the mask then covering past + new tokens."""
+    ids = InputSpec(DType.int64, ("batch", "seq"))
+    specs = {"input_ids": ids}
+    if mask:
+        specs["attention_mask"] = total_mask_spec() if config.use_cache else ids
+    if config.use_cache:
+        if positions and wants_position_ids(config):
+            specs["position_ids"] = position_ids_spec()
+        specs.update(cache_input_specs(num_layers, kv_heads, head_dim))
+    return specs
+
+
+def encoder_states_specs(d_model: int, mask: bool = True) -> Dict[str, InputSpec]:
+    """What a split decoder (part='decoder') reads from the encoder's run."""
+    specs = {"encoder_hidden_states": InputSpec(DType.float32, ("batch", "encoder_seq", d_model))}
+    if mask:
+        specs["encoder_attention_mask"] = InputSpec(DType.int64, ("batch", "encoder_seq"))
+    return specs

@@ -1,0 +1,249 @@
+"""`import_onnx`: an ONNX model (from any exporter) as a tgraph `Graph`.
+
+Why: the fusion passes must work on graphs tgraph did not write itself (PyTorch's
+exporters, Hugging Face models), and `tgraph optimize` needs a way in.
+
+Standard-domain ops of our op table map one to one. Static parameters that ONNX moved
+to inputs over the opsets (Reduce* axes, Squeeze/Unsqueeze axes, Split sizes) become
+our attributes, so they must be constants. `Constant` nodes and initializers become
+graph constants (initializers are parameters and keep their names). Value names are
+arbitrary strings in ONNX: intermediate ones are re-issued by the graph's
+`NameAuthority` (legal identifiers); graph input and output names are the model's
+interface and are kept exactly. Types are re-inferred by the `Builder`, so a model
+our shape rules disagree with fails at the node that shows it.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import numpy as np
+
+from .errors import TgraphError
+from .ir import Builder, DType, Graph, TensorType, Value
+from .ir.opdefs import OPS
+
+MIN_OPSET = 13
+
+
+class OnnxImportError(TgraphError):
+    """An ONNX model that tgraph cannot import (unsupported op or domain, computed axes, old opset)."""
+
+# ops whose ONNX inputs (from index `i` on) are attributes in our IR
+_AXES_INPUT = {"ReduceMean": 1, "ReduceSum": 1, "ReduceMax": 1, "Squeeze": 1, "Unsqueeze": 1}
+
+
+def _load(model_or_path) -> "onnx.ModelProto":
+    import onnx
+
+    if isinstance(model_or_path, onnx.ModelProto):
+        return model_or_path
+    path = Path(os.fspath(model_or_path))
+    if not path.is_file():
+        raise OnnxImportError(f"ONNX file not found: {path}")
+    try:
+        # external data (weights in a sibling file) is resolved relative to the model's folder
+        return onnx.load(str(path), load_external_data=True)
+    except Exception as e:
+        raise OnnxImportError(f"cannot read ONNX file {path}: {type(e).__name__}: {e}") from None
+
+
+def _type_of(vi, what: str) -> TensorType:
+    t = vi.type
+    if not t.HasField("tensor_type"):
+        raise OnnxImportError(f"graph {what} {vi.name!r} is not a tensor")
+    tt = t.tensor_type
+    try:
+        dtype = DType(tt.elem_type)
+    except ValueError:
+        raise OnnxImportError(f"graph {what} {vi.name!r} has unsupported element type {tt.elem_type}") from None
+    if not tt.HasField("shape"):
+        return TensorType(dtype, None)
+    dims: List[Any] = []
+    for d in tt.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        elif d.HasField("dim_param") and d.dim_param:
+            dims.append(d.dim_param)
+        else:
+            dims.append(None)
+    return TensorType(dtype, tuple(dims))
+
+
+def _array(tensor, where: str) -> np.ndarray:
+    from onnx import numpy_helper
+
+    try:
+        DType(tensor.data_type)
+    except ValueError:
+        raise OnnxImportError(f"{where}: unsupported tensor element type {tensor.data_type}") from None
+    return np.asarray(numpy_helper.to_array(tensor))
+
+
+def _constant_value(node) -> np.ndarray:
+    from onnx import helper
+
+    where = f"node {node.name or node.output[0]!r} (Constant)"
+    for a in node.attribute:
+        v = helper.get_attribute_value(a)
+        if a.name == "value":
+            return _array(v, where)
+        if a.name == "value_float":
+            return np.array(v, np.float32)
+        if a.name == "value_floats":
+            return np.array(v, np.float32)
+        if a.name == "value_int":
+            return np.array(v, np.int64)
+        if a.name == "value_ints":
+            return np.array(v, np.int64)
+    raise OnnxImportError(f"{where}: unsupported constant form "
+                          f"({', '.join(a.name for a in node.attribute) or 'no value'})")
+
+
+def _attrs(node) -> Dict[str, Any]:
+    from onnx import AttributeProto, helper
+
+    out: Dict[str, Any] = {}
+    for a in node.attribute:
+        if a.type == AttributeProto.GRAPH or a.type == AttributeProto.GRAPHS:
+            raise OnnxImportError(f"node {node.name!r} ({node.op_type}): subgraph attributes are not supported")
+        v = helper.get_attribute_value(a)
+        if a.type == AttributeProto.TENSOR:
+            v = _array(v, f"node {node.name!r}")
+        elif isinstance(v, bytes):
+            v = v.decode()
+        elif a.type in (AttributeProto.INTS, AttributeProto.FLOATS):
+            v = list(v)
+        out[a.name] = v
+    return out
+
+
+class _Importer:
+    def __init__(self, model):
+        self.model = model
+        self.graph = Graph(name=model.graph.name or "main")
+        self.b = Builder(self.graph)
+        self.env: Dict[str, Value] = {}
+        self.output_names = {o.name for o in model.graph.output}
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+    # ---- helpers ------------------------------------------------------------------------
+    def where(self, node) -> str:
+        return f"node {node.name or (node.output[0] if node.output else '?')!r} ({node.op_type})"
+
+    def const_input(self, node, i: int, what: str) -> Optional[np.ndarray]:
+        """Input `i` as a constant array (None when absent); refuses computed values."""
+        if i >= len(node.input) or not node.input[i]:
+            return None
+        v = self.env[node.input[i]]
+        if v.const is None:
+            raise OnnxImportError(f"{self.where(node)}: {what} (input {i}, {node.input[i]!r}) must be a constant; "
+                                  "tgraph keeps it as an attribute")
+        return v.const
+
+    # ---- the import -------------------------------------------------------------------------
+    def run(self) -> Graph:
+        g, mg = self.graph, self.model.graph
+        if self.opset is None or self.opset < MIN_OPSET:
+            raise OnnxImportError(f"model uses opset {self.opset} of the standard domain; tgraph imports "
+                                  f"opset {MIN_OPSET} and later (convert it with onnx.version_converter)")
+        out_names = [o.name for o in mg.output]
+        init_names = {t.name for t in mg.initializer}
+        for vi in mg.input:                      # interface names are kept exactly
+            if vi.name in init_names:
+                continue                          # an input with a default: the initializer wins, as in ORT
+            self.env[vi.name] = g.add_input(vi.name, _type_of(vi, "input"))
+        for name in out_names:
+            if name not in self.env and name not in init_names:
+                g.names.claim(name)              # reserved now, given to the producing value later
+        for t in mg.initializer:
+            self.env[t.name] = g.add_constant(_array(t, f"initializer {t.name!r}"), hint=t.name, is_param=True,
+                                              exact_name=True)
+        for node in mg.node:
+            self.node(node)
+        for vi in mg.output:
+            if vi.name not in self.env:
+                raise OnnxImportError(f"graph output {vi.name!r} is not produced by any node")
+            v = self.env[vi.name]
+            declared = _type_of(vi, "output")
+            if v.producer is not None and declared.shape is not None and (
+                    v.type.shape is None or len(v.type.shape) == len(declared.shape)):
+                # keep what we inferred, filling unknown dims from the declaration
+                inferred = v.type.shape or (None,) * len(declared.shape)
+                dims = tuple(i if i is not None else d for i, d in zip(inferred, declared.shape))
+                v.type = TensorType(v.type.dtype, dims)
+            g.outputs.append(v)
+        g.verify()
+        return g
+
+    def node(self, node) -> None:
+        if node.domain not in ("", "ai.onnx"):
+            raise OnnxImportError(f"{self.where(node)}: domain {node.domain!r} is not supported")
+        op = node.op_type
+        if op == "Constant":
+            arr = _constant_value(node)
+            self.env[node.output[0]] = self.graph.add_constant(arr, hint=node.output[0])
+            return
+        if op not in OPS:
+            raise OnnxImportError(f"{self.where(node)}: op {op} is not supported by tgraph")
+        for name in node.input:
+            if name and name not in self.env:
+                raise OnnxImportError(f"{self.where(node)}: input {name!r} is not defined before use")
+        attrs = _attrs(node)
+        n_in = len(node.input)
+        if op in _AXES_INPUT and n_in > 1 and node.input[1]:
+            axes = self.const_input(node, 1, "axes")
+            attrs["axes"] = [int(a) for a in axes.reshape(-1)]
+            n_in = 1
+        if op.startswith("Reduce"):
+            noop = attrs.pop("noop_with_empty_axes", 0)
+            if attrs.get("axes") is not None and len(attrs["axes"]) == 0 and not noop:
+                attrs["axes"] = None            # ONNX: empty axes reduce everything
+            elif attrs.get("axes") is None and noop:
+                attrs["axes"] = []              # ours: empty axes reduce nothing
+        if op == "Split":
+            if n_in > 1 and node.input[1]:
+                attrs["split"] = [int(s) for s in self.const_input(node, 1, "split sizes").reshape(-1)]
+                n_in = 1
+            elif attrs.get("split") is None and attrs.get("num_outputs") is None:
+                attrs["num_outputs"] = len(node.output)
+        if op == "Cast":
+            attrs["to"] = DType(attrs["to"]) if attrs.get("to") in {d.value for d in DType} else \
+                self._fail(node, f"cast to unsupported element type {attrs.get('to')}")
+            attrs.pop("saturate", None)
+        if op == "Softmax" and self.opset < 13:
+            self._fail(node, "Softmax before opset 13 flattens its input")
+        ins = [self.env[n] if n else None for n in node.input[:n_in]]
+        while ins and ins[-1] is None:
+            ins.pop()
+        opdef = OPS[op]
+        unknown = set(attrs) - set(opdef.attrs)
+        if unknown:
+            self._fail(node, f"attribute(s) {sorted(unknown)} are not supported")
+        self.b.scope = []
+        hint = node.output[0] if node.output and node.output[0] else op.lower()
+        try:
+            outs = self.b.op(op, *ins, hint=hint, **attrs)
+        except TgraphError as e:
+            raise OnnxImportError(f"{self.where(node)}: {e}") from None
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        if len(outs) != len([o for o in node.output]):
+            self._fail(node, f"has {len(node.output)} outputs, tgraph's {op} gives {len(outs)}")
+        for name, v in zip(node.output, outs):
+            if not name:
+                continue
+            if name in self.env:
+                self._fail(node, f"output {name!r} is assigned twice")
+            if name in self.output_names:
+                self.graph.names.release(v.name)  # the reserved interface name replaces the fresh one
+                v.name = name
+            self.env[name] = v
+
+    def _fail(self, node, why: str):
+        raise OnnxImportError(f"{self.where(node)}: {why}")
+
+
+def import_onnx(model_or_path: Union[str, os.PathLike, "onnx.ModelProto"]) -> Graph:
+    """Import an ONNX model (a path, with external data, or a ModelProto) as a verified `Graph`."""
+    return _Importer(_load(model_or_path)).run()
