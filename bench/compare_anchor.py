@@ -12,7 +12,8 @@ Every model runs in one onnxruntime CPU session (2 intra-op threads, ORT's defau
 ORT_ENABLE_ALL optimizations) at batch 1 and each sequence length, all contenders in
 one process and alternating run by run, so machine noise hits all of them alike. It
 prints medians, the ratio of each contender to the best anchor, achieved GFLOP/s
-against a measured NumPy fp32 matmul peak, each tool's export+optimize wall time, and
+against a measured NumPy fp32 matmul peak (the minimum run is printed too: on a
+shared machine it is the steadier number), each tool's export+optimize wall time, and
 how many attention blocks each model carries as one fused attention op (in the file,
 and after onnxruntime's own session optimizations).
 
@@ -409,7 +410,8 @@ def report(mname, spec, model, contenders, seqs, peak, results) -> None:
     if anchors and tg:
         print(f"export speed-up (best anchor / slowest tgraph level): "
               f"{best_anchor_export / max(c.export_s for c in tg):.1f}x")
-    print(f"\n{'seq':>4} {'contender':<24} {'median ms':>10} {'vs best anchor':>15} {'GFLOP/s':>8} {'% peak':>7}")
+    print(f"\n{'seq':>4} {'contender':<24} {'median ms':>10} {'min ms':>8} {'vs best anchor':>15} {'GFLOP/s':>8} "
+          f"{'% peak':>7}")
     for seq in seqs:
         flops = model_flops(model, seq)
         meds = {c.name: statistics.median(c.times[seq]) for c in contenders if c.times.get(seq)}
@@ -420,8 +422,10 @@ def report(mname, spec, model, contenders, seqs, peak, results) -> None:
             m = meds[c.name]
             ratio = f"{m / best_a:.2f}" if best_a else "-"
             gf = flops / m / 1e9
-            print(f"{seq:>4} {c.name:<24} {m * 1e3:>10.2f} {ratio:>15} {gf:>8.1f} {100 * gf / peak:>6.0f}%")
-            results.append({"model": mname, "seq": seq, "contender": c.name, "median_s": m,
+            best = min(c.times[seq])
+            print(f"{seq:>4} {c.name:<24} {m * 1e3:>10.2f} {best * 1e3:>8.2f} {ratio:>15} {gf:>8.1f} "
+                  f"{100 * gf / peak:>6.0f}%")
+            results.append({"model": mname, "seq": seq, "contender": c.name, "median_s": m, "min_s": best,
                             "ratio_vs_best_anchor": (m / best_a) if best_a else None, "gflops": gf,
                             "export_s": c.export_s, "fused_attention_file": c.fused_file,
                             "fused_attention_session": c.fused_session, "blocks": spec.layers, "note": c.note})

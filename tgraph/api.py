@@ -1,7 +1,7 @@
 """Convenience functions behind the CLI: build, optimise, export, run.
 
 Backends are imported lazily so `import tgraph` stays cheap and the IR never depends
-on them.
+on them; the passes are light and imported here for their default level.
 """
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 from .ir import Graph
+from .passes.manager import DEFAULT_LEVEL  # one default level for the CLI, the API and `optimize`
 from .sources import LoadedModel, load_model
-
-DEFAULT_LEVEL = 2
 
 
 @dataclass

@@ -5,6 +5,7 @@
     tgraph run MODEL_OR_ONNX [--backend ort|numpy] [--provider auto|cpu|cuda] [--check]
     tgraph inspect MODEL_OR_ONNX [--json]
     tgraph optimize IN.onnx -o OUT.onnx [-O N | --pipeline P] [--report]
+    tgraph generate MODEL (--prompt TEXT | --prompt-ids 1,2,3) [--max-new-tokens N] [--json] [--stream]
 
 Every user mistake is one line on stderr and a non-zero exit; `--debug` shows the
 traceback. Writers are atomic, so a failed command leaves no file behind.
@@ -98,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="inputs, outputs, op histogram, parameter count")
     _add_model_options(p, output=False)
     p.add_argument("--json", action="store_true")
+
+    from .cli_generate import add_parser as add_generate_parser
+
+    add_generate_parser(sub)
     return parser
 
 
@@ -326,7 +331,14 @@ def cmd_optimize(args) -> int:
     return 0
 
 
-COMMANDS = {"export": cmd_export, "optimize": cmd_optimize, "codegen": cmd_codegen, "run": cmd_run, "inspect": cmd_inspect}
+def cmd_generate(args) -> int:
+    from .cli_generate import cmd_generate as run_generate
+
+    return run_generate(args)
+
+
+COMMANDS = {"export": cmd_export, "optimize": cmd_optimize, "codegen": cmd_codegen, "run": cmd_run, "inspect": cmd_inspect,
+            "generate": cmd_generate}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -1,0 +1,269 @@
+"""Autoregressive generation: build a cached decoder, export it, decode token by token.
+
+    gen = Generator("path/to/checkpoint")                 # or a registered name, file.py:factory
+    result = gen.generate(["Hello", "A longer prompt"], max_new_tokens=20)
+    result.ids, result.text, result.tokens_per_s, result.provider
+
+The model is traced with `use_cache=true` (an encoder-decoder as two graphs, `part=encoder`
+and `part=decoder`), optimised (-O3 by default), exported to ONNX in memory and run by
+`tgraph.runtime.Session`. The KV cache stays on the session's device (`DeviceKVCache`); only
+the last position's logits come to the host, where `tgraph.sampling` picks the next tokens.
+
+Batches follow Hugging Face's `generate`, so greedy decoding gives its ids token for token:
+decoder-only prompts are left-padded with position_ids = cumsum(mask) - 1; an encoder's input
+is right-padded; a row that emitted an EOS id keeps emitting the pad id (not returned in `ids`,
+kept in `tokens`); decoding stops when every row has finished or after `max_new_tokens`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from .errors import ConfigError, InputError
+from .sampling import SamplingConfig, next_tokens
+from .tokens import (UNSET, SpecialTokens, TextTokenizer, check_ids, checkpoint_special_ids, find_tokenizer,
+                     normalise_prompts, pad_batch, position_ids, resolve_special_tokens)
+
+DEFAULT_GENERATE_LEVEL = 3
+POSITION_LIMITS = ("n_positions", "max_position_embeddings", "max_len")   # learned/sinusoidal tables
+GENERATION_KEYS = ("use_cache", "part")
+
+
+@dataclass
+class Step:
+    """One decoding step: the token of every row (pad where the row had already finished)."""
+
+    index: int
+    tokens: np.ndarray          # int64 [batch]
+    active: np.ndarray          # bool [batch]: the row emitted a real token (it had not finished)
+
+
+@dataclass
+class GenerationResult:
+    ids: List[List[int]]        # new tokens per row, up to and including its EOS
+    tokens: np.ndarray          # int64 [batch, steps]: new tokens, pad after a row's EOS (HF's layout)
+    text: Optional[List[str]]   # decoded ids per row, when there is a tokenizer
+    tokens_per_s: float         # new tokens (all rows) per second of prefill + decoding
+    seconds: float
+    prefill_seconds: float
+    provider: str               # what the session really ran on
+
+    def as_json(self) -> list:
+        """One {"ids", "text", "tokens_per_s"} object per row."""
+        return [{"ids": ids, "text": None if self.text is None else self.text[i],
+                 "tokens_per_s": round(self.tokens_per_s, 3)} for i, ids in enumerate(self.ids)]
+
+
+def _config_class(model: str):
+    """The config dataclass behind MODEL without building it, or None for file.py:factory."""
+    from .models import get_family
+
+    if os.path.isdir(model):
+        from .checkpoints import _adapter_for, read_config
+
+        return get_family(_adapter_for(read_config(Path(model)), Path(model)).family).config_cls
+    head, sep, _ = model.rpartition(":")
+    if sep and head.endswith(".py"):
+        return None
+    return get_family(model).config_cls
+
+
+def _fields(config_or_cls) -> set:
+    return {f.name for f in dataclasses.fields(config_or_cls)} if dataclasses.is_dataclass(config_or_cls) else set()
+
+
+class Generator:
+    """A model ready to generate: its cached decoder (and encoder) sessions and special ids.
+
+    `model` is a registered name, a checkpoint directory or file.py:factory; `overrides` are
+    config fields (as `--set`); `seed` initialises random weights. Special ids not given here
+    come from the checkpoint's configs (see `tgraph.tokens.resolve_special_tokens`);
+    `bos_token_id`, when given, is prepended to decoder-only prompts and starts an
+    encoder-decoder's output. `tokenizer`: a tokenizer.json path (default: the checkpoint's).
+    """
+
+    def __init__(self, model: str, *, overrides: Optional[Mapping[str, str]] = None, level: int = DEFAULT_GENERATE_LEVEL,
+                 provider: Union[str, Sequence[str]] = "auto", threads: Optional[int] = None, seed: int = 0,
+                 dtype: str = "float32", tokenizer: Any = UNSET, eos_token_id: Any = UNSET,
+                 pad_token_id: Any = UNSET, bos_token_id: Any = UNSET, decoder_start_token_id: Any = UNSET):
+        from .api import build
+        from .codegen.onnx import to_onnx
+        from .runtime import Session
+        from .sources import load_model
+
+        overrides = dict(overrides or {})
+        clash = [k for k in GENERATION_KEYS if k in overrides]
+        if clash:
+            raise ConfigError(f"--set {clash[0]}: generation sets it itself (use_cache=true, and part= for "
+                              "encoder-decoders)")
+        start = time.perf_counter()
+        cls = _config_class(model)
+        if cls is not None and "use_cache" not in _fields(cls):
+            raise ConfigError(f"{model}: {cls.__name__} has no KV-cache decoder, so it cannot generate "
+                              "(generation needs a decoder: gpt, gpt2, llama, palm, t5, transformer)")
+        self.encoder_decoder = cls is not None and "part" in _fields(cls)
+        decoder = load_model(model, {**overrides, "use_cache": "true",
+                                     **({"part": "decoder"} if self.encoder_decoder else {})})
+        if cls is None and "part" in _fields(decoder.config):     # a factory's encoder-decoder
+            self.encoder_decoder = True
+            decoder = load_model(model, {**overrides, "use_cache": "true", "part": "decoder"})
+        self.config = decoder.config
+        self.vocab_size = decoder.vocab_size
+        sessions = {"decoder": decoder}
+        if self.encoder_decoder:
+            sessions["encoder"] = load_model(model, {**overrides, "part": "encoder"})
+        self.sessions = {}
+        for part, loaded in sessions.items():
+            graph = build(loaded, seed=seed, level=level, dtype=dtype).graph
+            self.sessions[part] = Session(to_onnx(graph), providers=provider, threads=threads)
+        self.decoder = self.sessions["decoder"]
+        self.encoder = self.sessions.get("encoder")
+        if "logits" not in self.decoder.output_names:
+            raise ConfigError(f"{model}: the decoder has no `logits` output (a model without an LM head "
+                              "cannot generate)")
+        self.provider = self.decoder.describe()
+        self.build_seconds = time.perf_counter() - start
+        given = {"eos_token_id": eos_token_id, "pad_token_id": pad_token_id, "bos_token_id": bos_token_id,
+                 "decoder_start_token_id": decoder_start_token_id}
+        checkpoint = checkpoint_special_ids(model) if os.path.isdir(model) else {}
+        self.special: SpecialTokens = resolve_special_tokens(given, checkpoint, self.config)
+        if tokenizer is UNSET:
+            self.tokenizer = find_tokenizer(model)
+        else:
+            self.tokenizer = tokenizer if tokenizer is None or isinstance(tokenizer, TextTokenizer) \
+                else TextTokenizer(tokenizer)
+        self.model = model
+
+    # ------------------------------------------------------------------ helpers
+    def _position_limit(self) -> Optional[int]:
+        return next((int(getattr(self.config, k)) for k in POSITION_LIMITS if hasattr(self.config, k)), None)
+
+    def _check_length(self, positions_needed: int, what: str) -> None:
+        limit = self._position_limit()
+        if limit is not None and positions_needed > limit:
+            raise InputError(f"{what} needs {positions_needed} positions but the model has {limit}; "
+                             "shorten the prompt or lower max_new_tokens")
+
+    def _on_device(self, session, array: np.ndarray):
+        """A static input (encoder states, masks) uploaded once instead of every step."""
+        import onnxruntime as ort
+
+        from .runtime import binding_device
+
+        device = binding_device(None, session.device)
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), device, session._device_index(device))
+
+    def _feeds(self, values: Mapping[str, Any]) -> dict:
+        """The values the decoder takes; a required input nobody provides is an error."""
+        from .runtime.device_cache import PAST
+
+        feeds = {}
+        for name in self.decoder.input_names:
+            if name in values:
+                feeds[name] = values[name]
+            elif not PAST.match(name):
+                raise ConfigError(f"{self.model}: the decoder takes an input {name!r} that generation does "
+                                  f"not know how to feed")
+        return feeds
+
+    def prompt_rows(self, prompts: Any) -> List[List[int]]:
+        rows = normalise_prompts(prompts, self.tokenizer)
+        if self.special.bos is not None and not self.encoder_decoder:
+            rows = [[self.special.bos] + r for r in rows]
+        check_ids(rows, self.vocab_size)
+        for i, r in enumerate(rows):
+            if not r and not self.encoder_decoder:
+                raise InputError(f"prompt {i} is empty (a decoder-only model needs at least one token; "
+                                 "give bos_token_id to start from it)")
+        return rows
+
+    # ------------------------------------------------------------------ decoding
+    def stream(self, prompts: Any, max_new_tokens: int = 20, sampling: Optional[SamplingConfig] = None
+               ) -> Iterator[Step]:
+        """Yield one `Step` per new token position, as soon as it is chosen."""
+        from .runtime import DeviceKVCache
+
+        sampling = sampling or SamplingConfig()
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
+                or max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        rows = self.prompt_rows(prompts)
+        batch, pad = len(rows), self.special.pad
+        rng = sampling.rng()
+        inputs = set(self.decoder.input_names)
+        if self.encoder_decoder:
+            src, src_mask = pad_batch(rows, pad, "right")
+            self._check_length(src.shape[1], "the longest prompt")
+            self._check_length(max_new_tokens, f"max_new_tokens={max_new_tokens}")
+            enc_feeds = {k: v for k, v in (("input_ids", src), ("attention_mask", src_mask))
+                         if k in self.encoder.input_names}
+            states = self.encoder.run_with_binding(enc_feeds, outputs=["last_hidden_state"])["last_hidden_state"]
+            if self.encoder.device != self.decoder.device:
+                states = states.numpy()
+            static = {"encoder_hidden_states": states,
+                      "encoder_attention_mask": self._on_device(self.decoder, src_mask)}
+            ids = np.full((batch, 1), self.special.decoder_start, np.int64)
+            mask = np.ones((batch, 1), np.int64)
+            positions = np.zeros((batch, 1), np.int64)
+        else:
+            ids, mask = pad_batch(rows, pad, "left")
+            self._check_length(ids.shape[1] + max_new_tokens - 1, f"the prompt plus max_new_tokens={max_new_tokens}")
+            if "attention_mask" not in inputs and not mask.all():
+                raise InputError(f"{self.model}: the decoder has no attention_mask, so prompts must have equal "
+                                 "lengths")
+            static = {}
+            positions = position_ids(mask)
+        cache = DeviceKVCache(self.decoder, batch)
+        finished = np.zeros(batch, bool)
+        eos = np.array(self.special.eos, np.int64)
+        for step in range(max_new_tokens):
+            feeds = self._feeds({"input_ids": ids, "attention_mask": mask, "position_ids": positions, **static})
+            logits = cache.step(feeds, fetch=["logits"])["logits"][:, -1, :]
+            tokens = np.where(finished, pad, next_tokens(logits, sampling, rng)).astype(np.int64)
+            yield Step(step, tokens, ~finished)
+            finished = finished | np.isin(tokens, eos)
+            if finished.all():
+                return
+            ids = tokens[:, None]
+            mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
+            positions = (mask.sum(axis=1, keepdims=True) - 1).astype(np.int64)
+
+    def generate(self, prompts: Any, max_new_tokens: int = 20, *, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None,
+                 callback: Optional[Callable[[Step], None]] = None) -> GenerationResult:
+        """Generate for one prompt or a batch; `callback(step)` sees every step as it comes."""
+        sampling = SamplingConfig(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        steps: List[Step] = []
+        start = time.perf_counter()
+        first = None
+        for step in self.stream(prompts, max_new_tokens, sampling):
+            first = first if first is not None else time.perf_counter() - start
+            steps.append(step)
+            if callback is not None:
+                callback(step)
+        seconds = time.perf_counter() - start
+        tokens = np.stack([s.tokens for s in steps], axis=1)
+        active = np.stack([s.active for s in steps], axis=1)
+        ids = [tokens[i][active[i]].tolist() for i in range(tokens.shape[0])]
+        text = [self.tokenizer.decode(r) for r in ids] if self.tokenizer is not None else None
+        count = int(active.sum())
+        return GenerationResult(ids=ids, tokens=tokens, text=text, tokens_per_s=count / seconds if seconds else 0.0,
+                                seconds=seconds, prefill_seconds=first or 0.0, provider=self.provider)
+
+
+def generate(model: str, prompts: Any, max_new_tokens: int = 20, **kwargs) -> GenerationResult:
+    """One call: build a `Generator` for `model` and generate. Keyword arguments go to
+    `Generator` (overrides, level, provider, special ids ...) or `Generator.generate`
+    (do_sample, temperature, top_k, top_p, seed, callback)."""
+    gen_keys = {"do_sample", "temperature", "top_k", "top_p", "seed", "callback"}
+    run = {k: v for k, v in kwargs.items() if k in gen_keys}
+    make = {k: v for k, v in kwargs.items() if k not in gen_keys}
+    if "weights_seed" in make:
+        make["seed"] = make.pop("weights_seed")
+    return Generator(model, **make).generate(prompts, max_new_tokens, **run)
