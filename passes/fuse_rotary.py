@@ -24,7 +24,7 @@ import numpy as np
 from tgraph.ir import Builder, Graph, Node, Value
 
 from .base import register_pass
-from .pattern import ConstPat, Match, NoMatch, OpBuilder, OpPat, RewritePass, Rule, Var, _Matcher, escapes
+from .pattern import ConstPat, Match, NoMatch, OpBuilder, OpPat, RewritePass, Rule, Var, Matcher, escapes
 
 # Ops that act elementwise (with broadcasting): a value computed only by them from tables
 # whose last-axis halves are equal has equal halves too.
@@ -89,7 +89,7 @@ class RotaryRule(Rule):
             if pat.op != node.op:
                 continue
             try:
-                m = _Matcher(graph).match(pat, node)
+                m = Matcher(graph).match(pat, node)
             except NoMatch as e:
                 unmatched.append(str(e))
                 continue

@@ -116,7 +116,9 @@ def _norm_attr(v: Any) -> Any:
     return v
 
 
-class _Matcher:
+class Matcher:
+    """Matches one pattern rooted at one node; raises NoMatch with the first reason."""
+
     def __init__(self, graph: Graph):
         self.graph = graph
 
@@ -248,7 +250,7 @@ class Rule:
         """Find this rule's match rooted at `node`, or None (appending why to `reasons`).
         The default tries each pattern; rules whose shapes vary too much for a table of
         patterns (attention) override this with a procedural matcher raising NoMatch."""
-        matcher = _Matcher(graph)
+        matcher = Matcher(graph)
         for pat in patterns:
             if pat.op != node.op or pat.domain != node.domain:
                 continue

@@ -232,7 +232,7 @@ def convert_weights(source: SafetensorsWeights, rules: Mapping[str, WeightRule],
     return out
 
 
-def _adapter_for(config: Dict[str, Any], directory: Path) -> HFAdapter:
+def adapter_for(config: Dict[str, Any], directory: Path) -> HFAdapter:
     from .models import zoo  # noqa: F401  (families register their adapters on import)
 
     model_type = config.get("model_type")
@@ -256,7 +256,7 @@ def load_checkpoint_model(directory, overrides: Optional[Mapping[str, str]] = No
 
     directory = Path(directory)
     hf = read_config(directory)
-    adapter = _adapter_for(hf, directory)
+    adapter = adapter_for(hf, directory)
     config = adapter.config_from_hf(hf)
     source = SafetensorsWeights(directory)
     source.strip_prefixes(adapter.base_prefixes)

@@ -65,9 +65,9 @@ def _config_class(model: str):
     from .models import get_family
 
     if os.path.isdir(model):
-        from .checkpoints import _adapter_for, read_config
+        from .checkpoints import adapter_for, read_config
 
-        return get_family(_adapter_for(read_config(Path(model)), Path(model)).family).config_cls
+        return get_family(adapter_for(read_config(Path(model)), Path(model)).family).config_cls
     head, sep, _ = model.rpartition(":")
     if sep and head.endswith(".py"):
         return None
