@@ -16,7 +16,8 @@ After::
 
 Identical non-parameter constants (same dtype, shape and bytes) are merged first; then
 one forward sweep keys every node by (op, inputs, attributes, output types) and
-replaces a node equal to an earlier one. Because the sweep is in topological order,
+replaces a node equal to an earlier one. A `Shape` whose selected dims are all known
+statically is keyed by those dims instead of its input (see `static_shape_key`). Because the sweep is in topological order,
 merging a node makes its users mergeable in the same sweep, so one run reaches the
 fixed point. Parameters are never merged: each is a named checkpoint tensor.
 """
@@ -65,9 +66,32 @@ def attr_key(value: Any) -> Hashable:
     return (type(value).__qualname__, value)
 
 
+def static_shape_key(node: Node, attrs: Dict[str, Any]) -> Optional[Hashable]:
+    """The dims a standard `Shape` reads, when its input's type knows them all (ints or symbols).
+
+    A symbolic dim names one size throughout the graph (ONNX dim_param semantics), so two Shapes
+    reading equal dims compute equal values whatever their inputs: e.g. every layer's
+    Shape(present.{i}.key) of a KV-cached decoder reads ``past_seq + seq``, and merging them lets
+    the mask each layer derives from it be built once.
+    """
+    if node.domain or node.op != "Shape" or not node.inputs or node.inputs[0] is None:
+        return None
+    shape = node.inputs[0].type.shape
+    if shape is None:
+        return None
+    start, end = attrs.get("start"), attrs.get("end")
+    dims = tuple(shape[slice(0 if start is None else int(start), None if end is None else int(end))])
+    if any(d is None or (isinstance(d, str) and not d) for d in dims):
+        return None
+    return ("Shape", dims, tuple(o.type for o in node.outputs))
+
+
 def node_key(node: Node) -> Hashable:
     opdef = OPS.get(node.qualified_op)
     attrs = opdef.resolve_attrs(node.attrs) if opdef is not None else node.attrs
+    static = static_shape_key(node, attrs)
+    if static is not None:
+        return static
     ins: List[Optional[int]] = [None if v is None else id(v) for v in node.inputs]
     if not node.domain and node.op in COMMUTATIVE:
         ins.sort(key=lambda i: -1 if i is None else i)

@@ -396,6 +396,27 @@ def test_cse_keeps_graph_output_names():
     assert g.op_histogram() == {"Tanh": 2}
 
 
+def test_cse_merges_shapes_of_equal_symbolic_dims():
+    """Shape reads of different values merge when the dims they read are statically equal (one
+    symbol is one size); an unknown dim, another symbol or another static size keeps them apart."""
+    g, b, (x, y, z, w) = new(("x", ("b", "s", 4)), ("y", ("b", "s", 8)), ("z", ("b", None, 4)), ("w", ("b", "t", 4)))
+    seq = [b.op("Squeeze", b.op("Shape", v, start=1, end=2), axes=[0]) for v in (x, y, z, w)]
+    lead = [b.op("Shape", v, start=0, end=2) for v in (x, y)]
+    full = [b.op("Shape", v) for v in (x, y)]
+    g.outputs = [b.op("Add", b.op("Add", seq[0], seq[1]), b.op("Add", seq[2], seq[3])),
+                 b.op("Concat", *lead, *full, axis=0)]
+    feeds = {"x": np.zeros((2, 3, 4), np.float32), "y": np.ones((2, 3, 8), np.float32),
+             "z": np.zeros((2, 3, 4), np.float32), "w": np.zeros((2, 5, 4), np.float32)}
+    before = evaluate(g, feeds)
+    changes = run_pass(g, "cse")
+    assert changes["merged_nodes"] == 3               # Shape(y)[1:2] and its Squeeze; Shape(y)[0:2]
+    assert g.op_histogram()["Shape"] == 6 and g.op_histogram()["Squeeze"] == 3
+    assert seq[0].producer.inputs[0].producer.inputs == (x,)
+    after = evaluate(g, feeds)
+    for out in g.outputs:
+        np.testing.assert_array_equal(after[out.name], before[out.name])
+
+
 # ============================================================ fold-constants
 def test_fold_constants_evaluates_constant_subgraphs():
     g, b, (x,) = new(("x", (2, 3)))
