@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from tgraph.ir import Builder, DType, Graph, Node, Value
+from tgraph.ir import Builder, Graph, Node, Value
 
 from .base import register_pass
 from .pattern import Match, NoMatch, OpPat, RewritePass, Rule, escapes

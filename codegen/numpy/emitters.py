@@ -26,7 +26,6 @@ import numpy as np
 from tgraph.ir import contrib, fused, kernels
 from tgraph.ir.core import Node, Value
 from tgraph.ir.opdefs import OPS
-from tgraph.ir.types import DType
 
 from .literals import attr_lit, dtype_lit
 
@@ -230,7 +229,6 @@ EMITTERS: Dict[str, Callable[[EmitContext], str]] = {
     "Shape": Call(kernels.shape),
     "ConstantOfShape": Call(kernels.constant_of_shape),
     "Range": Call(kernels.range_),
-    "CumSum": Call(kernels.cumsum),
     "CumSum": Call(kernels.cumsum),
     "tgraph.CausalMask": Call(kernels.causal_mask),
     # fused ops (tgraph.ir.fused): what the fusion passes produce

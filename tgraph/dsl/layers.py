@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import ConfigError
 from ..ir import DType
 from .module import Module, Parameter
-from .tensor import Tensor, TensorOps, causal_mask, concat, lowest, where
+from .tensor import Tensor, TensorOps, causal_mask, lowest, where
 from .tracer import current
 
 

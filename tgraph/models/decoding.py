@@ -60,3 +60,10 @@ def encoder_states_specs(d_model: int, mask: bool = True) -> Dict[str, InputSpec
     if mask:
         specs["encoder_attention_mask"] = InputSpec(DType.int64, ("batch", "encoder_seq"))
     return specs
+
+
+def lm_logits(x, tokens, head=None):
+    """Logits from the tied token embedding (x Eᵀ), or from an untied head (a `Linear`)."""
+    if head is not None:
+        return head(x)                                        # (B, T, C) @ (C, V) -> (B, T, V)
+    return x @ tokens.weight.swap_last()                      # (B, T, C) @ (C, V) -> (B, T, V)

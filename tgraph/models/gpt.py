@@ -18,7 +18,7 @@ from ..checkpoints import HFAdapter, WeightRule, register_adapter, rule
 from ..dsl import Embedding, LearnedPositions, Linear, Module, ModuleList, padding_keep_mask
 from ..dsl.cache import KVCache, layer_caches
 from . import gpt_common
-from .decoding import check_cache_options, decoder_input_specs
+from .decoding import check_cache_options, decoder_input_specs, lm_logits
 from .registry import register_model
 
 
@@ -70,7 +70,7 @@ class GPT(Module):
         x = gpt_common.embed(self.tokens_embed, self.positions_embed, input_ids, past_length, position_ids)  # (B, T, C)
         for block, layer_cache in zip(self.h, layer_caches(cache, c.n_layer)):
             x = block(x, keep, layer_cache)
-        logits = gpt_common.lm_logits(x, self.tokens_embed, self.lm_head)
+        logits = lm_logits(x, self.tokens_embed, self.lm_head)
         return {"logits": logits, **(cache.outputs() if cache else {})}     # (B, T, V)
 
 

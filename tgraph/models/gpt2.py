@@ -18,7 +18,7 @@ from ..dsl import Embedding, LayerNorm, LearnedPositions, Linear, Module, Module
 from ..dsl.cache import KVCache, layer_caches
 from ..errors import ConfigError
 from . import gpt_common
-from .decoding import check_cache_options, decoder_input_specs
+from .decoding import check_cache_options, decoder_input_specs, lm_logits
 from .registry import register_model
 
 
@@ -84,7 +84,7 @@ class GPT2(Module):
         for block, layer_cache in zip(self.h, layer_caches(cache, c.n_layer)):
             x = block(x, keep, layer_cache)
         x = self.ln_f(x)
-        logits = gpt_common.lm_logits(x, self.wte, self.lm_head)
+        logits = lm_logits(x, self.wte, self.lm_head)
         return {"logits": logits, **(cache.outputs() if cache else {})}   # (B, T, V)
 
 

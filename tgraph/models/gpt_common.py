@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 import numpy as np
 
 from ..checkpoints import WeightRule, hf_get, rule, transposed
-from ..dsl import ACTIVATIONS, Embedding, FeedForward, LayerNorm, LearnedPositions, Linear, Module, MultiHeadAttention
+from ..dsl import ACTIVATIONS, Embedding, FeedForward, LayerNorm, LearnedPositions, Module, MultiHeadAttention
 from ..dsl.cache import positions as cache_positions
 from ..errors import ConfigError
 
@@ -48,13 +48,6 @@ def embed(tokens: Embedding, positions: LearnedPositions, input_ids, past_length
     alone), past..past+T-1 after a KV cache's past, or explicit position ids ((B, T))."""
     ids = cache_positions(input_ids, past_length, position_ids)   # (T,) or (B, T)
     return tokens(input_ids) + positions(ids)                 # (B, T, C) + ((B,) T, C) -> (B, T, C)
-
-
-def lm_logits(x, tokens: Embedding, head: Optional[Linear]) -> Any:
-    """Logits from the tied token embedding (x Eᵀ), or from an untied head."""
-    if head is not None:
-        return head(x)                                        # (B, T, C) @ (C, V) -> (B, T, V)
-    return x @ tokens.weight.swap_last()                      # (B, T, C) @ (C, V) -> (B, T, V)
 
 
 # ---------------------------------------------------------------- Hugging Face checkpoints

@@ -21,7 +21,7 @@ from ..dsl.cache import KVCache, layer_caches, positions
 from ..dsl.rotary import RotaryEmbedding
 from ..errors import ConfigError
 from .hf_options import activation_from_hf, rope_from_hf
-from .decoding import check_cache_options, decoder_input_specs
+from .decoding import check_cache_options, decoder_input_specs, lm_logits
 from .registry import register_model
 
 
@@ -114,10 +114,7 @@ class Llama(Module):
         for layer, layer_cache in zip(self.layers, layer_caches(cache, c.num_layers)):
             x = layer(x, keep, rotary, layer_cache)
         x = self.norm(x)
-        if c.tie_word_embeddings:
-            logits = x @ self.embed_tokens.weight.swap_last()             # (B, T, C) @ (C, V) -> (B, T, V)
-        else:
-            logits = self.lm_head(x)                                      # (B, T, V)
+        logits = lm_logits(x, self.embed_tokens, None if c.tie_word_embeddings else self.lm_head)  # (B, T, V)
         return {"logits": logits, **(cache.outputs() if cache else {})}
 
 
