@@ -141,7 +141,7 @@ def test_inspect_json_summarises_fusions(capsys):
     assert {k: info["fusions"].get(k) for k in ("rms-norm", "rotary", "attention")} == \
         {"rms-norm": 7, "rotary": 6, "attention": 3}
     assert info["ops"]["Attention"] == 3 and info["ops"]["RotaryEmbedding"] == 6
-    assert info["passes"]["fuse-attention"] == {"attention": 3}
+    assert info["passes"]["fuse-attention"]["attention"] == 3
     code, stdout, err = run_cli(capsys, "inspect", "llama", "--json", *LLAMA_SMALL, "-O", "0")
     assert code == 0, err
     assert json.loads(stdout)["fusions"] == {}
@@ -159,7 +159,8 @@ def test_export_report_shows_fusion_counts(tmp_path, capsys):
     code, stdout, err = run_cli(capsys, "export", "transformer", "-o", str(tmp_path / "t.onnx"), *SMALL, "--report")
     assert code == 0, err
     rows = {line.split()[0]: line for line in stdout.splitlines() if line.strip()}
-    assert rows["fuse-attention"].endswith("attention=5")
+    assert "attention=5" in rows["fuse-attention"].split()
+    assert "attention-merged-heads=5" in rows["fuse-attention"].split()      # all 5 blocks go 3-D
     assert rows["fuse-layer-norm"].endswith("layer-norm=8")
     assert {"layer-norm=8", "attention=5"} <= set(rows["fusions:"].split()[1:])
     code, stdout, err = run_cli(capsys, "export", "transformer", "-o", str(tmp_path / "t0.onnx"), *SMALL,

@@ -16,7 +16,7 @@ from tgraph.dsl import attention, gelu, gelu_tanh, padding_keep_mask, trace, whe
 from tgraph.ir import Builder, DType, TensorType
 from tgraph.ir.evaluate import evaluate
 from tgraph.passes import get_pass, optimize
-from tgraph.passes.fuse_attention import AttentionRule
+from tgraph.passes.fuse_attention import AttentionRule, MergedHeadsRule
 from tgraph.passes.fuse_elementwise import GeluRule, LayerNormRule, RMSNormRule, SoftmaxRule
 from tgraph.passes.pattern import apply_rules, explain
 
@@ -322,3 +322,27 @@ def test_fp16_causal_attention_does_not_overflow():
         g = trace(m, m.input_specs())
         optimize(g, level=level)
         assert np.isfinite(run_onnx(g, feeds)["y"]).all(), level
+
+
+# ------------------------------------------------------------------------------ merged heads
+def test_attention_between_head_split_and_merge_becomes_3d():
+    model = _attn_model(heads=4, kv_heads=2, causal=True, mask=True)
+    graph = trace(model, model.input_specs())
+    feeds = feeds_for(graph, {"batch": 2, "seq": 5})
+    feeds["attention_mask"] = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], np.int64)
+    g = fuse_and_compare(model, ["fuse-attention"], {}, {"Attention": 1, "Transpose": 0, "Reshape": 0}, feeds=feeds)
+    node = next(n for n in g.nodes if n.op == "Attention")
+    assert node.inputs[0].type.rank == 3
+    assert (node.attrs["q_num_heads"], node.attrs["kv_num_heads"]) == (4, 2)
+
+
+def test_heads_stay_split_when_the_4d_key_is_used_elsewhere():
+    def fn(self, q, k, v):
+        qh, kh, vh = (t.reshape(0, 0, 2, 8).transpose(0, 2, 1, 3) for t in (q, k, v))
+        y = attention(qh, kh, vh, scale=0.25).transpose(0, 2, 1, 3).reshape(0, 0, 16)
+        return {"y": y, "present_key": kh}                     # as a KV cache's present output does
+    m = Fn(fn, q=f32(1, 3, 16), k=f32(1, 3, 16), v=f32(1, 3, 16))
+    g = fuse_and_compare(m, ["fuse-attention"], {}, {"Attention": 1})
+    assert next(n for n in g.nodes if n.op == "Attention").inputs[0].type.rank == 4
+    assert any("graph output" in x.reason or "used elsewhere" in x.reason
+               for x in explain(trace(m, m.input_specs()), [AttentionRule(), MergedHeadsRule()]))

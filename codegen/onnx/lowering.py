@@ -278,7 +278,8 @@ def lower_attention(ctx: LoweringContext, node: Node) -> None:
         if mask.shape is None or mask.shape[-2] == 1:
             rank = len(mask.shape) if mask.shape is not None else 4
             lead = ctx.emit("Shape", [m], 1, start=0, end=rank - 2)[0]
-            tq = ctx.emit("Shape", [q], 1, start=2, end=3)[0]
+            tq_axis = node.inputs[0].type.rank - 2              # [B, H, Tq, D] or [B, Tq, H*D]
+            tq = ctx.emit("Shape", [q], 1, start=tq_axis, end=tq_axis + 1)[0]
             tk = ctx.emit("Shape", [m], 1, start=rank - 1)[0]
             shape = ctx.emit("Concat", [lead, tq, tk], 1, axis=0)[0]
             m = ctx.emit("Expand", [m, shape], 1)[0]

@@ -45,8 +45,15 @@ def gelu(x, approximate="none"):
 def attention(q, k, v, attn_mask=None, is_causal=0, scale=None, q_num_heads=None, kv_num_heads=None,
               softmax_precision=None):
     # q: [B, Hq, Tq, D]; k, v: [B, Hkv, Tk, D]. Hkv divides Hq (grouped-query attention).
+    # Or 3-D [B, T, H*D] with q_num_heads / kv_num_heads: heads are split here and merged
+    # back into [B, Tq, Hq*Dv], as the ONNX op does.
     # softmax_precision (an ONNX dtype number, e.g. 1 = float32): scores and softmax are
     # computed in that dtype, then the result is cast back (half-precision models use 1).
+    merged = q.ndim == 3
+    if merged:                                   # [B, T, H*D] -> [B, H, T, D]
+        q = np.transpose(np.reshape(q, (q.shape[0], q.shape[1], q_num_heads, -1)), (0, 2, 1, 3))
+        k = np.transpose(np.reshape(k, (k.shape[0], k.shape[1], kv_num_heads, -1)), (0, 2, 1, 3))
+        v = np.transpose(np.reshape(v, (v.shape[0], v.shape[1], kv_num_heads, -1)), (0, 2, 1, 3))
     out_dtype = q.dtype
     if softmax_precision is not None:
         wide = {1: np.float32, 10: np.float16, 11: np.float64}[int(softmax_precision)]
@@ -67,7 +74,10 @@ def attention(q, k, v, attn_mask=None, is_causal=0, scale=None, q_num_heads=None
         tq, tk = scores.shape[-2], scores.shape[-1]
         scores = np.where(np.tril(np.ones((tq, tk), dtype=bool)), scores, lowest)  # upper-left aligned (ONNX)
     e = np.exp(scores - np.max(scores, axis=-1, keepdims=True))
-    return ((e / np.sum(e, axis=-1, keepdims=True)) @ v).astype(out_dtype, copy=False)
+    y = ((e / np.sum(e, axis=-1, keepdims=True)) @ v).astype(out_dtype, copy=False)
+    if merged:                                   # [B, H, T, D] -> [B, T, H*D]
+        y = np.reshape(np.transpose(y, (0, 2, 1, 3)), (y.shape[0], y.shape[2], -1))
+    return y
 
 
 def rotary_embedding(x, cos_cache, sin_cache, position_ids=None, interleaved=0, rotary_embedding_dim=0,
@@ -113,8 +123,10 @@ def _infer_gelu(ins, attrs, consts):
 
 def _infer_attention(ins, attrs, consts):
     q, k, v = (_need_rank(t, "Attention") for t in ins[:3])
+    if len(q) == len(k) == len(v) == 3:
+        return _infer_attention_3d(ins, attrs, q, k, v)
     if not (len(q) == len(k) == len(v) == 4):
-        raise ShapeError("Attention: tgraph uses 4-D [batch, heads, seq, head_dim] inputs")
+        raise ShapeError("Attention: inputs must all be 4-D [batch, heads, seq, head_dim] or 3-D [batch, seq, hidden]")
     _same_dtype(ins[:3], "Attention")
     hq, hk = q[1], k[1]
     if isinstance(hq, int) and isinstance(hk, int) and hq % hk:
@@ -125,6 +137,23 @@ def _infer_attention(ins, attrs, consts):
             raise ShapeError(f"Attention: mask must be bool or {ins[0].dtype.name}, got {m.dtype.name}")
         broadcast_shapes(m.shape, (q[0], hq, q[2], k[2]))
     return [TensorType(ins[0].dtype, (q[0], hq, q[2], v[3]))]
+
+
+def _infer_attention_3d(ins, attrs, q, k, v):
+    """[B, T, H*D] inputs: the head counts come from q_num_heads / kv_num_heads."""
+    hq, hk = attrs.get("q_num_heads"), attrs.get("kv_num_heads")
+    if not hq or not hk:
+        raise ShapeError("Attention: 3-D inputs need q_num_heads and kv_num_heads")
+    if hq % hk:
+        raise ShapeError(f"Attention: {hq} query heads are not a multiple of {hk} key/value heads")
+    for name, dims, n in (("query", q, hq), ("key", k, hk), ("value", v, hk)):
+        if isinstance(dims[2], int) and dims[2] % n:
+            raise ShapeError(f"Attention: {name} hidden size {dims[2]} is not a multiple of {n} heads")
+    _same_dtype(ins[:3], "Attention")
+    if len(ins) > 3 and ins[3] is not None:
+        broadcast_shapes(ins[3].shape, (q[0], hq, q[1], k[1]))
+    hidden = hq * (v[2] // hk) if isinstance(v[2], int) else None
+    return [TensorType(ins[0].dtype, (q[0], q[1], hidden))]
 
 
 def _infer_rotary(ins, attrs, consts):
