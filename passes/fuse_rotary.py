@@ -182,7 +182,16 @@ class RotaryRule(Rule):
         i64 = lambda *v: b.const(np.array(v, np.int64))                # noqa: E731
         # [B, T, 1]: x's batch and sequence length; Expand broadcasts a table against it
         # exactly as the Mul broadcast it against x.
-        target = b.op("Concat", b.op("Shape", x, start=0, end=1), b.op("Shape", x, start=2, end=3), i64(1), axis=0)
+        # Read them before the head split when there is one ([B, T, H*D] -> [B, H, T, D]), so the
+        # split stays private to the attention block and `attention-merged-heads` can drop it.
+        split = x.producer if x.producer is not None and x.producer.op == "Transpose" \
+            and x.producer.attrs.get("perm") == [0, 2, 1, 3] else None
+        view = split.inputs[0].producer if split is not None else None
+        if view is not None and view.op == "Reshape" and view.inputs[0].type.rank == 3:
+            bt = b.op("Shape", view.inputs[0], start=0, end=2)                       # [B, T]
+        else:
+            bt = b.op("Concat", b.op("Shape", x, start=0, end=1), b.op("Shape", x, start=2, end=3), axis=0)
+        target = b.op("Concat", bt, i64(1), axis=0)
 
         def cache(t: Value, hint: str) -> Value:
             half = b.op("Slice", t, i64(0), i64(r // 2), i64(-1))                      # (.., T, R/2)

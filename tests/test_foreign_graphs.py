@@ -123,7 +123,10 @@ def test_hf_export_fuses_completely_and_keeps_values(kind, impl, exporter, opset
     assert hist.get("IsNaN", 0) == (LAYERS if impl == "sdpa" else 0)
     if kind == "llama":                    # repeat_kv undone: K and V keep their 2 heads
         for node in graph.nodes:
-            if node.op == "Attention":
+            if node.op == "Attention" and node.inputs[0].type.rank == 3:     # heads merged: [B, T, H*D]
+                assert (node.attrs["q_num_heads"], node.attrs["kv_num_heads"]) == (HEADS, KV_HEADS)
+                assert node.inputs[1].shape[2] == node.inputs[2].shape[2] == KV_HEADS * (HIDDEN // HEADS)
+            elif node.op == "Attention":
                 assert node.inputs[0].shape[1] == HEADS and node.inputs[1].shape[1] == KV_HEADS
                 assert node.inputs[2].shape[1] == KV_HEADS
     feeds = {"input_ids": IDS, "attention_mask": MASK}
