@@ -1,13 +1,14 @@
 """Generated NumPy module vs onnx.reference.ReferenceEvaluator on the same exported model.
 
-The paper's base Transformer (d_model 512, 8 heads, 6+6 layers), batch 1, sequence 32,
-in one process, alternating runs; prints medians and the ratio. Target: the generated
-module at least 2x faster than the reference evaluator.
+The paper's base Transformer (d_model 512, 8 heads, 6+6 layers) by default, or any MODEL
+(`--model gpt2` for GPT-2 124M), batch 1, sequence 32, in one process, alternating runs;
+prints medians and the ratio. Target: the generated module at least 2x faster than the
+reference evaluator.
 
 Note: this machine sets OPENBLAS_CORETYPE=Haswell, which slows NumPy matmuls (both
 contenders use NumPy, so the ratio is fair; absolute times are pessimistic).
 
-    python bench/numpy_vs_reference.py [--repeats 5] [--seq 32]
+    python bench/numpy_vs_reference.py [--model transformer] [--repeats 5] [--seq 32]
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seq", type=int, default=32)
     parser.add_argument("--level", type=int, default=2)
+    parser.add_argument("--model", default="transformer",
+                        help="any MODEL (default: the paper's base Transformer; e.g. gpt2 for GPT-2 124M)")
     args = parser.parse_args()
 
     from onnx.reference import ReferenceEvaluator
@@ -33,19 +36,17 @@ def main() -> None:
     from tgraph.api import build
     from tgraph.codegen.numpy import load_numpy_module, write_numpy_module
     from tgraph.codegen.onnx import to_onnx
+    from tgraph.runtime import make_random_inputs
 
-    built = build("transformer", level=args.level)
+    built = build(args.model, level=args.level)
     graph = built.graph
-    rng = np.random.default_rng(0)
-    inputs = {
-        "input_ids": rng.integers(0, built.model.vocab_size, (1, args.seq)),
-        "decoder_input_ids": rng.integers(0, built.model.vocab_size, (1, args.seq)),
-        "attention_mask": np.ones((1, args.seq), np.int64),
-    }
-    print(f"model: transformer base ({graph.parameter_count():,} parameters, {len(graph.nodes)} nodes, "
+    model_proto = to_onnx(graph)
+    dims = {"batch": 1, "seq": args.seq, "decoder_seq": args.seq}
+    inputs = make_random_inputs(model_proto, dims, seed=0, vocab_size=built.model.vocab_size)
+    print(f"model: {args.model} ({graph.parameter_count():,} parameters, {len(graph.nodes)} nodes, "
           f"-O{args.level}), batch 1, seq {args.seq}; OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '')}")
 
-    ref = ReferenceEvaluator(to_onnx(graph))
+    ref = ReferenceEvaluator(model_proto)
     with tempfile.TemporaryDirectory() as tmp:
         module = load_numpy_module(write_numpy_module(graph, Path(tmp) / "model.py"))
         module.run(inputs)                                  # load weights once (as any user would)
@@ -53,7 +54,7 @@ def main() -> None:
         outs = {}
         for _ in range(args.repeats):
             t = time.perf_counter()
-            outs["numpy module"] = module.run(inputs)["logits"]
+            outs["numpy module"] = next(iter(module.run(inputs).values()))
             times["numpy module"].append(time.perf_counter() - t)
             t = time.perf_counter()
             outs["ReferenceEvaluator"] = ref.run(None, inputs)[0]
