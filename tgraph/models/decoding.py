@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from ..dsl import InputSpec
-from ..dsl.cache import cache_input_specs, position_ids_spec, total_mask_spec
+from ..dsl import InputSpec, padding_keep_mask
+from ..dsl.cache import KVCache, cache_input_specs, layer_caches, position_ids_spec, total_mask_spec
 from ..errors import ConfigError
 from ..ir import DType
 
@@ -67,3 +67,11 @@ def lm_logits(x, tokens, head=None):
     if head is not None:
         return head(x)                                        # (B, T, C) @ (C, V) -> (B, T, V)
     return x @ tokens.weight.swap_last()                      # (B, T, C) @ (C, V) -> (B, T, V)
+
+
+def decoder_state(config: Any, num_layers: int, attention_mask, past: Dict[str, Any]):
+    """What every decoder-only forward starts from: the padding keep-mask (B, 1, 1, P + T) or
+    None, the KV cache (None without `use_cache`) and one per-layer cache slot per layer."""
+    keep = padding_keep_mask(attention_mask) if attention_mask is not None else None
+    cache = KVCache.from_inputs(past, num_layers) if config.use_cache else None
+    return keep, cache, layer_caches(cache, num_layers)

@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 from ..checkpoints import HFAdapter, WeightRule, register_adapter, rule
-from ..dsl import Embedding, LearnedPositions, Linear, Module, ModuleList, padding_keep_mask
-from ..dsl.cache import KVCache, layer_caches
+from ..dsl import Embedding, LearnedPositions, Linear, Module, ModuleList
 from . import gpt_common
-from .decoding import check_cache_options, decoder_input_specs, lm_logits
+from .decoding import check_cache_options, decoder_input_specs, decoder_state, lm_logits
 from .registry import register_model
 
 
@@ -64,11 +63,10 @@ class GPT(Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, **past):
         c = self.config
-        keep = padding_keep_mask(attention_mask) if attention_mask is not None else None  # (B, 1, 1, P + T)
-        cache = KVCache.from_inputs(past, c.n_layer) if c.use_cache else None
+        keep, cache, layer_slots = decoder_state(c, c.n_layer, attention_mask, past)    # keep: (B, 1, 1, P + T)
         past_length = cache.past_length() if cache else None
         x = gpt_common.embed(self.tokens_embed, self.positions_embed, input_ids, past_length, position_ids)  # (B, T, C)
-        for block, layer_cache in zip(self.h, layer_caches(cache, c.n_layer)):
+        for block, layer_cache in zip(self.h, layer_slots):
             x = block(x, keep, layer_cache)
         logits = lm_logits(x, self.tokens_embed, self.lm_head)
         return {"logits": logits, **(cache.outputs() if cache else {})}     # (B, T, V)

@@ -14,11 +14,10 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 from ..checkpoints import HFAdapter, WeightRule, hf_get, refuse_if, register_adapter, rule
-from ..dsl import Embedding, LayerNorm, LearnedPositions, Linear, Module, ModuleList, padding_keep_mask
-from ..dsl.cache import KVCache, layer_caches
+from ..dsl import Embedding, LayerNorm, LearnedPositions, Linear, Module, ModuleList
 from ..errors import ConfigError
 from . import gpt_common
-from .decoding import check_cache_options, decoder_input_specs, lm_logits
+from .decoding import check_cache_options, decoder_input_specs, decoder_state, lm_logits
 from .registry import register_model
 
 
@@ -77,11 +76,10 @@ class GPT2(Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, **past):
         c = self.config
-        keep = padding_keep_mask(attention_mask) if attention_mask is not None else None  # (B, 1, 1, P + T)
-        cache = KVCache.from_inputs(past, c.n_layer) if c.use_cache else None
+        keep, cache, layer_slots = decoder_state(c, c.n_layer, attention_mask, past)    # keep: (B, 1, 1, P + T)
         past_length = cache.past_length() if cache else None
         x = gpt_common.embed(self.wte, self.wpe, input_ids, past_length, position_ids)  # (B, T, C)
-        for block, layer_cache in zip(self.h, layer_caches(cache, c.n_layer)):
+        for block, layer_cache in zip(self.h, layer_slots):
             x = block(x, keep, layer_cache)
         x = self.ln_f(x)
         logits = lm_logits(x, self.wte, self.lm_head)

@@ -15,13 +15,12 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 from ..checkpoints import HFAdapter, WeightRule, hf_get, linear, register_adapter, rule, transposed
-from ..dsl import (ACTIVATIONS, Embedding, FeedForward, Linear, Module, ModuleList, MultiHeadAttention,
-                   RMSNorm, padding_keep_mask)
-from ..dsl.cache import KVCache, layer_caches, positions
+from ..dsl import (ACTIVATIONS, Embedding, FeedForward, Linear, Module, ModuleList, MultiHeadAttention, RMSNorm)
+from ..dsl.cache import positions
 from ..dsl.rotary import RotaryEmbedding
 from ..errors import ConfigError
 from .hf_options import activation_from_hf, rope_from_hf
-from .decoding import check_cache_options, decoder_input_specs, lm_logits
+from .decoding import check_cache_options, decoder_input_specs, decoder_state, lm_logits
 from .registry import register_model
 
 
@@ -106,12 +105,11 @@ class Llama(Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, **past):
         c = self.config
-        keep = padding_keep_mask(attention_mask) if attention_mask is not None else None   # (B, 1, 1, P + T)
-        cache = KVCache.from_inputs(past, c.num_layers) if c.use_cache else None
+        keep, cache, layer_slots = decoder_state(c, c.num_layers, attention_mask, past)    # keep: (B, 1, 1, P + T)
         pos = positions(input_ids, cache.past_length(), position_ids) if cache else None   # (T,) or (B, T)
         rotary = self.rotary.bind(input_ids, positions=pos)               # cos/sin: ((B, 1,) T, R)
         x = self.embed_tokens(input_ids)                                  # (B, T, C)
-        for layer, layer_cache in zip(self.layers, layer_caches(cache, c.num_layers)):
+        for layer, layer_cache in zip(self.layers, layer_slots):
             x = layer(x, keep, rotary, layer_cache)
         x = self.norm(x)
         logits = lm_logits(x, self.embed_tokens, None if c.tie_word_embeddings else self.lm_head)  # (B, T, V)
