@@ -406,7 +406,6 @@ def report(mname, spec, model, contenders, seqs, peak, results) -> None:
     anchors = [c for c in contenders if c.is_anchor and c.times]
     tg = [c for c in contenders if not c.is_anchor and c.times]
     best_anchor_export = min((c.export_s for c in anchors), default=float("nan"))
-    best_tg_export = min((c.export_s for c in tg), default=float("nan"))
     if anchors and tg:
         print(f"export speed-up (best anchor / slowest tgraph level): "
               f"{best_anchor_export / max(c.export_s for c in tg):.1f}x")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import ast
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -378,7 +377,6 @@ def test_hostile_names_cannot_inject_code(evil, tmp_path):
 
 def test_values_never_shadow_module_names(tmp_path):
     g = Graph(name="shadow")
-    b = Builder(g)
     x = g.add_input("inputs", TensorType(DType.float32, (2,)))
     cur = x
     for name in sorted(RESERVED | {"k", "softmax", "load_weights", "__file__", "_private", "class", "float"}):
