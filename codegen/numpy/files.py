@@ -1,8 +1,8 @@
 """Writing a generated module and its weights to disk, and importing it back.
 
-`write_numpy_module` writes ``model.py`` and ``model.npz`` atomically: both go to
-temporary files in the destination directory first and are moved into place with
-`os.replace`, so a failure leaves neither a partial file nor a stray temporary behind.
+`write_numpy_module` writes ``model.py`` and ``model.npz`` as one all-or-nothing pair
+(`tgraph.atomic.write_files`, shared with the ONNX writer): a failure leaves the previous
+pair as it was, neither a partial file nor a stray temporary behind.
 The weights file is a plain ``.npz`` keyed by the exact value names; it is written
 with `numpy.lib.format` directly (not `np.savez(**names)`, where a weight called
 ``file`` would collide with a keyword argument) and read back to check every name
@@ -13,14 +13,14 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 from types import ModuleType
-from typing import Dict, Union
+from typing import Dict, Optional, Union
 
 import numpy as np
 
+from tgraph.atomic import write_files
 from tgraph.errors import ExportError
 from tgraph.ir.core import Graph
 from tgraph.ir.names import sanitize
@@ -40,12 +40,6 @@ def write_npz(fileobj, arrays: Dict[str, np.ndarray]) -> None:
                 np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
 
 
-def _temp_beside(path: Path) -> Path:
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    return Path(name)
-
-
 def write_numpy_module(graph: Graph, path: Union[str, os.PathLike]) -> Path:
     """Write the module to `path` and its weights to `path.with_suffix(".npz")`; returns `path`."""
     path = Path(path)
@@ -56,38 +50,19 @@ def write_numpy_module(graph: Graph, path: Union[str, os.PathLike]) -> Path:
     weights = plan_weights(graph)
     if not path.parent.is_dir():
         raise ExportError(f"directory {str(path.parent)!r} does not exist")
-    temps = []
-    placed = None
-    try:
-        tmp_weights = _temp_beside(weights_path)
-        temps.append(tmp_weights)
-        with open(tmp_weights, "wb") as f:
-            write_npz(f, weights)
-        with np.load(tmp_weights, allow_pickle=False) as check:
-            if sorted(check.files) != sorted(weights):
-                lost = sorted(set(weights) - set(check.files))
+
+    def write_module(f, weights_name: Optional[str]) -> None:
+        text = source if weights_name == weights_path.name else generate_source(graph, weights_name)
+        f.write(text.encode("utf-8"))
+
+    def check(_module_tmp: Path, written: Optional[Path]) -> None:
+        with np.load(written, allow_pickle=False) as back:
+            if sorted(back.files) != sorted(weights):
+                lost = sorted(set(weights) - set(back.files))
                 raise ExportError(f"weight names do not survive the .npz format: {lost[:5]!r}")
-        tmp_module = _temp_beside(path)
-        temps.append(tmp_module)
-        with open(tmp_module, "w", encoding="utf-8", newline="\n") as f:
-            f.write(source)
-        os.replace(tmp_weights, weights_path)
-        placed = weights_path
-        os.replace(tmp_module, path)
-        placed = None
-    except BaseException:
-        for t in temps:
-            try:
-                t.unlink()
-            except FileNotFoundError:
-                pass
-        if placed is not None:
-            try:
-                placed.unlink()
-            except FileNotFoundError:
-                pass
-        raise
-    return path
+
+    return write_files(path, write_module, companion=weights_path,
+                       write_companion=lambda f, _name: write_npz(f, weights), check=check)
 
 
 def load_numpy_module(path: Union[str, os.PathLike]) -> ModuleType:

@@ -5,25 +5,27 @@ constants and nodes are named in emission order, and protobuf is serialised
 deterministically. `ir_version` is the lowest one that carries the opset (capped at
 13, which onnxruntime 1.31 still reads; onnx 1.23 would write 14).
 
-Saving is atomic: everything is written to temporary files in the destination
-directory and moved into place with `os.replace`, so a failure leaves no partial
-model and no partial ``.data`` file behind. Weights go to one sibling
-``<name>.onnx.data`` file when asked to, or when they would push the model near
-protobuf's 2 GiB limit.
+Saving is all-or-nothing (`tgraph.atomic.write_files`): the model and its
+``.data`` file are replaced as a pair, writers of one path take turns, and the file
+passes `onnx.checker` with ``full_check`` before it is moved into place, so a failure
+or an invalid model leaves the previous pair as it was and no new file. Weights go to
+one sibling ``<name>.onnx.data`` file when asked to, or when they would push the model
+near protobuf's 2 GiB limit.
 """
 from __future__ import annotations
 
 import os
-import secrets
 import sys
 from pathlib import Path
 from typing import List, Optional, Tuple, Union
 
 import numpy as np
+import onnx
 from onnx import ModelProto, TensorProto, helper
 from onnx.external_data_helper import set_external_data
 
 import tgraph
+from tgraph.atomic import write_files
 from tgraph.errors import ExportError
 from tgraph.ir.core import Graph
 from tgraph.ir.types import DType
@@ -140,19 +142,6 @@ def _tensor_nbytes(t: TensorProto) -> int:
     return t.ByteSize()
 
 
-def _open_temp(directory: Path, name: str):
-    """A new file next to its destination (same filesystem, so os.replace is atomic)."""
-    tmp = directory / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    return tmp, os.fdopen(fd, "wb")
-
-
-def _close(f) -> None:
-    f.flush()
-    os.fsync(f.fileno())
-    f.close()
-
-
 def _externalize(model: ModelProto, f, location: str, size_threshold: int,
                  moved: List[Tuple[TensorProto, Optional[bytes]]], keep: bool = True) -> None:
     """Move raw tensor data of at least `size_threshold` bytes into `f`, noting each move in `moved`
@@ -171,6 +160,24 @@ def _externalize(model: ModelProto, f, location: str, size_threshold: int,
         set_external_data(t, location, offset=offset, length=len(data))
         t.ClearField("raw_data")
         offset += len(data)
+
+
+def _relocate(model: ModelProto, location: str) -> None:
+    """Point every externally stored initializer at `location` (the data file's final name)."""
+    for t in model.graph.initializer:
+        if t.data_location == TensorProto.EXTERNAL:
+            for entry in t.external_data:
+                if entry.key == "location":
+                    entry.value = location
+
+
+def check_file(file: Path, shown_as: Path) -> None:
+    """`onnx.checker` with `full_check` on a written file; refuses it in one line naming `shown_as`."""
+    try:
+        onnx.checker.check_model(str(file), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        reason = " ".join(str(e).split())
+        raise ExportError(f"{shown_as.name} would not be a valid ONNX model, so it was not written: {reason}") from None
 
 
 def _restore(moved: List[Tuple[TensorProto, Optional[bytes]]]) -> None:
@@ -212,17 +219,14 @@ def save_onnx(graph_or_model: Union[Graph, ModelProto], path: Union[str, os.Path
         sum(_tensor_nbytes(t) for t in model.graph.initializer)
     external = total > AUTO_EXTERNAL_BYTES if external_data is None else bool(external_data)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data_path = path.with_name(path.name + ".data")
-    temps: List[Path] = []
     moved: List[Tuple[TensorProto, Optional[bytes]]] = []
-    try:
-        if external:
-            tmp, f = _open_temp(path.parent, data_path.name)
-            temps.append(tmp)
-            try:
-                _externalize(model, f, data_path.name, size_threshold, moved, keep=not owned)
-            finally:
-                _close(f)
+
+    def write_data(f, location: str) -> None:
+        _externalize(model, f, location, size_threshold, moved, keep=not owned)
+
+    def write_model(f, location: Optional[str]) -> None:
+        if location is not None:
+            _relocate(model, location)
         # ByteSize() serialises the whole model to count it: only pay for that near the limit
         inline = sum(_tensor_nbytes(t) for t in model.graph.initializer) if external else total
         near = inline > PROTOBUF_LIMIT // 2
@@ -230,25 +234,13 @@ def save_onnx(graph_or_model: Union[Graph, ModelProto], path: Union[str, os.Path
         if size > PROTOBUF_LIMIT:
             raise ExportError(f"save_onnx: {path.name} would be {size} bytes, over protobuf's 2 GiB limit; "
                               "pass external_data=True")
-        payload = model.SerializeToString(deterministic=True)
-        tmp, f = _open_temp(path.parent, path.name)
-        temps.append(tmp)
-        try:
-            f.write(payload)
-            if deferred:
-                _write_deferred(f, deferred)
-        finally:
-            _close(f)
-        if moved:
-            os.replace(temps[0], data_path)
-        try:
-            os.replace(temps[-1], path)
-        except BaseException:
-            if moved:
-                data_path.unlink(missing_ok=True)
-            raise
+        f.write(model.SerializeToString(deterministic=True))
+        if deferred:
+            _write_deferred(f, deferred)
+
+    try:
+        write_files(path, write_model, companion=path.with_name(path.name + ".data"),
+                    write_companion=write_data if external else None, check=lambda tmp, _: check_file(tmp, path))
     finally:
         _restore(moved)
-        for tmp in temps:
-            tmp.unlink(missing_ok=True)
     return path
