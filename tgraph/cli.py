@@ -15,9 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -299,7 +301,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_optimize(args) -> int:
-    from .codegen.onnx import save_onnx
+    from .codegen.onnx import DEFAULT_OPSET, save_onnx
     from .onnx_import import import_onnx
     from .passes import optimize
 
@@ -312,8 +314,9 @@ def cmd_optimize(args) -> int:
     graph = import_onnx(args.input)
     before = len(graph.nodes)
     result = optimize(graph, level=args.level, pipeline=args.pipeline)
-    kwargs = {} if args.opset is None else {"opset": args.opset}
-    save_onnx(graph, out, **kwargs)
+    # an older model is written at the default opset; a newer one keeps its own (never rewritten as older)
+    opset = args.opset if args.opset is not None else max(DEFAULT_OPSET, graph.meta.get("onnx_opset", 0))
+    save_onnx(graph, out, opset=opset)
     took = time.perf_counter() - start
     print(f"wrote {out} ({before} -> {len(graph.nodes)} nodes, {took:.2f}s)")
     if args.report:
@@ -341,19 +344,42 @@ COMMANDS = {"export": cmd_export, "optimize": cmd_optimize, "codegen": cmd_codeg
             "generate": cmd_generate}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is so that it unwinds (and cleans up) as on Ctrl-C."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextmanager
+def _sigterm_unwinds():
+    """While a command runs, SIGTERM takes SIGINT's path: writers remove their temporaries."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:                       # not the main thread: signals stay as they are
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        with _sigterm_unwinds():
+            return COMMANDS[args.command](args)
     except TgraphError as e:
         if args.debug:
             raise
         print(f"tgraph: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("tgraph: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print("tgraph: terminated" if isinstance(e, Terminated) else "tgraph: interrupted", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
     except OSError as e:
         if args.debug:
             raise

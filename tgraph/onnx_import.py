@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 
+from .codegen.onnx.export import SUPPORTED_OPSETS
 from .errors import TgraphError
 from .ir import Builder, DType, Graph, TensorType, Value
 from .ir.opdefs import OPS
@@ -148,6 +149,11 @@ class _Importer:
         if self.opset is None or self.opset < MIN_OPSET:
             raise OnnxImportError(f"model uses opset {self.opset} of the standard domain; tgraph imports "
                                   f"opset {MIN_OPSET} and later (convert it with onnx.version_converter)")
+        newest = max(SUPPORTED_OPSETS)       # ops may have changed since: tgraph could not write it back as it is
+        if self.opset > newest:
+            raise OnnxImportError(f"model uses opset {self.opset} of the standard domain, newer than tgraph knows; "
+                                  f"it imports opsets {MIN_OPSET}..{newest} (convert it with onnx.version_converter)")
+        g.meta["onnx_opset"] = self.opset
         out_names = [o.name for o in mg.output]
         init_names = {t.name for t in mg.initializer}
         for vi in mg.input:                      # interface names are kept exactly
