@@ -15,8 +15,8 @@ is being replaced:
 
 Writers of one path are serialised with `fcntl.flock` on a hidden lock file beside it,
 removed when the write ends. Where `fcntl` is missing (Windows) writers are not
-serialised: each write is still all-or-nothing, but two writes to one path at the same
-time may leave one's main file naming the other's companion.
+serialised: each write alone is still all-or-nothing, but two writes to one path at the
+same time may leave one's main file naming the other's companion, or a removed one.
 
 Temporary files are hidden and carry their writer's pid, ``.m.onnx.tgraph-<pid>-<hex>.tmp``.
 Every write first removes those in its directory whose writer process is gone (killed by
@@ -133,7 +133,7 @@ def _remove_old_companions(usual: Path, keep: Optional[Path]) -> None:
     pattern = re.compile(rf"^{re.escape(usual.stem)}\.{TAG}-\d+-[0-9a-f]{{8}}{re.escape(usual.suffix)}$")
     for p in [usual] + [usual.with_name(n) for n in _listdir(usual.parent) if pattern.match(n)]:
         if p != keep:
-            _unlink(p)
+            _try_unlink(p)
 
 
 # ------------------------------------------------------------------------------ temporaries
@@ -165,8 +165,7 @@ def remove_stale_temps(directory: Path) -> List[str]:
     removed = []
     for name in _listdir(directory):
         m = _TEMP.match(name)
-        if m and _writer_gone(int(m.group(1))):
-            _unlink(directory / name)
+        if m and _writer_gone(int(m.group(1))) and _try_unlink(directory / name):
             removed.append(name)
         elif _LOCK.match(name) and _remove_if_unheld(directory / name):
             removed.append(name)
@@ -199,6 +198,15 @@ def _unlink(p: Path) -> None:
         pass
 
 
+def _try_unlink(p: Path) -> bool:
+    """Tidying up is best effort: a file we may not remove (another user's, a directory) stays."""
+    try:
+        os.unlink(p)
+        return True
+    except OSError:
+        return False
+
+
 # ------------------------------------------------------------------------------ locking
 def _lock_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{TAG}.lock")
@@ -212,7 +220,7 @@ def _locked(path: Path) -> Iterator[None]:
         return
     lock = _lock_path(path)
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             if _same_file(fd, lock):
@@ -240,7 +248,7 @@ def _remove_if_unheld(lock: Path) -> bool:
     if fcntl is None:
         return False
     try:
-        fd = os.open(lock, os.O_RDWR)
+        fd = os.open(lock, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
     except OSError:
         return False
     try:
@@ -249,9 +257,6 @@ def _remove_if_unheld(lock: Path) -> bool:
         os.close(fd)
         return False
     try:
-        if _same_file(fd, lock):
-            _unlink(lock)
-            return True
-        return False
+        return _same_file(fd, lock) and _try_unlink(lock)
     finally:
         os.close(fd)
