@@ -18,6 +18,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -341,11 +342,17 @@ COMMANDS = {"export": cmd_export, "optimize": cmd_optimize, "codegen": cmd_codeg
             "generate": cmd_generate}
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"tgraph: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            return COMMANDS[args.command](args)
     except TgraphError as e:
         if args.debug:
             raise
@@ -354,6 +361,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("tgraph: interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, RecursionError) as e:   # input too large or too deep for this machine
+        if args.debug:
+            raise
+        what = "out of memory" if isinstance(e, MemoryError) else "input nested too deeply"
+        print(f"tgraph: error: {what} ({type(e).__name__}: {str(e)[:200] or 'no details'})", file=sys.stderr)
+        return EXIT_USER_ERROR
     except OSError as e:
         if args.debug:
             raise

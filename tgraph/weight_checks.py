@@ -1,0 +1,52 @@
+"""Checks on each checkpoint tensor as it is converted: its dtype, and whether it holds NaN/inf.
+
+A weight stored as int32, int64 or bool (a mislabelled header, a wrong tensor under a weight's
+name) would otherwise be cast to float silently and give wrong numbers; it is refused, naming
+the tensor, its dtype and the expected one. NaN or inf weights are legal bytes but poison every
+output they reach; they are counted (one float64 sum per tensor, a precise count only when the
+sum is not finite) and reported in one warning per checkpoint.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Dict, Tuple
+
+import numpy as np
+
+from .errors import CheckpointError, TgraphWarning
+
+SHOWN = 5          # tensors named in the NaN/inf warning; the rest are counted
+
+
+def check_weight_dtype(array: np.ndarray, tensor: str, label: str, expected: str = "float32") -> None:
+    """CheckpointError unless `array` holds floating-point numbers (the weights' dtype is `expected`)."""
+    if array.dtype.kind != "f":
+        raise CheckpointError(f"{label}: tensor {tensor!r} has dtype {array.dtype}; expected a floating-point "
+                              f"tensor ({expected}) - refusing to cast it")
+
+
+class NonFiniteWeights:
+    """Collects, tensor by tensor, how many NaN and inf values a checkpoint holds."""
+
+    def __init__(self) -> None:
+        self.found: Dict[str, Tuple[int, int]] = {}      # tensor -> (NaN count, inf count)
+
+    def count(self, array: np.ndarray, tensor: str) -> None:
+        if array.dtype.kind != "f" or tensor in self.found or not array.size:
+            return
+        if np.isfinite(np.sum(array, dtype=np.float64)):  # cheap: no temporary of the tensor's size
+            return
+        nan = int(np.count_nonzero(np.isnan(array)))
+        inf = int(np.count_nonzero(np.isinf(array)))
+        if nan or inf:                                    # (a finite tensor whose sum overflowed has neither)
+            self.found[tensor] = (nan, inf)
+
+    def message(self, label: str) -> str:
+        parts = [f"{name!r} ({nan} NaN, {inf} inf)" for name, (nan, inf) in list(self.found.items())[:SHOWN]]
+        more = len(self.found) - SHOWN
+        return (f"{label}: {len(self.found)} checkpoint tensor{'s' if len(self.found) > 1 else ''} hold NaN/inf "
+                f"weights: {', '.join(parts)}" + (f" and {more} more" if more > 0 else ""))
+
+    def warn(self, label: str) -> None:
+        if self.found:
+            warnings.warn(self.message(label), TgraphWarning, stacklevel=3)
