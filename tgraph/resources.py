@@ -20,7 +20,7 @@ import math
 import os
 import resource
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from .errors import ConfigError
 from .models.config_checks import repeated_fields
