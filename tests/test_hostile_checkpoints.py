@@ -273,3 +273,71 @@ def test_hugging_face_cache_links_are_followed(case_dirs):
         os.symlink(Path("..", "..", "blobs", f"sha-{name}"), snap / name)
     export_onnx(str(snap), case_dirs / "out" / "m.onnx")
     assert (case_dirs / "out" / "m.onnx").is_file()
+
+
+# ---------------------------------------------------------------- the general mechanisms behind the table
+def registered_configs():
+    from tgraph.models.registry import MODELS, get_family
+
+    get_family("gpt2")                       # imports the zoo
+    return sorted((name, family.config_cls) for name, family in MODELS.items())
+
+
+@pytest.mark.parametrize("name,config_cls", registered_configs())
+def test_every_field_of_every_family_is_type_and_range_checked(name, config_cls):
+    """Each float field refuses inf, NaN and a string; each int field a string and a float; each bool a string."""
+    import dataclasses
+    import typing
+
+    from tgraph.errors import ConfigError
+
+    hints = typing.get_type_hints(config_cls)
+    checked = 0
+    for field in dataclasses.fields(config_cls):
+        kind = hints[field.name]
+        kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
+        bad = {float: [float("inf"), float("nan"), "1e-5"], int: ["4", 4.0, True], bool: ["false", 1],
+               str: [3]}.get(kind, [])
+        for value in bad:
+            with pytest.raises(ConfigError, match=rf"{field.name} must be"):
+                config_cls(**{field.name: value})
+            checked += 1
+    assert checked > 10
+
+
+@pytest.mark.parametrize("name,config_cls", registered_configs())
+def test_size_estimate_equals_the_built_model(name, config_cls):
+    """The multilinear extrapolation from small probes is exact for every family (here at 3 of each
+    repeated field, where 1 and 2 are the probes)."""
+    from tgraph.models.config_checks import repeated_fields
+    from tgraph.models.registry import MODELS
+    from tgraph.resources import estimate
+
+    family = MODELS[name]
+    config = config_cls(**{f: 3 for f in repeated_fields(config_cls())})
+    model = family.build(config)
+    est = estimate(family.build, config)
+    assert (est.parameters, est.modules) == (model.parameter_count(), sum(1 for _ in model.named_modules()))
+
+
+def test_memory_error_is_one_line_from_the_cli(case_dirs, capsys):
+    """A model the estimate cannot see (a user's factory) that allocates too much: one line, exit 2."""
+    src = case_dirs / "big.py"
+    src.write_text("from tgraph.dsl import Module, Linear, InputSpec\n"
+                   "from tgraph.ir import DType\n"
+                   "class Big(Module):\n"
+                   "    def __init__(self, width):\n"
+                   "        super().__init__()\n"
+                   "        self.fc = Linear(1000, width)\n"
+                   "    def input_specs(self):\n"
+                   "        return {'x': InputSpec(DType.float32, ('batch', 1000))}\n"
+                   "    def forward(self, x):\n"
+                   "        return {'y': self.fc(x)}\n"
+                   "def make(width=3):\n"
+                   "    return Big(width)\n")
+    code = main(["export", f"{src}:make", "-o", str(case_dirs / "out" / "m.onnx"), "--set", "width=1000000000000"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tgraph: error: out of memory (MemoryError"), err
+    assert os.listdir(case_dirs / "out") == []

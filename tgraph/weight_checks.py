@@ -3,13 +3,13 @@
 A weight stored as int32, int64 or bool (a mislabelled header, a wrong tensor under a weight's
 name) would otherwise be cast to float silently and give wrong numbers; it is refused, naming
 the tensor, its dtype and the expected one. NaN or inf weights are legal bytes but poison every
-output they reach; they are counted (one float64 sum per tensor, a precise count only when the
-sum is not finite) and reported in one warning per checkpoint.
+output they reach; they are counted (one sum per tensor, accumulated in float32 or wider so float16 cannot
+overflow; a precise count only when the sum is not finite) and reported in one warning per checkpoint.
 """
 from __future__ import annotations
 
 import warnings
-from typing import Dict, Tuple
+from typing import Dict, Set, Tuple
 
 import numpy as np
 
@@ -30,11 +30,13 @@ class NonFiniteWeights:
 
     def __init__(self) -> None:
         self.found: Dict[str, Tuple[int, int]] = {}      # tensor -> (NaN count, inf count)
+        self.seen: Set[str] = set()                      # a fused tensor feeds several parameters
 
     def count(self, array: np.ndarray, tensor: str) -> None:
-        if array.dtype.kind != "f" or tensor in self.found or not array.size:
+        if array.dtype.kind != "f" or tensor in self.seen or not array.size:
             return
-        if np.isfinite(np.sum(array, dtype=np.float64)):  # cheap: no temporary of the tensor's size
+        self.seen.add(tensor)
+        if np.isfinite(np.sum(array, dtype=np.promote_types(array.dtype, np.float32))):   # no temporary array
             return
         nan = int(np.count_nonzero(np.isnan(array)))
         inf = int(np.count_nonzero(np.isinf(array)))
@@ -44,8 +46,9 @@ class NonFiniteWeights:
     def message(self, label: str) -> str:
         parts = [f"{name!r} ({nan} NaN, {inf} inf)" for name, (nan, inf) in list(self.found.items())[:SHOWN]]
         more = len(self.found) - SHOWN
-        return (f"{label}: {len(self.found)} checkpoint tensor{'s' if len(self.found) > 1 else ''} hold NaN/inf "
-                f"weights: {', '.join(parts)}" + (f" and {more} more" if more > 0 else ""))
+        many = len(self.found) > 1
+        return (f"{label}: {len(self.found)} checkpoint tensor{'s hold' if many else ' holds'} NaN/inf weights: "
+                f"{', '.join(parts)}" + (f" and {more} more" if more > 0 else ""))
 
     def warn(self, label: str) -> None:
         if self.found:
