@@ -92,7 +92,7 @@ def activation_from_hf(hf: Mapping[str, Any], key: str, table: Mapping[str, str]
                        model_type: str) -> str:
     """Map HF's activation name to ours; an activation we do not implement is refused by name."""
     value = hf_get(hf, key, default)
-    if value not in table:
+    if not isinstance(value, str) or value not in table:
         raise ConfigError(f"{model_type}: config option {key}={value!r} is not supported "
                           f"(supported: {', '.join(repr(a) for a in table)})")
     return table[value]

@@ -80,7 +80,7 @@ def activation_from_hf(hf: Mapping[str, Any], model_type: str, default: str, key
     value = hf.get(key, default)
     if value is None:
         value = default
-    if value not in HF_ACTIVATIONS:
+    if not isinstance(value, str) or value not in HF_ACTIVATIONS:
         raise ConfigError(f"{model_type}: config option {key}={value!r} is not supported "
                           f"(supported: {', '.join(sorted(HF_ACTIVATIONS))})")
     return HF_ACTIVATIONS[value]

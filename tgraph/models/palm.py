@@ -46,7 +46,7 @@ class PaLMConfig:
     attention_bias: bool = False
     mlp_bias: bool = False
     layer_norm_eps: float = epsilon(1e-5)
-    rotary_pct: float = fraction(1.0)               # fraction of each head's dims that rotate (GPT-NeoX: 0.25)
+    rotary_pct: float = fraction(1.0)      # fraction of each head's dims that rotate (GPT-NeoX: 0.25)
     rope_theta: float = positive(10000.0)
     tie_word_embeddings: bool = True
     use_cache: bool = False                # KV-cache inputs/outputs (tgraph.dsl.cache): past_key_values.*, present.*

@@ -285,12 +285,12 @@ def _feed_forward_from_hf(hf: Mapping[str, Any]) -> str:
     """HF's `dense_act_fn`/`is_gated_act` (written next to feed_forward_proj, and winning over it
     when present) must agree with the feed_forward_proj we implement."""
     proj = hf.get("feed_forward_proj", "relu")
-    if proj not in FEED_FORWARD:
+    if not isinstance(proj, str) or proj not in FEED_FORWARD:
         raise ConfigError(f"t5: config option feed_forward_proj={proj!r} is not supported "
                           f"(supported: {', '.join(repr(p) for p in FEED_FORWARD)})")
     gated, act = FEED_FORWARD[proj]
     hf_act = hf.get("dense_act_fn")
-    if hf_act is not None and HF_ACTIVATIONS.get(hf_act) != act:
+    if hf_act is not None and (not isinstance(hf_act, str) or HF_ACTIVATIONS.get(hf_act) != act):
         raise ConfigError(f"t5: config option dense_act_fn={hf_act!r} is not supported with "
                           f"feed_forward_proj={proj!r} (expected the activation it names)")
     if hf.get("is_gated_act") is not None and bool(hf["is_gated_act"]) != gated:
