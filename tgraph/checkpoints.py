@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import numpy as np
 
 from .errors import CheckpointError, ConfigError
+from .weight_checks import NonFiniteWeights, check_weight_dtype
 
 # our parameter name -> (HF tensor names, transform(*arrays) -> array)
 WeightRule = Tuple[Tuple[str, ...], Callable[..., np.ndarray]]
@@ -91,17 +92,56 @@ def refuse_if(hf: Mapping[str, Any], key: str, allowed: Iterable[Any], model_typ
 
 
 # ---------------------------------------------------------------- files
-def read_config(directory: Path) -> Dict[str, Any]:
-    path = directory / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{directory}: no config.json (not a Hugging Face checkpoint directory)")
+def checkpoint_file(directory: Path, name: str) -> Path:
+    """`directory / name`, refused (CheckpointError) if it resolves outside the directory.
+
+    A symlink in a checkpoint directory could otherwise make tgraph read, and echo parts of, any
+    file the user can read (model.safetensors -> /etc/passwd). The one exception is the Hugging
+    Face cache's own layout, where `snapshots/<rev>/<file>` links to `../../blobs/<hash>`.
+    """
+    path = directory / name
+    root = directory.resolve()
+    target = path.resolve()
+    allowed = [root]
+    if root.parent.name == "snapshots":
+        allowed.append(root.parent.parent / "blobs")
+    if not any(target == a or a in target.parents for a in allowed):
+        raise CheckpointError(f"{path}: resolves to {target}, outside the checkpoint directory; "
+                              "refusing to follow the link")
+    return path
+
+
+def read_json_file(path: Path) -> Any:
+    """A JSON file's value; CheckpointError naming the file for malformed or absurdly nested JSON."""
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: JSON nested too deeply to read") from None
+
+
+def read_config(directory: Path) -> Dict[str, Any]:
+    path = checkpoint_file(directory, "config.json")
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no config.json (not a Hugging Face checkpoint directory)")
+    config = read_json_file(path)
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return config
+
+
+def read_index(index: Path) -> Dict[str, str]:
+    """model.safetensors.index.json's `weight_map`: {tensor name: shard file name}, both strings."""
+    data = read_json_file(index)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: not a valid safetensors index (weight_map must be a JSON object "
+                              f"of tensor name -> shard file, got {type(weight_map).__name__})")
+    for name, fname in weight_map.items():
+        if not isinstance(fname, str):
+            raise CheckpointError(f"{index}: weight_map[{name!r}] must be a shard file name, got {fname!r}")
+    return weight_map
 
 
 class SafetensorsWeights:
@@ -110,17 +150,14 @@ class SafetensorsWeights:
     def __init__(self, directory: Path):
         self.directory = directory
         self.files: Dict[str, Path] = {}          # tensor name -> file
-        single = directory / "model.safetensors"
-        index = directory / "model.safetensors.index.json"
+        single = checkpoint_file(directory, "model.safetensors")
+        index = checkpoint_file(directory, "model.safetensors.index.json")
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            weight_map = read_index(index)
             for name, fname in weight_map.items():
                 if os.sep in fname or "/" in fname or fname.startswith("."):
                     raise CheckpointError(f"{index}: shard name {fname!r} points outside the directory")
-                self.files[name] = directory / fname
+                self.files[name] = checkpoint_file(directory, fname)
         elif single.is_file():
             for name in self._keys(single):
                 self.files[name] = single
@@ -222,13 +259,18 @@ def convert_weights(source: SafetensorsWeights, rules: Mapping[str, WeightRule],
 
     total_bytes = sum(os.path.getsize(p) for p in set(source.files.values()) if p.is_file())
     show = total_bytes > 200 * 2**20          # progress only for loads that take a moment
+    nonfinite = NonFiniteWeights()
     for ours, (hf_names, fn) in tqdm(items, desc=f"loading {label}", unit="tensor", disable=not show, leave=False):
         arrays = [source.get(h) for h in hf_names]
+        for h, array in zip(hf_names, arrays):
+            check_weight_dtype(array, source.original(h), label)
+            nonfinite.count(array, source.original(h))
         try:
             out[ours] = np.asarray(fn(*arrays))
         except ValueError as e:
             raise CheckpointError(f"{label}: tensor {source.original(hf_names[0])!r} has an unexpected shape "
                                   f"{tuple(arrays[0].shape)} for {ours} ({e})") from None
+    nonfinite.warn(label)
     return out
 
 
@@ -238,6 +280,8 @@ def adapter_for(config: Dict[str, Any], directory: Path) -> HFAdapter:
     model_type = config.get("model_type")
     if not model_type:
         raise CheckpointError(f"{directory / 'config.json'}: no model_type")
+    if not isinstance(model_type, str):
+        raise CheckpointError(f"{directory / 'config.json'}: model_type must be a string, got {model_type!r}"[:200])
     adapter = HF_ADAPTERS.get(model_type)
     if adapter is None:
         raise ConfigError(f"{directory / 'config.json'}: model_type {model_type!r} is not supported "
@@ -252,12 +296,16 @@ def adapter_for(config: Dict[str, Any], directory: Path) -> HFAdapter:
 def load_checkpoint_model(directory, overrides: Optional[Mapping[str, str]] = None):
     """A checkpoint directory -> `LoadedModel` with its weights assigned."""
     from .models import get_family, make_config
+    from .resources import check_fits
     from .sources import LoadedModel
 
     directory = Path(directory)
     hf = read_config(directory)
     adapter = adapter_for(hf, directory)
-    config = adapter.config_from_hf(hf)
+    try:
+        config = adapter.config_from_hf(hf)
+    except ConfigError as e:
+        raise ConfigError(f"{directory / 'config.json'}: {e}") from None
     source = SafetensorsWeights(directory)
     source.strip_prefixes(adapter.base_prefixes)
     source.rename(adapter.renames)
@@ -266,6 +314,7 @@ def load_checkpoint_model(directory, overrides: Optional[Mapping[str, str]] = No
     if overrides:
         config = make_config(type(config), overrides, base=config)
     family = get_family(adapter.family)
+    check_fits(family, config, str(directory))
     model = family.build(config)
     rules = adapter.weight_map(config)
     weights = convert_weights(source, rules, adapter.ignore, label=str(directory))

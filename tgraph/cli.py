@@ -19,6 +19,7 @@ import signal
 import sys
 import tempfile
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -366,11 +367,16 @@ def _sigterm_unwinds():
         signal.signal(signal.SIGTERM, previous)
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"tgraph: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        with _sigterm_unwinds():
+        with _sigterm_unwinds(), warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
             return COMMANDS[args.command](args)
     except TgraphError as e:
         if args.debug:
@@ -380,6 +386,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt as e:
         print("tgraph: terminated" if isinstance(e, Terminated) else "tgraph: interrupted", file=sys.stderr)
         return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
+    except (MemoryError, RecursionError) as e:   # input too large or too deep for this machine
+        if args.debug:
+            raise
+        what = "out of memory" if isinstance(e, MemoryError) else "input nested too deeply"
+        print(f"tgraph: error: {what} ({type(e).__name__}: {str(e)[:200] or 'no details'})", file=sys.stderr)
+        return EXIT_USER_ERROR
     except OSError as e:
         if args.debug:
             raise

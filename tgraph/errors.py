@@ -35,3 +35,10 @@ class RuntimeBackendError(TgraphError):
 
 class InputError(TgraphError):
     """Inputs given to a model do not match its signature (names, dtype, rank, dims)."""
+
+
+class TgraphWarning(UserWarning):
+    """Something a user needs to know that does not stop the command (NaN weights in a checkpoint ...).
+
+    Raised through the `warnings` module; the CLI prints each as one line, `tgraph: warning: ...`.
+    """

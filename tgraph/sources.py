@@ -91,8 +91,10 @@ def load_model(spec: str, overrides: Optional[Mapping[str, str]] = None) -> Load
         raise ConfigError(f"not found or not a model: {spec} (expected a registered model name, "
                           "path/to/file.py:factory, or a checkpoint directory)")
     from .models import get_family, make_config
+    from .resources import check_fits
 
     family = get_family(spec)
     config = make_config(family.config_cls, overrides)
+    check_fits(family, config, spec)
     model = family.build(config)
     return LoadedModel(model, spec, "registered", config, getattr(config, "vocab_size", None))

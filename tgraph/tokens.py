@@ -9,14 +9,13 @@ real token), on the right for an encoder's input.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .errors import CheckpointError, ConfigError, InputError
+from .errors import ConfigError, InputError
 
 SPECIAL = ("eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id")
 UNSET: Any = object()      # "not given" (None means "there is none")
@@ -41,15 +40,14 @@ def _ids_of(value: Any, key: str, where: str) -> Tuple[int, ...]:
 
 def checkpoint_special_ids(directory: Union[str, Path]) -> dict:
     """{key: value} for the special ids a checkpoint directory names (generation_config wins)."""
+    from .checkpoints import checkpoint_file, read_json_file
+
     found: dict = {}
     for name in ("config.json", "generation_config.json"):
-        path = Path(directory) / name
+        path = checkpoint_file(Path(directory), name)
         if not path.is_file():
             continue
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        data = read_json_file(path)
         found.update({k: data[k] for k in SPECIAL if isinstance(data, dict) and k in data})
     return found
 
@@ -108,8 +106,12 @@ class TextTokenizer:
 
 def find_tokenizer(model: str) -> Optional[TextTokenizer]:
     """The tokenizer.json of a checkpoint directory, if it has one."""
-    path = Path(model) / "tokenizer.json"
-    return TextTokenizer(path) if Path(model).is_dir() and path.is_file() else None
+    if not Path(model).is_dir():
+        return None
+    from .checkpoints import checkpoint_file
+
+    path = checkpoint_file(Path(model), "tokenizer.json")
+    return TextTokenizer(path) if path.is_file() else None
 
 
 # ------------------------------------------------------------------ prompts

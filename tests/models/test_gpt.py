@@ -195,7 +195,7 @@ def test_untied_config_without_lm_head_is_refused(cases, tmp_path):
     ("gpt2-tied", "n_head", 5, "gpt2: n_embd (32) is not divisible by n_head (5)"),
     ("gpt-tied", "afn", "gelu_accurate", "afn='gelu_accurate'"),
     ("gpt-tied", "architectures", ["OpenAIGPTDoubleHeadsModel"], "'OpenAIGPTDoubleHeadsModel'"),
-    ("gpt-tied", "layer_norm_epsilon", 0.0, "gpt: layer_norm_epsilon must be positive"),
+    ("gpt-tied", "layer_norm_epsilon", 0.0, "gpt: layer_norm_epsilon must be in (0, 1]"),
 ])
 def test_unsupported_config_is_refused(cases, tmp_path, case, key, value, message):
     path = variant(cases(case).dir, tmp_path / "v", config=lambda c: c.update({key: value}))

@@ -25,6 +25,7 @@ from ..dsl import Linear, Module, ModuleList
 from ..errors import ConfigError
 from .bert import (LEGACY_NAMES, BertConfig, BertLayer, BertModel, HFLayout, embedding_rules, encoder_fields,
                    head_rules, layer_rules, part_rules)
+from .config_checks import repeated
 from .registry import register_model
 
 
@@ -35,8 +36,8 @@ class AlbertConfig(BertConfig):
     vocab_size: int = 30000
     embedding_size: int = 128         # E: width of the embeddings and of the MLM decoder
     activation: str = "gelu_tanh"     # HF "gelu_new"
-    num_hidden_groups: int = 1        # groups of distinct weights
-    inner_group_num: int = 1          # layers per group, run in sequence at every step
+    num_hidden_groups: int = repeated(1)       # groups of distinct weights
+    inner_group_num: int = repeated(1)         # layers per group, run in sequence at every step
 
     family: ClassVar[str] = "albert"
 

@@ -41,6 +41,7 @@ from ..dsl.layers import activation
 from ..errors import ConfigError
 from ..ir import DType
 from .hf_options import activation_from_hf
+from .config_checks import check_fields, epsilon, repeated
 from .registry import register_model
 
 HEADS = ("base", "mlm", "nsp", "pretraining")
@@ -51,12 +52,12 @@ POSITIONS = ("absolute", "padding_offset")
 class BertConfig:
     vocab_size: int = 30522           # bert-base-uncased
     hidden_size: int = 768
-    num_layers: int = 12
+    num_layers: int = repeated(12)
     num_heads: int = 12
     intermediate_size: int = 3072
     max_position_embeddings: int = 512
     type_vocab_size: int = 2          # 1: no token_type_ids input (RoBERTa)
-    layer_norm_eps: float = 1e-12
+    layer_norm_eps: float = epsilon(1e-12)
     activation: str = "gelu"          # a tgraph.dsl activation name; HF "gelu" is the exact erf GELU
     head: str = "base"                # base | mlm | nsp | pretraining (see the module docstring)
     tie_word_embeddings: bool = True  # the MLM decoder is the word embedding matrix
@@ -67,14 +68,13 @@ class BertConfig:
 
     def __post_init__(self):
         f = self.family
+        check_fields(self, f)
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
                      "max_position_embeddings", "type_vocab_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{f}: {name} must be positive, got {getattr(self, name)}")
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"{f}: hidden_size ({self.hidden_size}) is not divisible by num_heads ({self.num_heads})")
-        if not self.layer_norm_eps > 0:
-            raise ConfigError(f"{f}: layer_norm_eps must be positive, got {self.layer_norm_eps}")
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"{f}: activation {self.activation!r} is not one of {', '.join(sorted(ACTIVATIONS))}")
         if self.head not in HEADS:
@@ -93,7 +93,7 @@ class RobertaConfig(BertConfig):
     vocab_size: int = 50265
     max_position_embeddings: int = 514
     type_vocab_size: int = 1
-    layer_norm_eps: float = 1e-5
+    layer_norm_eps: float = epsilon(1e-5)
     positions: str = "padding_offset"
     pad_token_id: int = 1
 
@@ -360,10 +360,10 @@ def encoder_fields(hf: Mapping[str, Any], defaults: BertConfig, model_type: str,
         intermediate_size=hf_get(hf, "intermediate_size", defaults.intermediate_size),
         max_position_embeddings=hf_get(hf, "max_position_embeddings", defaults.max_position_embeddings),
         type_vocab_size=hf_get(hf, "type_vocab_size", defaults.type_vocab_size),
-        layer_norm_eps=float(hf_get(hf, "layer_norm_eps", defaults.layer_norm_eps)),
+        layer_norm_eps=hf_get(hf, "layer_norm_eps", defaults.layer_norm_eps),
         activation=activation_from_hf(hf, model_type, default_act),
         head=head_from_architectures(hf, heads, model_type),
-        tie_word_embeddings=bool(hf_get(hf, "tie_word_embeddings", True)),
+        tie_word_embeddings=hf_get(hf, "tie_word_embeddings", True),
         pad_token_id=hf_get(hf, "pad_token_id", defaults.pad_token_id),
     )
 

@@ -18,6 +18,7 @@ from ..checkpoints import HFAdapter, WeightRule, register_adapter, rule
 from ..dsl import Embedding, LearnedPositions, Linear, Module, ModuleList
 from . import gpt_common
 from .decoding import check_cache_options, decoder_input_specs, decoder_state, lm_logits
+from .config_checks import check_fields, epsilon, repeated
 from .registry import register_model
 
 
@@ -26,9 +27,9 @@ class GPTConfig:
     vocab_size: int = 40478          # the paper's 40,000 BPE merges plus specials, as released
     n_positions: int = 512
     n_embd: int = 768
-    n_layer: int = 12
+    n_layer: int = repeated(12)
     n_head: int = 12
-    layer_norm_epsilon: float = 1e-5
+    layer_norm_epsilon: float = epsilon(1e-5)
     activation: str = "gelu_tanh"    # a tgraph.dsl activation name; HF afn "gelu"
     tie_word_embeddings: bool = True
     use_attention_mask: bool = True  # adds the `attention_mask` input (padding)
@@ -36,6 +37,7 @@ class GPTConfig:
     use_position_ids: Optional[bool] = None   # explicit position_ids input; None: = use_cache
 
     def __post_init__(self):
+        check_fields(self, "gpt")
         gpt_common.validate(self, "gpt")
         check_cache_options(self, "gpt")
 

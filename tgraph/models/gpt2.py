@@ -18,6 +18,7 @@ from ..dsl import Embedding, LayerNorm, LearnedPositions, Linear, Module, Module
 from ..errors import ConfigError
 from . import gpt_common
 from .decoding import check_cache_options, decoder_input_specs, decoder_state, lm_logits
+from .config_checks import check_fields, epsilon, repeated
 from .registry import register_model
 
 
@@ -26,10 +27,10 @@ class GPT2Config:
     vocab_size: int = 50257          # GPT-2 small, as released
     n_positions: int = 1024
     n_embd: int = 768
-    n_layer: int = 12
+    n_layer: int = repeated(12)
     n_head: int = 12
     n_inner: Optional[int] = None    # feed-forward width; None = 4 * n_embd
-    layer_norm_epsilon: float = 1e-5
+    layer_norm_epsilon: float = epsilon(1e-5)
     activation: str = "gelu_tanh"    # a tgraph.dsl activation name; HF "gelu_new"
     tie_word_embeddings: bool = True
     scale_attn_weights: bool = True              # scores / sqrt(head_dim)
@@ -39,6 +40,7 @@ class GPT2Config:
     use_position_ids: Optional[bool] = None   # explicit position_ids input; None: = use_cache
 
     def __post_init__(self):
+        check_fields(self, "gpt2")
         gpt_common.validate(self, "gpt2")
         check_cache_options(self, "gpt2")
         if self.n_inner is not None and self.n_inner <= 0:
@@ -104,8 +106,8 @@ def config_from_hf(hf: Dict[str, Any]) -> GPT2Config:
         **gpt_common.common_config(hf, GPT2Config),
         n_inner=hf_get(hf, "n_inner", None),
         activation=gpt_common.activation_from_hf(hf, "activation_function", HF_ACTIVATIONS, "gelu_new", "gpt2"),
-        scale_attn_weights=bool(hf_get(hf, "scale_attn_weights", True)),
-        scale_attn_by_inverse_layer_idx=bool(hf_get(hf, "scale_attn_by_inverse_layer_idx", False)),
+        scale_attn_weights=hf_get(hf, "scale_attn_weights", True),
+        scale_attn_by_inverse_layer_idx=hf_get(hf, "scale_attn_by_inverse_layer_idx", False),
     )
 
 

@@ -25,8 +25,6 @@ def validate(config: Any, family: str) -> None:
             raise ConfigError(f"{family}: {name} must be positive, got {getattr(config, name)}")
     if config.n_embd % config.n_head:
         raise ConfigError(f"{family}: n_embd ({config.n_embd}) is not divisible by n_head ({config.n_head})")
-    if not config.layer_norm_epsilon > 0:
-        raise ConfigError(f"{family}: layer_norm_epsilon must be positive, got {config.layer_norm_epsilon}")
     if config.activation not in ACTIVATIONS:
         raise ConfigError(f"{family}: activation {config.activation!r} is not one of {', '.join(sorted(ACTIVATIONS))}")
 
@@ -94,7 +92,7 @@ def activation_from_hf(hf: Mapping[str, Any], key: str, table: Mapping[str, str]
                        model_type: str) -> str:
     """Map HF's activation name to ours; an activation we do not implement is refused by name."""
     value = hf_get(hf, key, default)
-    if value not in table:
+    if not isinstance(value, str) or value not in table:
         raise ConfigError(f"{model_type}: config option {key}={value!r} is not supported "
                           f"(supported: {', '.join(repr(a) for a in table)})")
     return table[value]
@@ -117,6 +115,6 @@ def common_config(hf: Mapping[str, Any], defaults: Any) -> Dict[str, Any]:
         n_embd=hf_get(hf, "n_embd", defaults.n_embd, "hidden_size"),
         n_layer=hf_get(hf, "n_layer", defaults.n_layer, "num_hidden_layers"),
         n_head=hf_get(hf, "n_head", defaults.n_head, "num_attention_heads"),
-        layer_norm_epsilon=float(hf_get(hf, "layer_norm_epsilon", defaults.layer_norm_epsilon)),
-        tie_word_embeddings=bool(hf_get(hf, "tie_word_embeddings", True)),
+        layer_norm_epsilon=hf_get(hf, "layer_norm_epsilon", defaults.layer_norm_epsilon),
+        tie_word_embeddings=hf_get(hf, "tie_word_embeddings", True),
     )

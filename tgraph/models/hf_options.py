@@ -9,6 +9,7 @@ yarn, llama3, longrope ...) changes the numerics and is refused by name.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
@@ -51,7 +52,10 @@ def rope_from_hf(hf: Mapping[str, Any], model_type: str, default_theta: float = 
     def pick(name: str, alias: Optional[str], default: float) -> float:
         for source, key in ((params, name), (hf, name), (hf, alias)):
             if key is not None and source.get(key) is not None:
-                return float(source[key])
+                value = source[key]
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    raise ConfigError(f"{model_type}: config option {key}={value!r} must be a finite number")
+                return float(value)
         return float(default)
 
     theta = pick("rope_theta", theta_alias, default_theta)
@@ -76,7 +80,7 @@ def activation_from_hf(hf: Mapping[str, Any], model_type: str, default: str, key
     value = hf.get(key, default)
     if value is None:
         value = default
-    if value not in HF_ACTIVATIONS:
+    if not isinstance(value, str) or value not in HF_ACTIVATIONS:
         raise ConfigError(f"{model_type}: config option {key}={value!r} is not supported "
                           f"(supported: {', '.join(sorted(HF_ACTIVATIONS))})")
     return HF_ACTIVATIONS[value]

@@ -21,6 +21,7 @@ from ..dsl.rotary import RotaryEmbedding
 from ..errors import ConfigError
 from .hf_options import activation_from_hf, rope_from_hf
 from .decoding import check_cache_options, decoder_input_specs, decoder_state, lm_logits
+from .config_checks import check_fields, epsilon, positive, repeated
 from .registry import register_model
 
 
@@ -28,14 +29,14 @@ from .registry import register_model
 class LlamaConfig:
     vocab_size: int = 32000
     d_model: int = 512
-    num_layers: int = 8
+    num_layers: int = repeated(8)
     num_heads: int = 8
     num_kv_heads: Optional[int] = None     # None: = num_heads (LLaMA-1); fewer: grouped-query attention
     head_dim: Optional[int] = None         # None: d_model // num_heads
     d_ff: int = 1536                       # LLaMA: 2/3 · 4·d_model, rounded up to a multiple of 256
     hidden_act: str = "silu"               # SwiGLU
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
+    rms_norm_eps: float = epsilon(1e-6)
+    rope_theta: float = positive(10000.0)
     attention_bias: bool = False           # biases on q/k/v projections (Qwen2)
     attention_out_bias: bool = False       # bias on the output projection (HF llama attention_bias sets both)
     mlp_bias: bool = False
@@ -44,6 +45,7 @@ class LlamaConfig:
     use_position_ids: Optional[bool] = None   # explicit position_ids input; None: = use_cache
 
     def __post_init__(self):
+        check_fields(self, "llama")
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"llama: {name} must be positive, got {getattr(self, name)}")
@@ -59,10 +61,6 @@ class LlamaConfig:
             raise ConfigError(f"llama: head_dim ({self.head_size}) must be positive and even for rotary positions")
         if self.hidden_act not in ACTIVATIONS:
             raise ConfigError(f"llama: hidden_act {self.hidden_act!r} unknown (known: {', '.join(sorted(ACTIVATIONS))})")
-        if not self.rms_norm_eps > 0:
-            raise ConfigError(f"llama: rms_norm_eps must be positive, got {self.rms_norm_eps}")
-        if not self.rope_theta > 0:
-            raise ConfigError(f"llama: rope_theta must be positive, got {self.rope_theta}")
         check_cache_options(self, "llama")
 
     @property
@@ -150,12 +148,12 @@ def config_from_hf(hf: Dict[str, Any]) -> LlamaConfig:
         head_dim=hf_get(hf, "head_dim", None),
         d_ff=hf_get(hf, "intermediate_size", 11008),
         hidden_act=activation_from_hf(hf, mt, "silu"),
-        rms_norm_eps=float(hf_get(hf, "rms_norm_eps", 1e-6)),
+        rms_norm_eps=hf_get(hf, "rms_norm_eps", 1e-6),
         rope_theta=rope.theta,
         attention_bias=qkv_bias,
         attention_out_bias=out_bias,
-        mlp_bias=bool(hf.get("mlp_bias", False)),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        mlp_bias=hf_get(hf, "mlp_bias", False),
+        tie_word_embeddings=hf_get(hf, "tie_word_embeddings", False),
     )
 
 

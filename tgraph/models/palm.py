@@ -26,6 +26,7 @@ from ..dsl.rotary import RotaryEmbedding
 from ..errors import ConfigError
 from .hf_options import activation_from_hf, rope_from_hf
 from .decoding import check_cache_options, decoder_input_specs, decoder_state, lm_logits
+from .config_checks import check_fields, epsilon, fraction, positive, repeated
 from .registry import register_model
 
 
@@ -33,7 +34,7 @@ from .registry import register_model
 class PaLMConfig:
     vocab_size: int = 32000
     d_model: int = 512
-    num_layers: int = 8
+    num_layers: int = repeated(8)
     num_heads: int = 8
     num_kv_heads: int = 1                  # multi-query attention; = num_heads for GPT-NeoX
     head_dim: Optional[int] = None         # None: d_model // num_heads
@@ -44,14 +45,15 @@ class PaLMConfig:
     norm_bias: bool = False
     attention_bias: bool = False
     mlp_bias: bool = False
-    layer_norm_eps: float = 1e-5
-    rotary_pct: float = 1.0                # fraction of each head's dims that rotate (GPT-NeoX: 0.25)
-    rope_theta: float = 10000.0
+    layer_norm_eps: float = epsilon(1e-5)
+    rotary_pct: float = fraction(1.0)      # fraction of each head's dims that rotate (GPT-NeoX: 0.25)
+    rope_theta: float = positive(10000.0)
     tie_word_embeddings: bool = True
     use_cache: bool = False                # KV-cache inputs/outputs (tgraph.dsl.cache): past_key_values.*, present.*
     use_position_ids: Optional[bool] = None   # explicit position_ids input; None: = use_cache
 
     def __post_init__(self):
+        check_fields(self, "palm")
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "d_ff"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"palm: {name} must be positive, got {getattr(self, name)}")
@@ -63,17 +65,11 @@ class PaLMConfig:
                               "give head_dim")
         if self.head_size <= 0:
             raise ConfigError(f"palm: head_dim must be positive, got {self.head_size}")
-        if not 0.0 < self.rotary_pct <= 1.0:
-            raise ConfigError(f"palm: rotary_pct must be in (0, 1], got {self.rotary_pct}")
         if self.rotary_dim < 2 or self.rotary_dim % 2:
             raise ConfigError(f"palm: rotary_pct={self.rotary_pct} of head_dim {self.head_size} gives "
                               f"{self.rotary_dim} rotary dims; needs an even number >= 2")
         if self.hidden_act not in ACTIVATIONS:
             raise ConfigError(f"palm: hidden_act {self.hidden_act!r} unknown (known: {', '.join(sorted(ACTIVATIONS))})")
-        if not self.layer_norm_eps > 0:
-            raise ConfigError(f"palm: layer_norm_eps must be positive, got {self.layer_norm_eps}")
-        if not self.rope_theta > 0:
-            raise ConfigError(f"palm: rope_theta must be positive, got {self.rope_theta}")
         check_cache_options(self, "palm")
 
     @property
@@ -153,7 +149,7 @@ def config_from_hf(hf: Dict[str, Any]) -> PaLMConfig:
     if hf.get("head_dim") is not None and hf["head_dim"] * heads != hidden:
         raise ConfigError(f"{mt}: config option head_dim={hf['head_dim']!r} is not supported "
                           f"(GPT-NeoX uses hidden_size // num_attention_heads = {hidden // heads})")
-    attn_bias = bool(hf.get("attention_bias", True))
+    attn_bias = hf_get(hf, "attention_bias", True)
     return PaLMConfig(
         vocab_size=hf_get(hf, "vocab_size", 50432),
         d_model=hidden,
@@ -167,10 +163,10 @@ def config_from_hf(hf: Dict[str, Any]) -> PaLMConfig:
         norm_bias=True,
         attention_bias=attn_bias,
         mlp_bias=True,
-        layer_norm_eps=float(hf_get(hf, "layer_norm_eps", 1e-5)),
+        layer_norm_eps=hf_get(hf, "layer_norm_eps", 1e-5),
         rotary_pct=rope.partial_rotary_factor,
         rope_theta=rope.theta,
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        tie_word_embeddings=hf_get(hf, "tie_word_embeddings", False),
     )
 
 

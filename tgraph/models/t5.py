@@ -38,6 +38,7 @@ from ..errors import CheckpointError, ConfigError
 from ..ir import DType
 from .hf_options import HF_ACTIVATIONS
 from .decoding import check_cache_options, decoder_input_specs, encoder_states_specs
+from .config_checks import check_fields, epsilon, repeated
 from .registry import register_model
 
 # HF feed_forward_proj "[gated-]ACT" -> (gated, our activation). HF reads "gated-gelu" as gelu_new
@@ -58,11 +59,11 @@ class T5Config:
     d_kv: int = 64                             # per-head width; num_heads * d_kv may differ from d_model
     d_ff: int = 2048
     num_heads: int = 8
-    num_layers: int = 6                        # encoder blocks
-    num_decoder_layers: Optional[int] = None   # None: = num_layers
+    num_layers: int = repeated(6)                       # encoder blocks
+    num_decoder_layers: Optional[int] = repeated(None)  # None: = num_layers
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
-    layer_norm_epsilon: float = 1e-6
+    layer_norm_epsilon: float = epsilon(1e-6)
     feed_forward_proj: str = "relu"            # one of FEED_FORWARD: "relu" (v1.0), "gated-gelu" (v1.1) ...
     tie_word_embeddings: bool = True           # LM head = shared embedding (else its own lm_head)
     scale_decoder_outputs: Optional[bool] = None   # y * d_model^-0.5 before the head; None: = tie_word_embeddings
@@ -72,6 +73,7 @@ class T5Config:
     use_cache: bool = False                    # part="decoder" only: KV-cache inputs/outputs of the self-attention
 
     def __post_init__(self):
+        check_fields(self, "t5")
         for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_heads", "num_layers",
                      "relative_attention_num_buckets", "relative_attention_max_distance"):
             if getattr(self, name) <= 0:
@@ -88,8 +90,6 @@ class T5Config:
         if self.feed_forward_proj not in FEED_FORWARD:
             raise ConfigError(f"t5: feed_forward_proj {self.feed_forward_proj!r} is not supported "
                               f"(supported: {', '.join(FEED_FORWARD)})")
-        if not self.layer_norm_epsilon > 0:
-            raise ConfigError(f"t5: layer_norm_epsilon must be positive, got {self.layer_norm_epsilon}")
         check_cache_options(self, "t5", encoder_decoder=True)
 
     @property
@@ -285,12 +285,12 @@ def _feed_forward_from_hf(hf: Mapping[str, Any]) -> str:
     """HF's `dense_act_fn`/`is_gated_act` (written next to feed_forward_proj, and winning over it
     when present) must agree with the feed_forward_proj we implement."""
     proj = hf.get("feed_forward_proj", "relu")
-    if proj not in FEED_FORWARD:
+    if not isinstance(proj, str) or proj not in FEED_FORWARD:
         raise ConfigError(f"t5: config option feed_forward_proj={proj!r} is not supported "
                           f"(supported: {', '.join(repr(p) for p in FEED_FORWARD)})")
     gated, act = FEED_FORWARD[proj]
     hf_act = hf.get("dense_act_fn")
-    if hf_act is not None and HF_ACTIVATIONS.get(hf_act) != act:
+    if hf_act is not None and (not isinstance(hf_act, str) or HF_ACTIVATIONS.get(hf_act) != act):
         raise ConfigError(f"t5: config option dense_act_fn={hf_act!r} is not supported with "
                           f"feed_forward_proj={proj!r} (expected the activation it names)")
     if hf.get("is_gated_act") is not None and bool(hf["is_gated_act"]) != gated:
@@ -303,7 +303,8 @@ def config_from_hf(hf: Dict[str, Any]) -> T5Config:
     """HF T5 config.json -> T5Config. transformers >= 5 always writes tie_word_embeddings=true and
     records the old meaning of `false` as scale_decoder_outputs=false; whether the head is the
     shared embedding is then told by the weights (see `refine`)."""
-    tie = bool(hf.get("tie_word_embeddings", True))
+    tie = hf.get("tie_word_embeddings", True)
+    tie = True if tie is None else tie
     scale = hf.get("scale_decoder_outputs")
     archs = hf.get("architectures") or ["T5ForConditionalGeneration"]
     return T5Config(
@@ -316,10 +317,10 @@ def config_from_hf(hf: Dict[str, Any]) -> T5Config:
         num_decoder_layers=hf.get("num_decoder_layers"),
         relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
         relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
-        layer_norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-6)),
+        layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6),
         feed_forward_proj=_feed_forward_from_hf(hf),
         tie_word_embeddings=tie,
-        scale_decoder_outputs=tie if scale is None else bool(scale),
+        scale_decoder_outputs=tie if scale is None else scale,
         lm_head=ARCHITECTURES.get(archs[0], True),
     )
 

@@ -16,6 +16,7 @@ from ..dsl.cache import KVCache, layer_caches, positions
 from ..errors import ConfigError
 from ..ir import DType
 from .decoding import check_cache_options, decoder_input_specs, encoder_states_specs
+from .config_checks import check_fields, epsilon, repeated
 from .registry import register_model
 
 
@@ -25,16 +26,17 @@ class TransformerConfig:
     d_model: int = 512
     num_heads: int = 8
     d_ff: int = 2048
-    num_encoder_layers: int = 6
-    num_decoder_layers: int = 6
+    num_encoder_layers: int = repeated(6)
+    num_decoder_layers: int = repeated(6)
     max_len: int = 1024
-    layer_norm_eps: float = 1e-5
+    layer_norm_eps: float = epsilon(1e-5)
     use_attention_mask: bool = True  # adds the `attention_mask` input (source padding)
     part: str = "full"               # "encoder" | "decoder": export one half (generation runs the encoder once)
     use_cache: bool = False          # part="decoder" only: KV-cache inputs/outputs of the decoder's self-attention
     use_position_ids: Optional[bool] = None   # explicit position_ids input; None: = use_cache
 
     def __post_init__(self):
+        check_fields(self, "transformer")
         for name in ("vocab_size", "d_model", "num_heads", "d_ff", "max_len"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"transformer: {name} must be positive, got {getattr(self, name)}")

@@ -1,0 +1,55 @@
+"""Checks on each checkpoint tensor as it is converted: its dtype, and whether it holds NaN/inf.
+
+A weight stored as int32, int64 or bool (a mislabelled header, a wrong tensor under a weight's
+name) would otherwise be cast to float silently and give wrong numbers; it is refused, naming
+the tensor, its dtype and the expected one. NaN or inf weights are legal bytes but poison every
+output they reach; they are counted (one sum per tensor, accumulated in float32 or wider so float16 cannot
+overflow; a precise count only when the sum is not finite) and reported in one warning per checkpoint.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Dict, Set, Tuple
+
+import numpy as np
+
+from .errors import CheckpointError, TgraphWarning
+
+SHOWN = 5          # tensors named in the NaN/inf warning; the rest are counted
+
+
+def check_weight_dtype(array: np.ndarray, tensor: str, label: str, expected: str = "float32") -> None:
+    """CheckpointError unless `array` holds floating-point numbers (the weights' dtype is `expected`)."""
+    if array.dtype.kind != "f":
+        raise CheckpointError(f"{label}: tensor {tensor!r} has dtype {array.dtype}; expected a floating-point "
+                              f"tensor ({expected}) - refusing to cast it")
+
+
+class NonFiniteWeights:
+    """Collects, tensor by tensor, how many NaN and inf values a checkpoint holds."""
+
+    def __init__(self) -> None:
+        self.found: Dict[str, Tuple[int, int]] = {}      # tensor -> (NaN count, inf count)
+        self.seen: Set[str] = set()                      # a fused tensor feeds several parameters
+
+    def count(self, array: np.ndarray, tensor: str) -> None:
+        if array.dtype.kind != "f" or tensor in self.seen or not array.size:
+            return
+        self.seen.add(tensor)
+        if np.isfinite(np.sum(array, dtype=np.promote_types(array.dtype, np.float32))):   # no temporary array
+            return
+        nan = int(np.count_nonzero(np.isnan(array)))
+        inf = int(np.count_nonzero(np.isinf(array)))
+        if nan or inf:                                    # (a finite tensor whose sum overflowed has neither)
+            self.found[tensor] = (nan, inf)
+
+    def message(self, label: str) -> str:
+        parts = [f"{name!r} ({nan} NaN, {inf} inf)" for name, (nan, inf) in list(self.found.items())[:SHOWN]]
+        more = len(self.found) - SHOWN
+        many = len(self.found) > 1
+        return (f"{label}: {len(self.found)} checkpoint tensor{'s hold' if many else ' holds'} NaN/inf weights: "
+                f"{', '.join(parts)}" + (f" and {more} more" if more > 0 else ""))
+
+    def warn(self, label: str) -> None:
+        if self.found:
+            warnings.warn(self.message(label), TgraphWarning, stacklevel=3)
