@@ -3,7 +3,8 @@
 The attention matcher is procedural: the subgraph between ``Q @ Kᵀ`` and ``softmax(..) @ V``
 comes in too many optional layers (scale before or after the matmul, Mul or Div, an
 additive bias, a boolean `Where` mask, tgraph's `CausalMask`, fp32 softmax between
-casts, grouped heads as a 5-D broadcast) for a table of patterns. It peels those layers
+casts, the guard that zeroes fully masked rows, grouped heads as a 5-D broadcast) for a
+table of patterns. It peels those layers
 off one at a time, walking back from the softmax, and refuses (with the reason) anything
 it does not understand, or a match whose intermediates are used elsewhere.
 """
@@ -223,7 +224,7 @@ class AttentionRule(Rule):
                 nodes += [n, n.inputs[0].producer]
                 probs, nan_to_zero = n.inputs[2], True
             elif guarded is None and _masked_row_guard(n) is not None:
-                guarded, guard_nodes = _masked_row_guard(n)
+                guarded, guard_nodes = _masked_row_guard(n)     # Attention-23 zeroes those rows itself
                 nodes += guard_nodes
                 probs = n.inputs[2]
             else:
@@ -408,8 +409,14 @@ class FuseAttention(RewritePass):
     """Scaled dot-product attention -> Attention-23 (grouped heads, masks and causality kept).
 
     Before:  %s = Mul(MatMul(%q, Transpose(%k){perm=[0,1,3,2]}), 0.125)
-             %p = Softmax(Where(%keep, tgraph.CausalMask(%s), -3.4e38)); %y = MatMul(%p, %v)
+             %m = Where(%keep, tgraph.CausalMask(%s), -3.4e38)
+             %p = Where(Equal(ReduceMax(%m){axes=[-1]}, -3.4e38), 0, Softmax(%m)); %y = MatMul(%p, %v)
     After:   %y = Attention(%q, %k, %v, %keep){is_causal=1, scale=0.125}
+
+    The second Where (`tgraph.dsl.layers.zero_fully_masked_rows`) gives a query whose keys
+    are all masked a zero row, which is what Attention-23 (and onnxruntime) compute for a
+    row whose mask is all False or -inf; so fusing never changes a padded position. A mask
+    that joins a bias is written with -inf, not finfo.min, for the same reason.
     """
 
     name = "fuse-attention"

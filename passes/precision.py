@@ -22,11 +22,16 @@ activations, turning the softmax into NaN. So each float node is given a precisi
   precision with ``softmax_precision=1`` instead, for providers whose kernels accumulate
   the scores in float32; `bench/fp16_attention.py` measures the difference.
 
+Exact reads that only order or compare (ReduceMax, Equal, Less ...: `FOLLOW_INPUTS`)
+run in their inputs' precision and do not count as users, so the fully-masked-row guard
+``Equal(ReduceMax(masked scores), finfo.min)`` keeps the scores float32.
+
 Casts are inserted where a value crosses from one precision to the other (one per
 value and direction). Constants follow their users: converted in place when every
 user is half precision (parameters keep their names), duplicated for mixed use
 (a parameter is converted once and cast back up for float32 users), clipped to the
-target's finite range so ``finfo(float32).min`` masks stay finite.
+target's finite range so ``finfo(float32).min`` masks stay finite. Parameters clipped
+that way are counted (``clamped_weights``) and named in one warning line.
 
 Graph I/O: float inputs and outputs become the target dtype by default (a KV cache
 fed back step to step should be half precision); ``keep-io=true`` keeps float32 at the
