@@ -52,7 +52,6 @@ import numpy as np
 from tgraph.errors import ConfigError
 from tgraph.ir import DType, Graph, TensorType
 from tgraph.ir.core import Node, Value
-
 from tgraph.numerics import clamp_summary, warn
 
 from .base import Pass, register_pass
