@@ -3,7 +3,8 @@
 The attention matcher is procedural: the subgraph between ``Q @ Kᵀ`` and ``softmax(..) @ V``
 comes in too many optional layers (scale before or after the matmul, Mul or Div, an
 additive bias, a boolean `Where` mask, tgraph's `CausalMask`, fp32 softmax between
-casts, grouped heads as a 5-D broadcast) for a table of patterns. It peels those layers
+casts, the guard that zeroes fully masked rows, grouped heads as a 5-D broadcast) for a
+table of patterns. It peels those layers
 off one at a time, walking back from the softmax, and refuses (with the reason) anything
 it does not understand, or a match whose intermediates are used elsewhere.
 """
@@ -130,6 +131,27 @@ def _unrepeat(x: Value) -> Optional[Tuple[Value, int, List[Node]]]:
     return x0, group, [rs, ex, un]
 
 
+def _masked_row_guard(n: Optional[Node]) -> Optional[Tuple[Value, List[Node]]]:
+    """``Where(Equal(ReduceMax(s, [-1]), fill), 0, p)`` (`tgraph.dsl.layers.zero_fully_masked_rows`):
+    the rows whose every key is masked get zero probabilities, which Attention-23 does itself.
+    Returns (the scores s the guard reads, its nodes) or None."""
+    if n is None or n.domain != "" or n.op != "Where" or not _is_zero(n.inputs[1]):
+        return None
+    eq = _producer(n.inputs[0], "Equal")
+    if eq is None:
+        return None
+    rmax, fill = eq.inputs
+    red = _producer(rmax, "ReduceMax")
+    if red is None:
+        red, fill = _producer(fill, "ReduceMax"), rmax
+    c = _scalar_const(fill)
+    rank = red.inputs[0].type.rank if red is not None else None
+    if red is None or c is None or c > MASK_FILL_LIMIT or rank is None or red.attrs.get("keepdims", 1) != 1 \
+            or [a % rank for a in (red.attrs.get("axes") or [])] != [rank - 1]:
+        return None
+    return red.inputs[0], [n, eq, red]
+
+
 @dataclass
 class AttentionMatch:
     root: Node
@@ -188,7 +210,8 @@ class AttentionRule(Rule):
         probs, v = pv.inputs
         # softmax, possibly computed in fp32 between casts, possibly with NaN rows zeroed
         # (torch's SDPA export: Where(IsNaN(p), 0, p) for rows whose keys are all masked)
-        nan_to_zero = False
+        # and possibly with fully masked rows zeroed (tgraph's guard, see `_masked_row_guard`)
+        nan_to_zero, guarded = False, None
         while True:
             n = probs.producer
             if n is not None and n.domain == "" and n.op == "Cast" and n.inputs[0].type.dtype.is_float \
@@ -200,6 +223,10 @@ class AttentionRule(Rule):
                     and n.inputs[0].producer.inputs[0] is n.inputs[2]:
                 nodes += [n, n.inputs[0].producer]
                 probs, nan_to_zero = n.inputs[2], True
+            elif guarded is None and _masked_row_guard(n) is not None:
+                guarded, guard_nodes = _masked_row_guard(n)     # Attention-23 zeroes those rows itself
+                nodes += guard_nodes
+                probs = n.inputs[2]
             else:
                 break
         sm = _producer(probs, "Softmax")
@@ -210,9 +237,13 @@ class AttentionRule(Rule):
             raise NoMatch(f"{sm.name}: softmax is not over the last axis")
         nodes.append(sm)
         s = sm.inputs[0]
+        chain = [s]
         while _producer(s, "Cast") is not None and s.producer.inputs[0].type.dtype.is_float:
             nodes.append(s.producer)
             s = s.producer.inputs[0]
+            chain.append(s)
+        if guarded is not None and not any(guarded is c for c in chain):
+            raise NoMatch(f"{root.name}: the fully-masked-row guard reads {guarded.name}, not the softmax's scores")
         am = AttentionMatch(root, None, None, v, grouped=grouped, nan_to_zero=nan_to_zero)
         # masking layers, in any order
         while True:
@@ -359,8 +390,10 @@ class AttentionRule(Rule):
             keep = causal if keep is None else b.op("And", keep, causal)          # (B, 1, Tq, Tk)
         mask = None
         if bias is not None and keep is not None:
-            lowest = b.const(np.array(np.finfo(am.q.type.dtype.numpy).min, am.q.type.dtype.numpy), hint="mask_fill")
-            mask = b.op("Where", keep, bias, lowest)    # Where, not Add: no -inf + -inf overflow
+            # -inf, not finfo.min: Attention-23 zeroes a row only where every key's bias is -inf
+            # (onnxruntime also where it is finfo.min; the spec averages those rows instead).
+            neg_inf = b.const(np.array(-np.inf, am.q.type.dtype.numpy), hint="mask_fill")
+            mask = b.op("Where", keep, bias, neg_inf)    # Where, not Add: no -inf + -inf overflow
         else:
             mask = bias if bias is not None else keep
         ins = [am.q, k, am.v] + ([mask] if mask is not None else [])
@@ -376,8 +409,14 @@ class FuseAttention(RewritePass):
     """Scaled dot-product attention -> Attention-23 (grouped heads, masks and causality kept).
 
     Before:  %s = Mul(MatMul(%q, Transpose(%k){perm=[0,1,3,2]}), 0.125)
-             %p = Softmax(Where(%keep, tgraph.CausalMask(%s), -3.4e38)); %y = MatMul(%p, %v)
+             %m = Where(%keep, tgraph.CausalMask(%s), -3.4e38)
+             %p = Where(Equal(ReduceMax(%m){axes=[-1]}, -3.4e38), 0, Softmax(%m)); %y = MatMul(%p, %v)
     After:   %y = Attention(%q, %k, %v, %keep){is_causal=1, scale=0.125}
+
+    The second Where (`tgraph.dsl.layers.zero_fully_masked_rows`) gives a query whose keys
+    are all masked a zero row, which is what Attention-23 (and onnxruntime) compute for a
+    row whose mask is all False or -inf; so fusing never changes a padded position. A mask
+    that joins a bias is written with -inf, not finfo.min, for the same reason.
     """
 
     name = "fuse-attention"

@@ -15,13 +15,23 @@ activations, turning the softmax into NaN. So each float node is given a precisi
   runs in float32 (forward: ``var + eps``, ``sqrt``, ``1/x`` after a variance).
 * Everything else runs in the target dtype. Fused LayerNormalization /
   RMSNormalization keep ``stash_type=1`` (their statistics are float32 inside);
-  fused Attention gets ``softmax_precision=1`` (scores and softmax in float32).
+  fused Attention runs in float32 (its inputs cast up, its output down): onnxruntime
+  1.31's CPU kernel computes ``q @ k^T`` in float16 even with ``softmax_precision=1``,
+  so scores past 65504 became inf and the logits NaN where -O0 (whose score MatMul is
+  float32 by the rule above) stayed finite. ``half-attention=true`` keeps the op in half
+  precision with ``softmax_precision=1`` instead, for providers whose kernels accumulate
+  the scores in float32; `bench/fp16_attention.py` measures the difference.
+
+Exact reads that only order or compare (ReduceMax, Equal, Less ...: `FOLLOW_INPUTS`)
+run in their inputs' precision and do not count as users, so the fully-masked-row guard
+``Equal(ReduceMax(masked scores), finfo.min)`` keeps the scores float32.
 
 Casts are inserted where a value crosses from one precision to the other (one per
 value and direction). Constants follow their users: converted in place when every
 user is half precision (parameters keep their names), duplicated for mixed use
 (a parameter is converted once and cast back up for float32 users), clipped to the
-target's finite range so ``finfo(float32).min`` masks stay finite.
+target's finite range so ``finfo(float32).min`` masks stay finite. Parameters clipped
+that way are counted (``clamped_weights``) and named in one warning line.
 
 Graph I/O: float inputs and outputs become the target dtype by default (a KV cache
 fed back step to step should be half precision); ``keep-io=true`` keeps float32 at the
@@ -42,6 +52,7 @@ import numpy as np
 from tgraph.errors import ConfigError
 from tgraph.ir import DType, Graph, TensorType
 from tgraph.ir.core import Node, Value
+from tgraph.numerics import clamp_summary, warn
 
 from .base import Pass, register_pass
 
@@ -50,6 +61,11 @@ ALWAYS_FP32 = frozenset({"ReduceMean", "ReduceSum", "Softmax", "CumSum", "Range"
 ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Neg", "Sqrt", "Reciprocal", "Exp", "Log", "Erf",
                          "Tanh", "Sigmoid", "Relu", "Where", "Identity", "tgraph.CausalMask"})
 LAYOUT = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Expand", "Concat", "Split", "Slice", "Gather"})
+#: Exact, order-preserving reads (a row maximum, comparisons): they run in their inputs'
+#: precision and never pull a float32 producer down (the fully-masked-row guard's ReduceMax
+#: reads the float32 masked scores next to the softmax).
+FOLLOW_INPUTS = frozenset({"ReduceMax", "Max", "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual",
+                           "IsNaN"})
 #: Ops whose float inputs are read for their shape only: they never need a Cast.
 SHAPE_ONLY = frozenset({"Shape"})
 #: Target dtypes by the names the CLI and `api.build` accept.
@@ -75,6 +91,13 @@ def convert_array(array: np.ndarray, dtype: DType) -> np.ndarray:
     a = np.asarray(array)
     clipped = np.where(np.isfinite(a), np.clip(a, info.min, info.max), a)
     return clipped.astype(dtype.numpy)
+
+
+def out_of_range(array: np.ndarray, dtype: DType) -> int:
+    """How many finite values of `array` lie beyond `dtype`'s finite range (and would be clipped)."""
+    info = _finfo(dtype)
+    a = np.asarray(array)
+    return int(np.count_nonzero(np.isfinite(a) & ((a > info.max) | (a < info.min))))
 
 
 def _finfo(dtype: DType):
@@ -151,14 +174,15 @@ class _Plan:
                 outs = [o for o in node.outputs if self._is_float(o)]
                 if not outs or any(id(o) in self._outputs for o in outs):
                     continue
-                users = [self.user_precision(u) for o in outs for u in o.users]
+                users = [self.user_precision(u) for o in outs for u in o.users
+                         if u.qualified_op not in FOLLOW_INPUTS]
                 users = [u for u in users if u is not None]
                 if users and all(u == FP32 for u in users):
                     self.mode[id(node)] = FP32
                     changed = True
             for node in nodes:                                 # forward: all inputs float32
                 op = node.qualified_op
-                if self.mode[id(node)] == FP32 or not (op in ELEMENTWISE or op in LAYOUT):
+                if self.mode[id(node)] == FP32 or not (op in ELEMENTWISE or op in LAYOUT or op in FOLLOW_INPUTS):
                     continue
                 srcs = [self.precision_of(v) for v in node.inputs if self._is_float(v) and v.const is None]
                 if srcs and all(s == FP32 for s in srcs):
@@ -176,10 +200,12 @@ class ToLowPrecision(Pass):
     dtype: str = "float16"
     keep_io: bool = False       # keep float32 graph inputs/outputs (Casts at the edges)
     keep_ops: str = ""          # more ops to run in float32, '+'-separated, e.g. "Attention+Gelu"
+    half_attention: bool = False   # fused Attention in half precision (softmax_precision=1), see above
 
     def run(self, graph: Graph) -> Dict[str, int]:
         low = target_dtype(self.dtype)
-        plan = _Plan(graph, low, set(ALWAYS_FP32) | _split_ops(self.keep_ops))
+        wide = set(ALWAYS_FP32) | _split_ops(self.keep_ops) | (set() if self.half_attention else {"Attention"})
+        plan = _Plan(graph, low, wide)
         plan.solve()
         rw = _Rewriter(graph, low, plan)
         rw.constants()
@@ -191,6 +217,9 @@ class ToLowPrecision(Pass):
         for node in list(graph.nodes):
             rw.node(node)
         rw.finish_outputs(low if not self.keep_io else DType.float32)
+        if rw.clamped:
+            warn(f"{self.name}: " + clamp_summary(rw.clamped, low.name, float(_finfo(low).max)))
+            rw.counts["clamped_weights"] = sum(n for _, n in rw.clamped)
         return dict(rw.counts)
 
 
@@ -209,6 +238,7 @@ class _Rewriter:
         self.graph, self.low, self.plan = graph, low, plan
         self.casts: Dict[Tuple[int, DType], Value] = {}
         self.counts = {"half_nodes": 0, "float32_nodes": 0, "casts": 0, "converted_constants": 0, "retyped_io": 0}
+        self.clamped: List[Tuple[str, int]] = []     # (parameter, how many finite values were out of range)
 
     def _dtype_for(self, mode: str) -> DType:
         return self.low if mode == LOW else DType.float32
@@ -244,6 +274,10 @@ class _Rewriter:
         return node.op == "Cast" and not node.domain
 
     def _convert_in_place(self, v: Value) -> None:
+        if v.is_param:
+            beyond = out_of_range(v.const, self.low)
+            if beyond:
+                self.clamped.append((v.name, beyond))
         v.const = convert_array(v.const, self.low)
         v.type = TensorType.of_array(v.const)
         self.counts["converted_constants"] += 1

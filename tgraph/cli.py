@@ -174,6 +174,7 @@ def _summarise(outputs: Dict) -> List[str]:
 
 
 def cmd_run(args) -> int:
+    from .numerics import warn_nonfinite
     from .runtime import Session, make_random_inputs
 
     dims = _parse_dims(args.dims)
@@ -194,6 +195,7 @@ def cmd_run(args) -> int:
         took = time.perf_counter() - start
         print(f"ran {args.model} with onnxruntime on {', '.join(session.providers)} in {took * 1e3:.1f} ms")
         print("\n".join(_summarise(outputs)))
+        warn_nonfinite(outputs, args.model)
         return 0
 
     from .api import build
@@ -221,6 +223,7 @@ def cmd_run(args) -> int:
             print(f"numpy backend: {(time.perf_counter() - start) * 1e3:.1f} ms")
     shown = results.get(args.backend) or next(iter(results.values()))
     print("\n".join(_summarise(shown)))
+    warn_nonfinite(shown, f"{args.model} ({args.dtype})")
     if args.check:
         import numpy as np
 

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, U
 import numpy as np
 
 from .errors import ConfigError, InputError
+from .numerics import warn_nonfinite
 from .sampling import SamplingConfig, next_tokens
 from .tokens import (UNSET, SpecialTokens, TextTokenizer, check_ids, checkpoint_special_ids, find_tokenizer,
                      normalise_prompts, pad_batch, position_ids, resolve_special_tokens)
@@ -222,9 +223,11 @@ class Generator:
         cache = DeviceKVCache(self.decoder, batch)
         finished = np.zeros(batch, bool)
         eos = np.array(self.special.eos, np.int64)
+        warned = False
         for step in range(max_new_tokens):
             feeds = self._feeds({"input_ids": ids, "attention_mask": mask, "position_ids": positions, **static})
             logits = cache.step(feeds, fetch=["logits"])["logits"][:, -1, :]
+            warned = warned or warn_nonfinite({"logits": logits}, f"{self.model}: generation step {step}") is not None
             tokens = np.where(finished, pad, next_tokens(logits, sampling, rng)).astype(np.int64)
             yield Step(step, tokens, ~finished)
             finished = finished | np.isin(tokens, eos)

@@ -210,10 +210,23 @@ def attention(q: TensorOps, k: TensorOps, v: TensorOps, scale: float, causal: bo
             keep_mask = keep_mask.unsqueeze(1)                                 # (B, 1, 1, 1, Tk)
         scores = where(keep_mask, scores, lowest(scores.dtype))
     probs = scores.softmax(-1)
+    if causal or keep_mask is not None:
+        probs = zero_fully_masked_rows(probs, scores)
     out = probs @ v                                                            # (..., Tq, D)
     if grouped:
         out = out.reshape(0, heads, -1, out.shape[-1])                         # (B, H, Tq, D)
     return out
+
+
+def zero_fully_masked_rows(probs: TensorOps, masked_scores: TensorOps) -> Tensor:
+    """A query row whose keys are all masked attends to nothing: its probabilities are zero,
+    as ONNX Attention-23 specifies (softmax alone would average every value).
+
+    Masks fill scores with the dtype's lowest value, so such a row's best score is that
+    fill. Equality (not "<= fill") keeps a NaN row NaN, so an overflow is never hidden.
+    """
+    fill = lowest(masked_scores.dtype)
+    return where(masked_scores.max(-1).eq(fill), 0.0, probs)
 
 
 # ---- positions -------------------------------------------------------------------------

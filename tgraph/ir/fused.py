@@ -67,14 +67,25 @@ def attention(q, k, v, attn_mask=None, is_causal=0, scale=None, q_num_heads=None
     if scale is None:
         scale = 1.0 / np.sqrt(q.shape[-1])
     scores = (q @ np.swapaxes(k, -1, -2)) * np.asarray(scale, dtype=q.dtype)
-    lowest = np.array(np.finfo(q.dtype).min, dtype=q.dtype)
+    # Which keys each query may see: a bool mask's True entries, a float mask's entries
+    # above -inf, and, with is_causal, keys j <= i (upper-left aligned, as ONNX has it).
+    tq, tk = scores.shape[-2], scores.shape[-1]
+    allowed = np.ones((tq, tk), dtype=bool)
     if attn_mask is not None:
-        scores = np.where(attn_mask, scores, lowest) if attn_mask.dtype == np.bool_ else scores + attn_mask
+        if attn_mask.dtype == np.bool_:
+            allowed = allowed & attn_mask
+        else:
+            allowed = allowed & ~np.isneginf(attn_mask)
+            scores = scores + np.where(np.isneginf(attn_mask), np.zeros((), attn_mask.dtype), attn_mask)
     if is_causal:
-        tq, tk = scores.shape[-2], scores.shape[-1]
-        scores = np.where(np.tril(np.ones((tq, tk), dtype=bool)), scores, lowest)  # upper-left aligned (ONNX)
+        allowed = allowed & np.tril(np.ones((tq, tk), dtype=bool))
+    scores = np.where(allowed, scores, np.array(np.finfo(q.dtype).min, dtype=q.dtype))
     e = np.exp(scores - np.max(scores, axis=-1, keepdims=True))
-    y = ((e / np.sum(e, axis=-1, keepdims=True)) @ v).astype(out_dtype, copy=False)
+    p = e / np.sum(e, axis=-1, keepdims=True)
+    # A fully masked row (no allowed key) gives a zero output row, not the mean of the
+    # values: the Attention-23 spec's fully-masked-row guard.
+    p = np.where(np.any(allowed, axis=-1, keepdims=True), p, np.zeros((), p.dtype))
+    y = (p @ v).astype(out_dtype, copy=False)
     if merged:                                   # [B, H, T, D] -> [B, T, H*D]
         y = np.reshape(np.transpose(y, (0, 2, 1, 3)), (y.shape[0], y.shape[2], -1))
     return y
