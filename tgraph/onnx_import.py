@@ -41,19 +41,34 @@ def _importable_domains() -> set:
     return {k.rpartition(".")[0] for k in OPS} - {_INTERNAL_DOMAIN}
 
 
+def read_onnx_proto(path, error=None, load_external_data: bool = False) -> "onnx.ModelProto":
+    """An ONNX file's ModelProto, or one-line `error` (default OnnxImportError) naming the file:
+    missing, empty (protobuf reads 0 bytes as an empty model), unreadable, or without a graph."""
+    import onnx
+
+    error = error or OnnxImportError
+    path = Path(os.fspath(path))
+    if not path.is_file():
+        raise error(f"ONNX file not found: {path}")
+    if path.stat().st_size == 0:
+        raise error(f"{path} is empty (0 bytes), not an ONNX model")
+    try:
+        # external data (weights in a sibling file) is resolved relative to the model's folder
+        model = onnx.load(str(path), load_external_data=load_external_data)
+    except Exception as e:
+        raise error(f"cannot read ONNX file {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    ) from None
+    if not model.HasField("graph"):
+        raise error(f"{path} is not an ONNX model (it has no graph)")
+    return model
+
+
 def _load(model_or_path) -> "onnx.ModelProto":
     import onnx
 
     if isinstance(model_or_path, onnx.ModelProto):
         return model_or_path
-    path = Path(os.fspath(model_or_path))
-    if not path.is_file():
-        raise OnnxImportError(f"ONNX file not found: {path}")
-    try:
-        # external data (weights in a sibling file) is resolved relative to the model's folder
-        return onnx.load(str(path), load_external_data=True)
-    except Exception as e:
-        raise OnnxImportError(f"cannot read ONNX file {path}: {type(e).__name__}: {e}") from None
+    return read_onnx_proto(model_or_path, load_external_data=True)
 
 
 def _type_of(vi, what: str) -> TensorType:
@@ -85,7 +100,11 @@ def _array(tensor, where: str) -> np.ndarray:
         DType(tensor.data_type)
     except ValueError:
         raise OnnxImportError(f"{where}: unsupported tensor element type {tensor.data_type}") from None
-    return np.asarray(numpy_helper.to_array(tensor))
+    try:
+        return np.asarray(numpy_helper.to_array(tensor))
+    except (ValueError, TypeError, IndexError) as e:   # e.g. dims whose product is not the data's length
+        raise OnnxImportError(f"{where}: dims {list(tensor.dims)} do not match its data "
+                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
 def _constant_value(node) -> np.ndarray:
