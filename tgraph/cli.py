@@ -273,7 +273,6 @@ def cmd_run(args) -> int:
 
 
 def _inspect_onnx(path: str) -> Dict:
-    import numpy as np
     import onnx
 
     from .onnx_import import read_onnx_proto

@@ -108,8 +108,6 @@ def _cap_new_tokens(gen, prompts, wanted: int) -> int:
     a decoder-only row needs len(prompt) + new - 1 positions, an encoder-decoder's decoder `new`."""
     from .generate import POSITION_LIMITS
 
-    if wanted < 1:
-        raise ConfigError(f"--max-new-tokens must be a positive int, got {wanted}")
     limit = next((int(getattr(gen.config, k)) for k in POSITION_LIMITS if hasattr(gen.config, k)), None)
     if limit is None:
         return wanted

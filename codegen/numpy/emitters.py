@@ -99,7 +99,7 @@ def emit_gather(ctx: EmitContext) -> str:
     given = indices.producer is None and indices.const is None         # ids fed by the caller
     where = f"input {indices.name!r} (ids into {table.name})" if given else \
         f"node {ctx.node.name!r} (Gather from {table.name})"
-    return f"__take({ctx.args[0]}, {ctx.args[1]}, {int(ctx.attrs.get('axis', 0))}, {str_lit(where)}, {0 if given else -1})"
+    return f"__take({ctx.args[0]}, {ctx.args[1]}, {int(ctx.attrs.get('axis', 0))}, {str_lit(where)})"
 
 
 def _same(a: Any, b: Any) -> bool:

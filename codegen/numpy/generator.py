@@ -81,7 +81,7 @@ def _dims_lit(t: TensorType) -> str:
     if t.shape is None:
         return "None"
     items = [str(int(d)) if isinstance(d, int) else str_lit(d) if isinstance(d, str) else "None" for d in t.shape]
-    return "(" + "".join(f"{x}, " for x in items) + ")"
+    return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
 
 
 def _type_text(t: TensorType) -> str:
@@ -236,5 +236,7 @@ def generate_source(graph: Graph, weights_file: str) -> str:
         weights_file=weights_file, n_weights=len(weights),
         n_values=int(sum(a.size for a in weights.values())), n_nodes=len(graph.nodes), histogram=hist,
         inputs=inputs, outputs=outputs, lines=lines, kernels=kernels.sources(),
+        unpack="".join(f"{i['var']}, " for i in inputs).rstrip(" ") if len(inputs) == 1 else
+        ", ".join(i["var"] for i in inputs),
         module=module if module.isidentifier() and module.isascii() else "model", example=example,
     )
