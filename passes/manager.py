@@ -15,6 +15,7 @@ from tgraph.errors import ConfigError, TgraphError, VerifyError
 from tgraph.ir import Graph
 
 from .base import Pass, PassLike, level_pipeline, parse_pipeline
+from .pattern import NearMiss
 
 #: The level `optimize(graph)` uses when given neither a level nor a pipeline.
 DEFAULT_LEVEL = 2
@@ -34,7 +35,7 @@ class PassRecord:
     nodes_after: int
     seconds: float
     verify_seconds: float = 0.0
-    near_misses: List = field(default_factory=list)   # pattern.NearMiss of rewrite passes
+    near_misses: List[NearMiss] = field(default_factory=list)   # why rules did not fire (one type, for --report)
 
     @property
     def changed(self) -> bool:
@@ -157,8 +158,10 @@ class PassManager:
                 changes = {}
             if not isinstance(changes, dict):
                 raise PassError(f"pass {p.name!r} returned {type(changes).__name__}, expected a dict of counts")
-            record = PassRecord(p.name, dict(changes), before, len(graph.nodes), seconds,
-                                near_misses=list(getattr(p, "near_misses", None) or []))
+            misses = list(getattr(p, "near_misses", None) or [])
+            if not all(isinstance(m, NearMiss) for m in misses):
+                raise PassError(f"pass {p.name!r} recorded near misses that are not pattern.NearMiss")
+            record = PassRecord(p.name, dict(changes), before, len(graph.nodes), seconds, near_misses=misses)
             if self.verify:
                 t1 = time.perf_counter()
                 try:

@@ -32,6 +32,7 @@ from tgraph.ir import Builder, Graph, Node, Value
 from tgraph.ir.contrib import DOMAIN
 
 from .base import Pass, register_pass
+from .pattern import NearMiss
 from .rewrite import is_output, replace_value
 
 
@@ -131,18 +132,19 @@ class FuseSkipLayerNorm(Pass):
     name = "fuse-skip-layer-norm"
 
     def run(self, graph: Graph) -> Dict[str, int]:
-        self.near_misses: List[str] = []
+        self.near_misses: List[NearMiss] = []
         counts = {"skip-layer-norm": 0, "skip-rms-norm": 0, "folded-bias": 0}
         for node in list(graph.nodes):
             if node.graph is not graph:
                 continue
             m, reason = match_skip_norm(graph, node)
+            rule = "skip-layer-norm" if node.op == "LayerNormalization" else "skip-rms-norm"
             if m is None:
                 if reason:
-                    self.near_misses.append(f"{node.name}: {reason}")
+                    self.near_misses.append(NearMiss(rule, node.name, reason))
                 continue
             rewrite_skip_norm(graph, m)
-            counts["skip-layer-norm" if node.op == "LayerNormalization" else "skip-rms-norm"] += 1
+            counts[rule] += 1
             counts["folded-bias"] += m.bias is not None
         return counts
 

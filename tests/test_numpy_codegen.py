@@ -278,7 +278,8 @@ def test_generated_code_is_readable():
     assert "softmax = k.softmax(transpose)  # float32[batch,2,seq,8]" in lines
     assert "def softmax(x, axis=-1):" in lines          # kernel source copied...
     assert "def gemm(" not in src                       # ...only the ones used
-    assert "x = np.asarray(inputs['x'], dtype=np.float32)  # float32[batch,seq,8]" in lines
+    assert "x, = __check_inputs(inputs)" in lines
+    assert "('x', np.float32, ('batch', 'seq', 8)),  # float32[batch,seq,8]" in lines
     doc = ast.get_docstring(ast.parse(src))
     assert 'graph "tiny"' in doc and "x: float32[batch,seq,8]" in doc and "softmax: float32[batch,2,seq,8]" in doc
     assert "tiny.run(" in doc

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .errors import ConfigError, TgraphError
+from .errors import ConfigError, InputError, TgraphError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL = 3
@@ -51,6 +51,26 @@ def _parse_dims(text: Optional[str]) -> Dict[str, int]:
             raise ConfigError(f"--dims expects name=positive_int[,...], got {item!r}")
         dims[key.strip()] = int(value)
     return dims
+
+
+def _given_dim_names(text: Optional[str]) -> List[str]:
+    return [item.partition("=")[0].strip() for item in (text or "").split(",") if item.strip()]
+
+
+def _check_dims(text: Optional[str], declared: List[tuple]) -> None:
+    """Every dim named in --dims must be a symbolic dim of the model's inputs (else it would be ignored)."""
+    known = sorted({d for shape in declared for d in (shape or ()) if isinstance(d, str)})
+    unknown = [n for n in _given_dim_names(text) if n not in known]
+    if unknown:
+        raise ConfigError(f"--dims: the model has no dim {unknown[0]!r} (its inputs' dims are "
+                          f"{', '.join(known) or 'all static'})")
+
+
+def _check_seeds(args) -> None:
+    for flag in ("seed", "init_seed"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 0:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be a non-negative int, got {value}")
 
 
 def _add_model_options(p: argparse.ArgumentParser, output: bool = True) -> None:
@@ -123,15 +143,23 @@ def cmd_export(args) -> int:
     if out.suffix != ".onnx":
         raise ConfigError(f"output file must end in .onnx: {out}")
     start = time.perf_counter()
-    built = export_onnx(args.model, out, overrides=_parse_sets(args.sets), seed=args.seed, level=_level(args),
-                        opset=args.opset, external_data=True if args.external_data else None, dtype=args.dtype)
+    report = export_onnx(args.model, out, overrides=_parse_sets(args.sets), seed=args.seed, level=_level(args),
+                         opset=args.opset, external_data=True if args.external_data else None,
+                         dtype=args.dtype).report     # the graph is dropped before the file is read back
     took = time.perf_counter() - start
-    print(f"wrote {out} ({built.graph.parameter_count():,} parameters, {len(built.graph.nodes)} nodes, "
-          f"-O{_level(args)}, {took:.2f}s)")
-    if args.report and built.report is not None:
-        print(built.report)
-        print(_fusions_line(built.report.fusions()))
+    nodes, params = _written_counts(out)
+    print(f"wrote {out} ({params:,} parameters, {nodes} nodes, -O{_level(args)}, {took:.2f}s)")
+    if args.report and report is not None:
+        print(report)
+        print(_fusions_line(report.fusions()))
     return 0
+
+
+def _written_counts(path: Path) -> tuple:
+    """What `inspect` will say of the file just written (its nodes and initializers, not the IR's)."""
+    import onnx
+
+    return onnx_counts(onnx.load(str(path), load_external_data=False))
 
 
 def _fusions_line(fusions: Dict[str, int]) -> str:
@@ -168,7 +196,10 @@ def _summarise(outputs: Dict) -> List[str]:
     lines = []
     for name, array in outputs.items():
         a = np.asarray(array)
-        stats = f"mean {a.mean():.6g} std {a.std():.6g}" if a.size and a.dtype.kind == "f" else ""
+        floating = a.dtype.kind == "f" or a.dtype.name == "bfloat16"
+        # accumulated in float64: an fp16 output's variance overflows fp16 (std inf)
+        wide = a.astype(np.float64) if a.size and floating else None
+        stats = f"mean {wide.mean():.6g} std {wide.std():.6g}" if wide is not None else ""
         lines.append(f"  {name}: {a.dtype}{list(a.shape)} {stats}".rstrip())
     return lines
 
@@ -189,6 +220,7 @@ def cmd_run(args) -> int:
             raise ConfigError("--backend numpy and --check need a model (name, file.py:factory or checkpoint), "
                               "not an .onnx file")
         session = Session(args.model, providers=args.provider, threads=args.threads)
+        _check_dims(args.dims, [tuple(i.shape or ()) for i in session.inputs])
         inputs = _load_inputs(args.inputs) if args.inputs else make_random_inputs(session, dims, seed=args.seed)
         start = time.perf_counter()
         outputs = session.run(inputs)
@@ -202,6 +234,7 @@ def cmd_run(args) -> int:
     from .codegen.onnx import to_onnx
 
     built = build(args.model, _parse_sets(args.sets), seed=args.seed, level=_level(args), dtype=args.dtype)
+    _check_dims(args.dims, [v.shape for v in built.graph.inputs])
     model_proto = to_onnx(built.graph)
     session = Session(model_proto, providers=args.provider, threads=args.threads) \
         if (args.backend == "ort" or args.check) else None
@@ -219,7 +252,10 @@ def cmd_run(args) -> int:
             path = write_numpy_module(built.graph, Path(tmp) / "model.py")
             module = load_numpy_module(path)
             start = time.perf_counter()
-            results["numpy"] = module.run(inputs)
+            try:
+                results["numpy"] = module.run(inputs)
+            except module.InputError as e:                 # a missing input, an id beyond the vocabulary...
+                raise InputError(f"numpy backend: {e}") from None
             print(f"numpy backend: {(time.perf_counter() - start) * 1e3:.1f} ms")
     shown = results.get(args.backend) or next(iter(results.values()))
     print("\n".join(_summarise(shown)))
@@ -243,29 +279,38 @@ def cmd_run(args) -> int:
 
 
 def _inspect_onnx(path: str) -> Dict:
-    import numpy as np
     import onnx
 
-    if not os.path.isfile(path):
-        raise ConfigError(f"ONNX file not found: {path}")
-    try:
-        model = onnx.load(path, load_external_data=False)
-    except Exception as e:
-        raise ConfigError(f"cannot read ONNX file {path}: {e}") from None
+    from .onnx_import import read_onnx_proto
 
-    def sig(vi):
+    model = read_onnx_proto(path, ConfigError)
+
+    def sig(vi, kind):
         t = vi.type.tensor_type
         dims = [d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in t.shape.dim]
-        return {"name": vi.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": dims}
+        try:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
+        except (KeyError, ValueError):
+            raise ConfigError(f"{path}: graph {kind} {vi.name!r} has unknown element type {t.elem_type}") from None
+        return {"name": vi.name, "dtype": dtype, "shape": dims}
 
     hist: Dict[str, int] = {}
     for node in model.graph.node:
         key = f"{node.domain}.{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
         hist[key] = hist.get(key, 0) + 1
-    count = sum(int(np.prod(init.dims)) for init in model.graph.initializer)
-    return {"source": path, "inputs": [sig(v) for v in model.graph.input], "outputs": [sig(v) for v in model.graph.output],
-            "ops": dict(sorted(hist.items())), "nodes": len(model.graph.node), "parameters": count,
+    nodes, count = onnx_counts(model)
+    return {"source": path, "inputs": [sig(v, "input") for v in model.graph.input],
+            "outputs": [sig(v, "output") for v in model.graph.output],
+            "ops": dict(sorted(hist.items())), "nodes": nodes, "parameters": count,
             "opset": {o.domain or "ai.onnx": o.version for o in model.opset_import}}
+
+
+def onnx_counts(model) -> tuple:
+    """(nodes, parameters) of an ONNX model, as `export` and `inspect` both report them:
+    top-level nodes, and the elements of every initializer."""
+    import numpy as np
+
+    return len(model.graph.node), sum(int(np.prod(init.dims, dtype=np.int64)) for init in model.graph.initializer)
 
 
 def cmd_inspect(args) -> int:
@@ -374,13 +419,28 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"tgraph: warning: {message}", file=sys.stderr)
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):     # stdout without a file descriptor (captured)
+        pass
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _check_seeds(args)
         with _sigterm_unwinds(), warnings.catch_warnings():
             warnings.showwarning = _one_line_warning
-            return COMMANDS[args.command](args)
+            code = COMMANDS[args.command](args)
+        sys.stdout.flush()             # a reader that left shows here, inside these handlers
+        return code
+    except BrokenPipeError:            # `tgraph inspect ... | head`: the reader left; stop quietly
+        _silence_stdout()
+        return 141                     # 128 + SIGPIPE, what a shell reports for a killed writer
     except TgraphError as e:
         if args.debug:
             raise

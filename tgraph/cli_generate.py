@@ -8,8 +8,9 @@ Greedy unless a sampling option is given. `--seed` seeds sampling (`--init-seed`
 weights of a registered model). `--json` prints exactly {"ids", "text", "tokens_per_s"} for
 one prompt and a list of such objects (one per prompt, in order) for several; the provider
 line then goes to stderr, so stdout is only JSON. `--stream` prints tokens as they come:
-text pieces for one prompt with a tokenizer, else one line of ids per step (one column per
-prompt, "-" once a row has finished).
+with a tokenizer, text, never half a character (one prompt: the pieces in one line;
+several: one line "[row] piece" per new piece, newlines in a piece written as \\n);
+without one, one line of ids per step (one column per prompt, "-" once a row has finished).
 """
 from __future__ import annotations
 
@@ -63,31 +64,61 @@ def _sampling(args) -> dict:
 
 
 class _Printer:
-    """Streams steps: text pieces for a single prompt with a tokenizer, else ids per step."""
+    """Streams steps: text pieces (whole characters) with a tokenizer, else ids per step."""
 
     def __init__(self, gen, batch: int, out):
-        self.gen, self.batch, self.out = gen, batch, out
-        self.ids: List[int] = []
-        self.shown = ""
+        self.batch, self.out = batch, out
+        self.decoders = [gen.tokenizer.stream_decoder() for _ in range(batch)] if gen.tokenizer is not None else None
+        self.count = 0
 
     def __call__(self, step) -> None:
-        if self.batch == 1:
-            if not step.active[0]:
-                return
-            self.ids.append(int(step.tokens[0]))
-            if self.gen.tokenizer is not None:
-                text = self.gen.tokenizer.decode(self.ids)
-                piece, self.shown = text[len(self.shown):], text
+        if self.decoders is None:
+            if self.batch == 1:
+                if step.active[0]:
+                    self._write(("" if not self.count else " ") + str(int(step.tokens[0])))
+                    self.count += 1
             else:
-                piece = ("" if len(self.ids) == 1 else " ") + str(self.ids[-1])
-            print(piece, end="", file=self.out, flush=True)
+                cells = [str(int(t)) if a else "-" for t, a in zip(step.tokens, step.active)]
+                print(" ".join(cells), file=self.out, flush=True)
+            return
+        for row, (token, active) in enumerate(zip(step.tokens, step.active)):
+            if active:
+                self._piece(row, self.decoders[row].step(int(token)))
+
+    def _piece(self, row: int, piece: str) -> None:
+        if not piece:
+            return
+        if self.batch == 1:
+            self._write(piece)
         else:
-            cells = [str(int(t)) if a else "-" for t, a in zip(step.tokens, step.active)]
-            print(" ".join(cells), file=self.out, flush=True)
+            print(f"[{row}] {piece.replace(chr(10), chr(92) + 'n')}", file=self.out, flush=True)
+
+    def _write(self, text: str) -> None:
+        print(text, end="", file=self.out, flush=True)
 
     def close(self) -> None:
+        for row, decoder in enumerate(self.decoders or []):
+            self._piece(row, decoder.finish())
         if self.batch == 1:
             print(file=self.out, flush=True)
+
+
+def _cap_new_tokens(gen, prompts, wanted: int) -> int:
+    """`wanted`, or fewer where the model's positions end first (with a note on stderr):
+    a decoder-only row needs len(prompt) + new - 1 positions, an encoder-decoder's decoder `new`."""
+    from .generate import POSITION_LIMITS
+
+    limit = next((int(getattr(gen.config, k)) for k in POSITION_LIMITS if hasattr(gen.config, k)), None)
+    if limit is None:
+        return wanted
+    longest = max(len(r) for r in gen.prompt_rows(prompts))
+    room = limit if gen.encoder_decoder else limit - longest + 1
+    if room < 1 or wanted <= room:
+        return wanted                       # fits, or the prompt alone is too long: generate says so
+    where = "" if gen.encoder_decoder else f", {longest} taken by the longest prompt"
+    print(f"tgraph: note: --max-new-tokens {wanted} capped to {room} (the model has {limit} positions{where})",
+          file=sys.stderr)
+    return room
 
 
 def cmd_generate(args) -> int:
@@ -110,7 +141,8 @@ def cmd_generate(args) -> int:
                           "(give --prompt-ids instead)")
     info = sys.stderr if args.json else sys.stdout
     printer = _Printer(gen, len(prompts), info if args.json else sys.stdout) if args.stream else None
-    result = gen.generate(prompts, args.max_new_tokens, callback=printer, **sampling)
+    max_new = _cap_new_tokens(gen, prompts, args.max_new_tokens)
+    result = gen.generate(prompts, max_new, callback=printer, **sampling)
     if printer is not None:
         printer.close()
     if args.json:

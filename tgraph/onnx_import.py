@@ -3,9 +3,11 @@
 Why: the fusion passes must work on graphs tgraph did not write itself (PyTorch's
 exporters, Hugging Face models), and `tgraph optimize` needs a way in.
 
-Standard-domain ops of our op table map one to one. Static parameters that ONNX moved
-to inputs over the opsets (Reduce* axes, Squeeze/Unsqueeze axes, Split sizes) become
-our attributes, so they must be constants. `Constant` nodes and initializers become
+Standard-domain (and onnxruntime contrib) ops of our op table map one to one, through
+the op's `OnnxInterface` in the op table, the same description the ONNX lowering reads:
+static parameters that ONNX moved to inputs over the opsets (Reduce* axes,
+Squeeze/Unsqueeze axes, Split sizes, CumSum's axis) become our attributes, so they must
+be constants; the constants read that way are not kept as weights. `Constant` nodes and initializers become
 graph constants (initializers are parameters and keep their names). Value names are
 arbitrary strings in ONNX: intermediate ones are re-issued by the graph's
 `NameAuthority` (legal identifiers); graph input and output names are the model's
@@ -31,8 +33,35 @@ MIN_OPSET = 13
 class OnnxImportError(TgraphError):
     """An ONNX model that tgraph cannot import (unsupported op or domain, computed axes, old opset)."""
 
-# ops whose ONNX inputs (from index `i` on) are attributes in our IR
-_AXES_INPUT = {"ReduceMean": 1, "ReduceSum": 1, "ReduceMax": 1, "Squeeze": 1, "Unsqueeze": 1}
+# tgraph's own domain: its ops are lowered to standard subgraphs, never written as such
+_INTERNAL_DOMAIN = "tgraph"
+
+
+def _importable_domains() -> set:
+    """The domains of the op table, but tgraph's own (lowered to subgraphs, never written)."""
+    return {k.rpartition(".")[0] for k in OPS} - {_INTERNAL_DOMAIN}
+
+
+def read_onnx_proto(path, error=None, load_external_data: bool = False) -> "onnx.ModelProto":
+    """An ONNX file's ModelProto, or one-line `error` (default OnnxImportError) naming the file:
+    missing, empty (protobuf reads 0 bytes as an empty model), unreadable, or without a graph."""
+    import onnx
+
+    error = error or OnnxImportError
+    path = Path(os.fspath(path))
+    if not path.is_file():
+        raise error(f"ONNX file not found: {path}")
+    if path.stat().st_size == 0:
+        raise error(f"{path} is empty (0 bytes), not an ONNX model")
+    try:
+        # external data (weights in a sibling file) is resolved relative to the model's folder
+        model = onnx.load(str(path), load_external_data=load_external_data)
+    except Exception as e:
+        raise error(f"cannot read ONNX file {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    ) from None
+    if not model.HasField("graph"):
+        raise error(f"{path} is not an ONNX model (it has no graph)")
+    return model
 
 
 def _load(model_or_path) -> "onnx.ModelProto":
@@ -40,14 +69,7 @@ def _load(model_or_path) -> "onnx.ModelProto":
 
     if isinstance(model_or_path, onnx.ModelProto):
         return model_or_path
-    path = Path(os.fspath(model_or_path))
-    if not path.is_file():
-        raise OnnxImportError(f"ONNX file not found: {path}")
-    try:
-        # external data (weights in a sibling file) is resolved relative to the model's folder
-        return onnx.load(str(path), load_external_data=True)
-    except Exception as e:
-        raise OnnxImportError(f"cannot read ONNX file {path}: {type(e).__name__}: {e}") from None
+    return read_onnx_proto(model_or_path, load_external_data=True)
 
 
 def _type_of(vi, what: str) -> TensorType:
@@ -79,7 +101,11 @@ def _array(tensor, where: str) -> np.ndarray:
         DType(tensor.data_type)
     except ValueError:
         raise OnnxImportError(f"{where}: unsupported tensor element type {tensor.data_type}") from None
-    return np.asarray(numpy_helper.to_array(tensor))
+    try:
+        return np.asarray(numpy_helper.to_array(tensor))
+    except (ValueError, TypeError, IndexError) as e:   # e.g. dims whose product is not the data's length
+        raise OnnxImportError(f"{where}: dims {list(tensor.dims)} do not match its data "
+                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
 def _constant_value(node) -> np.ndarray:
@@ -128,6 +154,7 @@ class _Importer:
         self.env: Dict[str, Value] = {}
         self.output_names = {o.name for o in model.graph.output}
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+        self.read_as_attrs: set = set()         # constants that became attributes
 
     # ---- helpers ------------------------------------------------------------------------
     def where(self, node) -> str:
@@ -168,6 +195,11 @@ class _Importer:
                                               exact_name=True)
         for node in mg.node:
             self.node(node)
+        for name in self.read_as_attrs:          # an axes constant is not a weight of the model
+            v = self.env[name]
+            if not v.uses and name not in out_names and g.constants.get(v.name) is v:
+                del g.constants[v.name]
+                g.names.release(v.name)
         for vi in mg.output:
             if vi.name not in self.env:
                 raise OnnxImportError(f"graph output {vi.name!r} is not produced by any node")
@@ -184,59 +216,70 @@ class _Importer:
         return g
 
     def node(self, node) -> None:
-        if node.domain not in ("", "ai.onnx"):
-            raise OnnxImportError(f"{self.where(node)}: domain {node.domain!r} is not supported")
+        domain = "" if node.domain == "ai.onnx" else node.domain
         op = node.op_type
-        if op == "Constant":
+        key = f"{domain}.{op}" if domain else op
+        if domain == "" and op == "Constant":
             arr = _constant_value(node)
             self.env[node.output[0]] = self.graph.add_constant(arr, hint=node.output[0])
             return
-        if op not in OPS:
-            raise OnnxImportError(f"{self.where(node)}: op {op} is not supported by tgraph")
+        if domain not in _importable_domains():
+            raise OnnxImportError(f"{self.where(node)}: domain {node.domain!r} is not supported")
+        if key not in OPS:
+            raise OnnxImportError(f"{self.where(node)}: op {key} is not supported by tgraph")
+        opdef = OPS[key]
         for name in node.input:
             if name and name not in self.env:
                 raise OnnxImportError(f"{self.where(node)}: input {name!r} is not defined before use")
         attrs = _attrs(node)
-        n_in = len(node.input)
-        if op in _AXES_INPUT and n_in > 1 and node.input[1]:
-            axes = self.const_input(node, 1, "axes")
-            attrs["axes"] = [int(a) for a in axes.reshape(-1)]
-            n_in = 1
-        if op.startswith("Reduce"):
+        interface = opdef.onnx
+        from_inputs = interface.as_inputs(self.opset) if domain == "" else interface.attr_inputs
+        for spec in from_inputs:                 # static parameters ONNX passes as inputs
+            if spec.index < len(node.input) and node.input[spec.index]:
+                array = self.const_input(node, spec.index, spec.attr)
+                try:
+                    attrs[spec.attr] = spec.from_array(array, self.where(node))
+                except TgraphError as e:
+                    raise OnnxImportError(str(e)) from None
+                self.read_as_attrs.add(node.input[spec.index])
+        positions = {spec.index for spec in from_inputs}
+        input_names = [n for i, n in enumerate(node.input) if i not in positions]
+        std = domain == ""
+        if std and op.startswith("Reduce"):
             noop = attrs.pop("noop_with_empty_axes", 0)
             if attrs.get("axes") is not None and len(attrs["axes"]) == 0 and not noop:
                 attrs["axes"] = None            # ONNX: empty axes reduce everything
             elif attrs.get("axes") is None and noop:
                 attrs["axes"] = []              # ours: empty axes reduce nothing
-        if op == "Split":
-            if n_in > 1 and node.input[1]:
-                attrs["split"] = [int(s) for s in self.const_input(node, 1, "split sizes").reshape(-1)]
-                n_in = 1
-            elif attrs.get("split") is None and attrs.get("num_outputs") is None:
+        if std and op == "Split":
+            if attrs.get("split") is None and attrs.get("num_outputs") is None:
                 attrs["num_outputs"] = len(node.output)
-        if op == "Cast":
+        if std and op == "Cast":
             attrs["to"] = DType(attrs["to"]) if attrs.get("to") in {d.value for d in DType} else \
                 self._fail(node, f"cast to unsupported element type {attrs.get('to')}")
             attrs.pop("saturate", None)
-        if op == "Softmax" and self.opset < 13:
+        if std and op == "Softmax" and self.opset < 13:
             self._fail(node, "Softmax before opset 13 flattens its input")
-        ins = [self.env[n] if n else None for n in node.input[:n_in]]
+        ins = [self.env[n] if n else None for n in input_names]
         while ins and ins[-1] is None:
             ins.pop()
-        opdef = OPS[op]
+        try:
+            output_names = interface.ir_outputs(list(node.output), self.where(node))
+        except TgraphError as e:
+            raise OnnxImportError(str(e)) from None
         unknown = set(attrs) - set(opdef.attrs)
         if unknown:
             self._fail(node, f"attribute(s) {sorted(unknown)} are not supported")
         self.b.scope = []
         hint = node.output[0] if node.output and node.output[0] else op.lower()
         try:
-            outs = self.b.op(op, *ins, hint=hint, **attrs)
+            outs = self.b.op(op, *ins, hint=hint, domain=domain, **attrs)
         except TgraphError as e:
             raise OnnxImportError(f"{self.where(node)}: {e}") from None
         outs = outs if isinstance(outs, tuple) else (outs,)
-        if len(outs) != len([o for o in node.output]):
-            self._fail(node, f"has {len(node.output)} outputs, tgraph's {op} gives {len(outs)}")
-        for name, v in zip(node.output, outs):
+        if len(outs) != len(output_names):
+            self._fail(node, f"has {len(output_names)} outputs, tgraph's {op} gives {len(outs)}")
+        for name, v in zip(output_names, outs):
             if not name:
                 continue
             if name in self.env:

@@ -103,6 +103,43 @@ class TextTokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    def stream_decoder(self) -> "StreamDecoder":
+        return StreamDecoder(self)
+
+
+class StreamDecoder:
+    """Text of one row's tokens as they arrive, in pieces that never split a character.
+
+    A byte-level BPE token can hold part of a UTF-8 character ("é" is two tokens, an
+    emoji up to four): decoding the ids so far and printing what is new would print
+    U+FFFD for the half character, and never take it back. `tokenizers`' DecodeStream
+    holds such bytes until the character is complete. `step` returns the new text ("" while
+    a character is incomplete); `finish` returns what is still held when the row ends (an
+    incomplete character then decodes as the full decode does), so the pieces always add
+    up to `TextTokenizer.decode` of all the ids.
+    """
+
+    def __init__(self, tokenizer: TextTokenizer):
+        from tokenizers.decoders import DecodeStream
+
+        self._tokenizer = tokenizer
+        self._stream = DecodeStream(skip_special_tokens=True)
+        self._ids: list = []
+        self._shown = ""
+
+    def step(self, token_id: int) -> str:
+        self._ids.append(int(token_id))
+        piece = self._stream.step(self._tokenizer._tok, int(token_id)) or ""
+        self._shown += piece
+        return piece
+
+    def finish(self) -> str:
+        """What the pieces so far lack of the full decode (held bytes of an unfinished character)."""
+        full = self._tokenizer.decode(self._ids)
+        rest = full[len(self._shown):] if full.startswith(self._shown) else ""
+        self._shown += rest
+        return rest
+
 
 def find_tokenizer(model: str) -> Optional[TextTokenizer]:
     """The tokenizer.json of a checkpoint directory, if it has one."""

@@ -27,7 +27,7 @@ from tgraph.ir import contrib, fused, kernels
 from tgraph.ir.core import Node, Value
 from tgraph.ir.opdefs import OPS
 
-from .literals import attr_lit, dtype_lit
+from .literals import attr_lit, dtype_lit, str_lit
 
 
 class EmitContext:
@@ -88,6 +88,18 @@ class Call:
                 continue
             args.append(f"{name}={attr_lit(value)}")
         return f"{ctx.kernel(self.kernel)}({', '.join(args)})"
+
+
+def emit_gather(ctx: EmitContext) -> str:
+    """Gather from a weight table (an embedding, a position table) checks its indices and
+    names the input or node at fault; other Gathers are the kernel."""
+    table, indices = ctx.input(0), ctx.input(1)
+    if table.const is None:
+        return Call(kernels.gather)(ctx)
+    given = indices.producer is None and indices.const is None         # ids fed by the caller
+    where = f"input {indices.name!r} (ids into {table.name})" if given else \
+        f"node {ctx.node.name!r} (Gather from {table.name})"
+    return f"__take({ctx.args[0]}, {ctx.args[1]}, {int(ctx.attrs.get('axis', 0))}, {str_lit(where)})"
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -218,7 +230,7 @@ EMITTERS: Dict[str, Callable[[EmitContext], str]] = {
     "Concat": Inline("np.concatenate(({args},), axis={axis})"),
     "Split": Call(kernels.split),
     "Slice": _slice,
-    "Gather": Call(kernels.gather),
+    "Gather": emit_gather,
     "GatherElements": Call(kernels.gather_elements),
     "GatherND": Call(kernels.gather_nd),
     "Max": Call(kernels.maximum),

@@ -76,6 +76,14 @@ class _Namer:
         return self._names[key]
 
 
+def _dims_lit(t: TensorType) -> str:
+    """The declared dims as a literal tuple (ints, symbol names, None for unknown) for run()'s checks."""
+    if t.shape is None:
+        return "None"
+    items = [str(int(d)) if isinstance(d, int) else str_lit(d) if isinstance(d, str) else "None" for d in t.shape]
+    return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
+
+
 def _type_text(t: TensorType) -> str:
     return comment(str(t))
 
@@ -192,7 +200,8 @@ def generate_source(graph: Graph, weights_file: str) -> str:
     inputs = []
     for v in graph.inputs:
         _check_dtype(v)
-        inputs.append({"var": namer.name(v), "key": v.name, "dtype": dtype_lit(v.dtype), "type": _type_text(v.type)})
+        inputs.append({"var": namer.name(v), "key": v.name, "dtype": dtype_lit(v.dtype), "type": _type_text(v.type),
+                       "dims": _dims_lit(v.type)})
 
     lines = []
     for node in graph.nodes:
@@ -227,5 +236,7 @@ def generate_source(graph: Graph, weights_file: str) -> str:
         weights_file=weights_file, n_weights=len(weights),
         n_values=int(sum(a.size for a in weights.values())), n_nodes=len(graph.nodes), histogram=hist,
         inputs=inputs, outputs=outputs, lines=lines, kernels=kernels.sources(),
+        unpack="".join(f"{i['var']}, " for i in inputs).rstrip(" ") if len(inputs) == 1 else
+        ", ".join(i["var"] for i in inputs),
         module=module if module.isidentifier() and module.isascii() else "model", example=example,
     )

@@ -22,6 +22,7 @@ from onnx import NodeProto, TensorProto, helper
 
 from tgraph.errors import ExportError
 from tgraph.ir.core import Node, Value
+from tgraph.ir.opdefs import OPS, OnnxInterface
 
 from .protos import finfo_min, make_attribute, tensor_proto
 
@@ -170,65 +171,62 @@ def names(values: Sequence[Optional[Value]]) -> List[Optional[str]]:
 
 
 # ------------------------------------------------------------------------- the rules
+def onnx_interface(node: Node) -> OnnxInterface:
+    return OPS[node.qualified_op].onnx
+
+
+def emit_interface(ctx: LoweringContext, node: Node, attrs: Optional[dict] = None,
+                   op_type: Optional[str] = None) -> List[str]:
+    """The ONNX node of `node` as its op's `OnnxInterface` describes it at the target opset:
+    attributes that ONNX takes as inputs there become constant inputs, outputs go to their
+    ONNX positions. `attrs` (default: the node's) lets a rule adjust semantics first."""
+    interface = onnx_interface(node)
+    attrs = dict(node.attrs if attrs is None else attrs)
+    ins = names(node.inputs)
+    for spec in interface.as_inputs(ctx.opset):
+        value = attrs.pop(spec.attr, None)
+        if value is None:
+            continue                           # an absent optional input (e.g. Squeeze without axes)
+        ins += [None] * (spec.index - len(ins))
+        ins.insert(spec.index, ctx.const(spec.to_array(value), spec.attr))
+    return ctx.emit(op_type or node.op, ins, interface.onnx_outputs(names(node.outputs)), domain=node.domain,
+                    **attrs)
+
+
 _SAME_AS_ONNX = (
     "Add", "Sub", "Mul", "Div", "Pow", "MatMul", "Gemm", "Sqrt", "Reciprocal", "Neg", "Exp", "Log", "Erf",
     "Tanh", "Sigmoid", "Relu", "Cos", "Sin", "Identity", "Not", "And", "Or", "Equal", "Less", "Greater",
     "Softmax", "Transpose", "Reshape", "Expand", "Concat", "Slice", "Gather", "Where", "Trilu", "Shape",
     "Range", "Cast", "LayerNormalization", "RMSNormalization", "Gelu", "RotaryEmbedding",
     "LessOrEqual", "GreaterOrEqual", "IsNaN", "Flatten", "GatherElements", "GatherND", "Max",
+    "Squeeze", "Unsqueeze", "CumSum",
 )
 
 
 @lowering(*_SAME_AS_ONNX)
 def lower_same(ctx: LoweringContext, node: Node) -> None:
-    """The ONNX op of the same name and attributes (a DType attribute, e.g. Cast's `to`, becomes its enum)."""
-    ctx.emit(node.op, names(node.inputs), names(node.outputs), domain=node.domain, **node.attrs)
+    """The ONNX op of the same name, through the op's ONNX interface (static attributes that
+    ONNX takes as inputs, e.g. CumSum's axis, become constants; a DType attribute its enum)."""
+    emit_interface(ctx, node)
 
 
 @lowering("ReduceMean", "ReduceSum", "ReduceMax")
 def lower_reduce(ctx: LoweringContext, node: Node) -> None:
-    """`axes` is an input from opset 18 (ReduceSum: 13); empty axes means "reduce nothing" in our IR."""
-    attrs = dict(node.attrs)
-    axes = attrs.pop("axes", None)
-    x, out = names(node.inputs), names(node.outputs)
-    if axes is not None and len(axes) == 0:
-        ctx.emit("Identity", x, out)     # ONNX would reduce over all axes instead
-        return
-    if axes is None:
-        ctx.emit(node.op, x, out, **attrs)
-    elif ctx.opset >= (13 if node.op == "ReduceSum" else 18):
-        ctx.emit(node.op, x + [ctx.ints(axes, "axes")], out, **attrs)
-    else:
-        ctx.emit(node.op, x, out, axes=list(axes), **attrs)
-
-
-@lowering("Squeeze", "Unsqueeze")
-def lower_squeeze(ctx: LoweringContext, node: Node) -> None:
-    """`axes` is an input since opset 13, below every opset we export."""
+    """Empty axes means "reduce nothing" in our IR but "reduce all" in ONNX: an Identity."""
     axes = node.attrs.get("axes")
-    ins = names(node.inputs) + ([ctx.ints(axes, "axes")] if axes is not None else [])
-    ctx.emit(node.op, ins, names(node.outputs))
+    if axes is not None and len(axes) == 0:
+        ctx.emit("Identity", names(node.inputs), names(node.outputs))
+        return
+    emit_interface(ctx, node)
 
 
 @lowering("Split")
 def lower_split(ctx: LoweringContext, node: Node) -> None:
-    """Sizes are an input; with only a count, opset 18 wants `num_outputs`, older ones split evenly."""
-    sizes = node.attrs.get("split")
-    ins = names(node.inputs)
-    attrs = {"axis": node.attrs.get("axis", 0)}
-    if sizes is not None:
-        ins.append(ctx.ints(sizes, "split"))
-    elif ctx.opset >= 18:
+    """With only a count, opset 18 wants `num_outputs`; older ones split evenly."""
+    attrs = {"axis": node.attrs.get("axis", 0), "split": node.attrs.get("split")}
+    if attrs["split"] is None and ctx.opset >= 18:
         attrs["num_outputs"] = len(node.outputs)
-    ctx.emit("Split", ins, names(node.outputs), **attrs)
-
-
-@lowering("CumSum")
-def lower_cumsum(ctx: LoweringContext, node: Node) -> None:
-    """`axis` is a 0-D int64 input in ONNX (an attribute in our IR)."""
-    attrs = dict(node.attrs)
-    axis = ctx.const(np.array(int(attrs.pop("axis")), dtype=np.int64), "axis")
-    ctx.emit("CumSum", names(node.inputs) + [axis], names(node.outputs), **attrs)
+    emit_interface(ctx, node, attrs)
 
 
 @lowering("ConstantOfShape")
@@ -294,5 +292,5 @@ def lower_skip_norm(ctx: LoweringContext, node: Node) -> None:
     ctx.use_domain("com.microsoft", 1)
     out, total = node.outputs
     needed = total.users or (node.graph is not None and any(o is total for o in node.graph.outputs))
-    outs = [out.name] + (["", "", total.name] if needed else [])
+    outs = onnx_interface(node).onnx_outputs([out.name, total.name if needed else ""])
     ctx.emit(node.op, names(node.inputs), outs, domain="com.microsoft", epsilon=float(node.attrs["epsilon"]))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ShapeError
-from .opdefs import OpDef, _need_rank, _same_dtype, register
+from .opdefs import OnnxInterface, OpDef, _need_rank, _same_dtype, register
 
 DOMAIN = "com.microsoft"
 ORT_SKIP_NORM_EPSILON = 1e-12        # onnxruntime's default for both skip norms
@@ -66,10 +66,15 @@ def _infer_skip_norm(op: str, vector_inputs: tuple):
     return infer
 
 
+# ONNX outputs: (output, mean, inv_std_var, input_skip_bias_sum); the IR keeps 0 and 3
+_SKIP_NORM_ONNX = OnnxInterface(outputs=(0, 3))
+
+
 register(OpDef("SkipLayerNormalization", _infer_skip_norm("SkipLayerNormalization", ("gamma", "beta", "bias")),
                skip_layer_normalization, (3, 5), attrs={"epsilon": ORT_SKIP_NORM_EPSILON}, domain=DOMAIN,
-               num_outputs=2, doc="input + skip (+ bias), then LayerNorm; outputs (normalised, sum)"))
+               num_outputs=2, onnx=_SKIP_NORM_ONNX, doc="input + skip (+ bias), then LayerNorm; outputs (normalised, sum)"))
 register(OpDef("SkipSimplifiedLayerNormalization",
                _infer_skip_norm("SkipSimplifiedLayerNormalization", ("gamma", "bias")),
                skip_simplified_layer_normalization, (3, 4), attrs={"epsilon": ORT_SKIP_NORM_EPSILON},
-               domain=DOMAIN, num_outputs=2, doc="input + skip (+ bias), then RMSNorm; outputs (normalised, sum)"))
+               domain=DOMAIN, num_outputs=2, onnx=_SKIP_NORM_ONNX,
+               doc="input + skip (+ bias), then RMSNorm; outputs (normalised, sum)"))

@@ -12,7 +12,7 @@ import keyword
 import re
 
 # Names the generated NumPy module defines itself; values must never shadow them.
-RESERVED = frozenset({"np", "run", "inputs", "P", "load_weights", "WEIGHTS_FILE", "k"})
+RESERVED = frozenset({"np", "run", "inputs", "P", "load_weights", "WEIGHTS_FILE", "k", "InputError"})
 
 _ILLEGAL = re.compile(r"[^0-9a-zA-Z_]+")
 

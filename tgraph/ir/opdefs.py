@@ -6,10 +6,12 @@ folding and both backends read this table; the completeness test checks that eve
 entry also has an ONNX lowering and a NumPy emitter.
 
 Static parameters that ONNX moved from attributes to inputs over the opsets (the
-axes of reductions, Squeeze/Unsqueeze, Split sizes) are attributes here: passes can
-read them without chasing constants, and the ONNX lowering writes them in whichever
-form the target opset wants. Data-dependent ones (Reshape's shape, Slice bounds,
-Expand's shape) stay inputs, as in ONNX.
+axes of reductions, Squeeze/Unsqueeze, Split sizes, CumSum's axis) are attributes here:
+passes can read them without chasing constants. Each op's `OnnxInterface` says where
+ONNX keeps them at a given opset (and where its outputs sit); the ONNX lowering and the
+ONNX importer both read that one description, so export -> import -> export is an
+identity. Data-dependent ones (Reshape's shape, Slice bounds, Expand's shape) stay
+inputs, as in ONNX.
 """
 from __future__ import annotations
 
@@ -28,6 +30,69 @@ InferFn = Callable[[List[Optional[TensorType]], Dict[str, Any], List[Optional[np
 
 
 @dataclass(frozen=True)
+class AttrInput:
+    """An IR attribute that ONNX takes as a constant int64 input from opset `since` on
+    (before that, as an attribute of the same name)."""
+
+    attr: str
+    index: int                 # its position among the ONNX node's inputs
+    since: int                 # first standard-domain opset with the input form
+    rank: int = 1              # 1: a 1-D tensor of ints (axes, sizes); 0: a scalar (an axis)
+
+    def to_array(self, value) -> np.ndarray:
+        return np.array(int(value) if self.rank == 0 else [int(v) for v in value], dtype=np.int64)
+
+    def from_array(self, array: np.ndarray, where: str):
+        array = np.asarray(array)
+        if self.rank == 0 and array.shape == (1,):
+            array = array.reshape(())          # onnxruntime also takes a one-element axis
+        if array.dtype.kind not in "iu" or array.ndim != self.rank:
+            raise ShapeError(f"{where}: {self.attr} must be a {self.rank}-D integer tensor, got "
+                             f"{array.dtype.name}{list(array.shape)}")
+        return int(array) if self.rank == 0 else [int(v) for v in array.reshape(-1)]
+
+
+@dataclass(frozen=True)
+class OnnxInterface:
+    """How an op's IR attributes, inputs and outputs map to its ONNX node."""
+
+    attr_inputs: Tuple[AttrInput, ...] = ()
+    # ONNX output position of each IR output (None: the same order); positions not listed
+    # are ONNX outputs the IR does not keep (written as "" by the lowering)
+    outputs: Optional[Tuple[int, ...]] = None
+
+    def attr_input(self, attr: str) -> Optional[AttrInput]:
+        return next((a for a in self.attr_inputs if a.attr == attr), None)
+
+    def as_inputs(self, opset: int) -> Tuple[AttrInput, ...]:
+        """The attributes that are ONNX inputs at `opset`, by input position."""
+        return tuple(sorted((a for a in self.attr_inputs if opset >= a.since), key=lambda a: a.index))
+
+    def onnx_outputs(self, names: Sequence[str]) -> List[str]:
+        """The ONNX node's output list for the IR outputs `names` ("" where the IR keeps none)."""
+        if self.outputs is None:
+            return list(names)
+        out = [""] * (max(self.outputs) + 1)
+        for name, pos in zip(names, self.outputs):
+            out[pos] = name
+        while out and not out[-1]:
+            out.pop()
+        return out
+
+    def ir_outputs(self, onnx_outputs: Sequence[str], where: str) -> List[str]:
+        """The IR's outputs from an ONNX node's list; refuses an output the IR does not keep."""
+        if self.outputs is None:
+            return list(onnx_outputs)
+        dropped = [n for i, n in enumerate(onnx_outputs) if n and i not in self.outputs]
+        if dropped:
+            raise ShapeError(f"{where}: output {dropped[0]!r} (a training output) is not supported")
+        return [onnx_outputs[p] if p < len(onnx_outputs) else "" for p in self.outputs]
+
+
+NO_ONNX_CHANGES = OnnxInterface()
+
+
+@dataclass(frozen=True)
 class OpDef:
     name: str
     infer: InferFn
@@ -40,6 +105,7 @@ class OpDef:
     # Symbolic contents of the output for shape arithmetic: (contents of inputs, attrs, input types)
     # -> tuple of dims or None. Only ops that move shape values around define it.
     sym: Optional[Callable] = None
+    onnx: OnnxInterface = NO_ONNX_CHANGES
 
     @property
     def qualified(self) -> str:
@@ -565,16 +631,22 @@ _def("LessOrEqual", infer_compare, _np.less_equal, (2, 2))
 _def("GreaterOrEqual", infer_compare, _np.greater_equal, (2, 2))
 _def("IsNaN", infer_isnan, _np.isnan)
 _def("Softmax", infer_softmax, kernels.softmax, attrs={"axis": -1})
-_def("ReduceMean", infer_reduce, kernels.reduce_mean, attrs={"axes": None, "keepdims": 1})
-_def("ReduceSum", infer_reduce, kernels.reduce_sum, attrs={"axes": None, "keepdims": 1})
-_def("ReduceMax", infer_reduce, kernels.reduce_max, attrs={"axes": None, "keepdims": 1})
+_def("ReduceMean", infer_reduce, kernels.reduce_mean, attrs={"axes": None, "keepdims": 1},
+     onnx=OnnxInterface((AttrInput("axes", 1, since=18),)))
+_def("ReduceSum", infer_reduce, kernels.reduce_sum, attrs={"axes": None, "keepdims": 1},
+     onnx=OnnxInterface((AttrInput("axes", 1, since=13),)))
+_def("ReduceMax", infer_reduce, kernels.reduce_max, attrs={"axes": None, "keepdims": 1},
+     onnx=OnnxInterface((AttrInput("axes", 1, since=18),)))
 _def("Transpose", infer_transpose, kernels.transpose, attrs={"perm": None})
 _def("Reshape", infer_reshape, kernels.reshape, (2, 2), attrs={"allowzero": 0})
-_def("Squeeze", infer_squeeze, kernels.squeeze, attrs={"axes": None}, sym=_sym_passthrough)
-_def("Unsqueeze", infer_unsqueeze, kernels.unsqueeze, attrs={"axes": REQUIRED}, sym=_sym_passthrough)
+_def("Squeeze", infer_squeeze, kernels.squeeze, attrs={"axes": None}, sym=_sym_passthrough,
+     onnx=OnnxInterface((AttrInput("axes", 1, since=13),)))
+_def("Unsqueeze", infer_unsqueeze, kernels.unsqueeze, attrs={"axes": REQUIRED}, sym=_sym_passthrough,
+     onnx=OnnxInterface((AttrInput("axes", 1, since=13),)))
 _def("Expand", infer_expand, kernels.expand, (2, 2))
 _def("Concat", infer_concat, kernels.concat, (1, 1 << 16), attrs={"axis": REQUIRED}, sym=_sym_concat)
-_def("Split", infer_split, kernels.split, attrs={"axis": 0, "split": None, "num_outputs": None}, num_outputs=None)
+_def("Split", infer_split, kernels.split, attrs={"axis": 0, "split": None, "num_outputs": None}, num_outputs=None,
+     onnx=OnnxInterface((AttrInput("split", 1, since=13),)))
 _def("Slice", infer_slice, kernels.slice, (3, 5), sym=_sym_slice)
 _def("Gather", infer_gather, kernels.gather, (2, 2), attrs={"axis": 0}, sym=_sym_gather)
 _def("GatherElements", infer_gather_elements, kernels.gather_elements, (2, 2), attrs={"axis": 0})
@@ -589,6 +661,7 @@ _def("Shape", infer_shape, kernels.shape, attrs={"start": 0, "end": None}, sym=_
 _def("ConstantOfShape", infer_constant_of_shape, kernels.constant_of_shape, attrs={"value": None})
 _def("Range", infer_range, kernels.range_, (3, 3))
 _def("CumSum", infer_cumsum, kernels.cumsum, attrs={"axis": REQUIRED, "exclusive": 0, "reverse": 0},
+     onnx=OnnxInterface((AttrInput("axis", 1, since=11, rank=0),)),
      doc="Running sum along `axis` (an attribute here; an input in ONNX).")
 _def("CausalMask", infer_causal_mask, kernels.causal_mask, domain="tgraph",
      doc="Keep scores[..., i, j] where j <= i + (Tk - Tq), else the dtype's lowest value.")
