@@ -6,11 +6,15 @@
 
 The model is traced with `use_cache=true` (an encoder-decoder as two graphs, `part=encoder`
 and `part=decoder`), optimised (-O3 by default), exported to ONNX in memory and run by
-`tgraph.runtime.Session`. The KV cache stays on the session's device (`DeviceKVCache`); only
-the last position's logits come to the host, where `tgraph.sampling` picks the next tokens.
+`tgraph.runtime.Session`. Decoder-only families use the static KV cache (`kv_cache="static"`,
+see `tgraph.dsl.cache`), run by `tgraph.runtime.static_cache.StaticDecoder` on fixed buffers;
+`kv_cache="dynamic"` (and the encoder-decoders) keep the Concat cache on the session's device
+(`DeviceKVCache`). Only the last position's logits come to the host, where `tgraph.sampling`
+picks the next tokens.
 
 Batches follow Hugging Face's `generate`, so greedy decoding gives its ids token for token:
-decoder-only prompts are left-padded with position_ids = cumsum(mask) - 1; an encoder's input
+decoder-only prompts are left-padded with position_ids = cumsum(mask) - 1 (the static cache
+right-aligns rows instead, which gives the same positions and attention); an encoder's input
 is right-padded; a row that emitted an EOS id keeps emitting the pad id (not returned in `ids`,
 kept in `tokens`); decoding stops when every row has finished or after `max_new_tokens`.
 """
@@ -32,7 +36,8 @@ from .tokens import (UNSET, SpecialTokens, TextTokenizer, check_ids, checkpoint_
 
 DEFAULT_GENERATE_LEVEL = 3
 POSITION_LIMITS = ("n_positions", "max_position_embeddings", "max_len")   # learned/sinusoidal tables
-GENERATION_KEYS = ("use_cache", "part")
+GENERATION_KEYS = ("use_cache", "part", "kv_cache", "cache_length")
+BUFFER_QUANTUM = 256        # static buffers grow in steps of this many positions
 
 
 @dataclass
@@ -86,12 +91,15 @@ class Generator:
     come from the checkpoint's configs (see `tgraph.tokens.resolve_special_tokens`);
     `bos_token_id`, when given, is prepended to decoder-only prompts and starts an
     encoder-decoder's output. `tokenizer`: a tokenizer.json path (default: the checkpoint's).
+    `kv_cache`: "static" (default where the family has it) or "dynamic"; `max_length`: the
+    static cache's capacity in positions (default: the model's, capped at 4096).
     """
 
     def __init__(self, model: str, *, overrides: Optional[Mapping[str, str]] = None, level: int = DEFAULT_GENERATE_LEVEL,
                  provider: Union[str, Sequence[str]] = "auto", threads: Optional[int] = None, seed: int = 0,
                  dtype: str = "float32", tokenizer: Any = UNSET, eos_token_id: Any = UNSET,
-                 pad_token_id: Any = UNSET, bos_token_id: Any = UNSET, decoder_start_token_id: Any = UNSET):
+                 pad_token_id: Any = UNSET, bos_token_id: Any = UNSET, decoder_start_token_id: Any = UNSET,
+                 kv_cache: str = "static", max_length: Optional[int] = None):
         from .api import build
         from .codegen.onnx import to_onnx
         from .runtime import Session
@@ -108,12 +116,18 @@ class Generator:
             raise ConfigError(f"{model}: {cls.__name__} has no KV-cache decoder, so it cannot generate "
                               "(generation needs a decoder: gpt, gpt2, llama, palm, t5, transformer)")
         self.encoder_decoder = cls is not None and "part" in _fields(cls)
-        decoder = load_model(model, {**overrides, "use_cache": "true",
+        if kv_cache not in ("static", "dynamic"):
+            raise ConfigError(f"kv_cache must be 'static' or 'dynamic', got {kv_cache!r}")
+        static = kv_cache == "static" and not self.encoder_decoder and (cls is None or "kv_cache" in _fields(cls))
+        cache_sets = {"kv_cache": "static", **({"cache_length": str(int(max_length))} if max_length else {})} \
+            if static else {}
+        decoder = load_model(model, {**overrides, "use_cache": "true", **cache_sets,
                                      **({"part": "decoder"} if self.encoder_decoder else {})})
         if cls is None and "part" in _fields(decoder.config):     # a factory's encoder-decoder
             self.encoder_decoder = True
             decoder = load_model(model, {**overrides, "use_cache": "true", "part": "decoder"})
         self.config = decoder.config
+        self.static = getattr(self.config, "kv_cache", "dynamic") == "static"
         self.vocab_size = decoder.vocab_size
         sessions = {"decoder": decoder}
         if self.encoder_decoder:
@@ -129,6 +143,13 @@ class Generator:
                               "cannot generate)")
         self.provider = self.decoder.describe()
         self.build_seconds = time.perf_counter() - start
+        self._finish_init(model, tokenizer, eos_token_id, pad_token_id, bos_token_id, decoder_start_token_id)
+
+    def _finish_init(self, model, tokenizer, eos_token_id, pad_token_id, bos_token_id, decoder_start_token_id):
+        from .models.decoding import cache_length
+
+        self.max_length = cache_length(self.config, self._position_limit()) if self.static else None
+        self._static_decoder = None
         given = {"eos_token_id": eos_token_id, "pad_token_id": pad_token_id, "bos_token_id": bos_token_id,
                  "decoder_start_token_id": decoder_start_token_id}
         checkpoint = checkpoint_special_ids(model) if os.path.isdir(model) else {}
@@ -143,6 +164,17 @@ class Generator:
     # ------------------------------------------------------------------ helpers
     def _position_limit(self) -> Optional[int]:
         return next((int(getattr(self.config, k)) for k in POSITION_LIMITS if hasattr(self.config, k)), None)
+
+    def static_decoder(self, batch: int, positions: int):
+        """The fixed-buffer runner for `batch` rows and at least `positions` positions, reused
+        across requests while it fits (same buffers, same addresses)."""
+        from .runtime.static_cache import StaticDecoder
+
+        current = self._static_decoder
+        if current is None or current.batch != batch or current.max_length < positions:
+            size = min(self.max_length, -(-positions // BUFFER_QUANTUM) * BUFFER_QUANTUM)
+            self._static_decoder = current = StaticDecoder(self.decoder, batch, size)
+        return current
 
     def _check_length(self, positions_needed: int, what: str) -> None:
         limit = self._position_limit()
@@ -219,6 +251,9 @@ class Generator:
                                  "lengths")
             static = {}
             positions = position_ids(mask)
+        if self.static:
+            yield from self._stream_static(rows, max_new_tokens, sampling, rng)
+            return
         cache = DeviceKVCache(self.decoder, batch)
         finished = np.zeros(batch, bool)
         eos = np.array(self.special.eos, np.int64)
@@ -233,6 +268,30 @@ class Generator:
             ids = tokens[:, None]
             mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
             positions = (mask.sum(axis=1, keepdims=True) - 1).astype(np.int64)
+
+    def _stream_static(self, rows, max_new_tokens: int, sampling: SamplingConfig, rng) -> Iterator[Step]:
+        """Decoding on the static cache: rows right-aligned at position 0, one token per row
+        per step written into fixed buffers."""
+        from .runtime.static_cache import capacity_error
+
+        batch, pad = len(rows), self.special.pad
+        ids, mask = pad_batch(rows, pad, "right")
+        lengths = mask.sum(axis=1)
+        self._check_length(ids.shape[1] + max_new_tokens - 1, f"the prompt plus max_new_tokens={max_new_tokens}")
+        why = capacity_error(lengths, max_new_tokens, self.max_length)
+        if why:
+            raise InputError(why)
+        decoder = self.static_decoder(batch, int(lengths.max()) + max_new_tokens - 1)
+        logits = decoder.prefill(ids, lengths)
+        finished = np.zeros(batch, bool)
+        eos = np.array(self.special.eos, np.int64)
+        for step in range(max_new_tokens):
+            tokens = np.where(finished, pad, next_tokens(logits, sampling, rng)).astype(np.int64)
+            yield Step(step, tokens, ~finished)
+            finished = finished | np.isin(tokens, eos)
+            if finished.all() or step == max_new_tokens - 1:
+                return
+            logits = decoder.step(tokens)
 
     def generate(self, prompts: Any, max_new_tokens: int = 20, *, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None,
