@@ -86,7 +86,10 @@ def _fields(config_or_cls) -> set:
 class Generator:
     """A model ready to generate: its cached decoder (and encoder) sessions and special ids.
 
-    `model` is a registered name, a checkpoint directory or file.py:factory; `overrides` are
+    `model` is a registered name, a checkpoint directory, file.py:factory, or a generation
+    directory (`tgraph export MODEL --task generate -o DIR`), which is only read: no tracing,
+    its graph, config and special ids as exported (`overrides`, `level`, `dtype`, `seed`,
+    `kv_cache` and `max_length` are then fixed by the directory). `overrides` are
     config fields (as `--set`); `seed` initialises random weights. Special ids not given here
     come from the checkpoint's configs (see `tgraph.tokens.resolve_special_tokens`);
     `bos_token_id`, when given, is prepended to decoder-only prompts and starts an
@@ -111,6 +114,15 @@ class Generator:
             raise ConfigError(f"--set {clash[0]}: generation sets it itself (use_cache=true, and part= for "
                               "encoder-decoders)")
         start = time.perf_counter()
+        from .export_dir import is_generation_dir
+
+        if is_generation_dir(model):
+            if overrides or dtype != "float32" or max_length is not None:
+                raise ConfigError(f"{model}: a generation directory is fixed when exported (--set, --dtype and "
+                                  "--max-length go to `tgraph export --task generate`)")
+            self._init_from_dir(model, provider, threads, start, tokenizer, eos_token_id, pad_token_id,
+                                bos_token_id, decoder_start_token_id)
+            return
         cls = _config_class(model)
         if cls is not None and "use_cache" not in _fields(cls):
             raise ConfigError(f"{model}: {cls.__name__} has no KV-cache decoder, so it cannot generate "
@@ -144,6 +156,39 @@ class Generator:
         self.provider = self.decoder.describe()
         self.build_seconds = time.perf_counter() - start
         self._finish_init(model, tokenizer, eos_token_id, pad_token_id, bos_token_id, decoder_start_token_id)
+
+    def _init_from_dir(self, path, provider, threads, start, tokenizer, eos_token_id, pad_token_id, bos_token_id,
+                       decoder_start_token_id):
+        """Read a generation directory: its manifest, its session; nothing is traced."""
+        from types import SimpleNamespace
+
+        from .export_dir import read_manifest
+        from .runtime import Session
+
+        manifest = read_manifest(path)
+        self.manifest = manifest
+        self.encoder_decoder = False
+        self.config = SimpleNamespace(**manifest["config"])
+        self.static = True
+        self.decoder = Session(str(Path(path) / manifest["model_file"]), providers=provider, threads=threads)
+        self.sessions, self.encoder = {"decoder": self.decoder}, None
+        self.vocab_size = self.decoder.outputs[[s.name for s in self.decoder.outputs].index("logits")].shape[-1]
+        self.provider = self.decoder.describe()
+        self.build_seconds = time.perf_counter() - start
+        saved = manifest.get("special_ids", {})
+        exported = {"eos_token_id": saved.get("eos") or None, "pad_token_id": saved.get("pad"),
+                    "bos_token_id": saved.get("bos")}
+        given = {k: v for k, v in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id),
+                                   ("bos_token_id", bos_token_id), ("decoder_start_token_id", decoder_start_token_id))}
+        for key, value in exported.items():           # the export's ids unless given here
+            if given[key] is UNSET and value is not None:
+                given[key] = value
+        self.special = resolve_special_tokens(given, {}, None)
+        self.tokenizer = find_tokenizer(str(path)) if tokenizer is UNSET else (
+            tokenizer if tokenizer is None or isinstance(tokenizer, TextTokenizer) else TextTokenizer(tokenizer))
+        self.model = str(path)
+        self.max_length = int(manifest["max_length"])
+        self._static_decoder = None
 
     def _finish_init(self, model, tokenizer, eos_token_id, pad_token_id, bos_token_id, decoder_start_token_id):
         from .models.decoding import cache_length
