@@ -96,3 +96,39 @@ def test_signature_refuses_a_present_of_another_shape():
     logits = TensorSpec("logits", np.dtype(np.float32), ("batch", 1, 101))
     why = static_signature([ids, mask, past, value], [logits, present, present_v])
     assert "present.0.key" in why
+
+
+def test_placement_is_read_and_cpu_sessions_never_use_cuda_graphs(static_session):
+    from tgraph.runtime.static_cache import RECORD_PLACEMENT, graph_run_config, node_providers
+
+    graph = build(load_model("llama", {**LLAMA, "kv_cache": "static", "cache_length": "32"}), seed=1, level=3).graph
+    recorded = Session(to_onnx(graph), providers="cpu", session_config=RECORD_PLACEMENT)
+    placement = node_providers(recorded.ort_session)
+    assert placement and set(placement.values()) == {"CPUExecutionProvider"}
+    plan = cuda_graph_plan(recorded.device, static_signature(recorded.inputs, recorded.outputs), placement)
+    assert not plan.enable and "cpu" in plan.reason
+    # the same placement on CUDA would qualify
+    assert cuda_graph_plan("cuda", None, {n: "CUDAExecutionProvider" for n in placement}).enable
+    assert graph_run_config(3) == {"gpu_graph_id": "3"} and graph_run_config(None) == {"gpu_graph_id": "-1"}
+
+
+def test_half_precision_static_decoder_returns_float32_logits():
+    from tgraph.generate import Generator
+
+    small = {k: v for k, v in LLAMA.items() if k != "use_cache"}
+    half = Generator("llama", overrides=small, provider="cpu", dtype="float16", max_length=32)
+    full = Generator("llama", overrides=small, provider="cpu", max_length=32)
+    assert half.decoder.outputs[0].dtype == np.float32 and half.decoder.inputs[2].dtype == np.float16
+    a = half.static_decoder(1, 8).prefill(np.array([[3, 4, 5]]), [3])
+    b = full.static_decoder(1, 8).prefill(np.array([[3, 4, 5]]), [3])
+    assert a.dtype == np.float32 and np.max(np.abs(a - b)) < 2e-2
+
+
+def test_cuda_graph_option_reaches_the_cuda_provider_entry():
+    from tgraph.runtime.providers import requested_providers
+    from tgraph.runtime.static_cache import CudaGraphPlan, cuda_graph_options
+
+    opts = cuda_graph_options(CudaGraphPlan(True, "ok"))
+    got = requested_providers("cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"], cuda_options=opts)
+    assert got[0] == ("CUDAExecutionProvider", {"device_id": 0, "enable_cuda_graph": "1"})
+    assert cuda_graph_options(CudaGraphPlan(False, "cpu")) == {}

@@ -147,7 +147,13 @@ class Generator:
         self.sessions = {}
         for part, loaded in sessions.items():
             graph = build(loaded, seed=seed, level=level, dtype=dtype).graph
-            self.sessions[part] = Session(to_onnx(graph), providers=provider, threads=threads)
+            if self.static and part == "decoder":
+                from .export_dir import logits_to_float32
+
+                logits_to_float32(graph)                       # sampling reads fp32, also for fp16/bf16
+                self.sessions[part] = self._static_session(to_onnx(graph).SerializeToString(), provider, threads)
+            else:
+                self.sessions[part] = Session(to_onnx(graph), providers=provider, threads=threads)
         self.decoder = self.sessions["decoder"]
         self.encoder = self.sessions.get("encoder")
         if "logits" not in self.decoder.output_names:
@@ -170,7 +176,7 @@ class Generator:
         self.encoder_decoder = False
         self.config = SimpleNamespace(**manifest["config"])
         self.static = True
-        self.decoder = Session(str(Path(path) / manifest["model_file"]), providers=provider, threads=threads)
+        self.decoder = self._static_session(str(Path(path) / manifest["model_file"]), provider, threads)
         self.sessions, self.encoder = {"decoder": self.decoder}, None
         self.vocab_size = self.decoder.outputs[[s.name for s in self.decoder.outputs].index("logits")].shape[-1]
         self.provider = self.decoder.describe()
@@ -189,6 +195,21 @@ class Generator:
         self.model = str(path)
         self.max_length = int(manifest["max_length"])
         self._static_decoder = None
+
+    def _static_session(self, source, provider, threads):
+        """The static decoder's session; on CUDA re-created with CUDA graphs when the graph
+        qualifies (`tgraph.runtime.static_cache.cuda_graph_plan`, kept in `cuda_graph_plan`)."""
+        from .runtime import Session
+        from .runtime.static_cache import (RECORD_PLACEMENT, cuda_graph_options, cuda_graph_plan, node_providers,
+                                           static_signature)
+
+        session = Session(source, providers=provider, threads=threads, session_config=RECORD_PLACEMENT)
+        plan = cuda_graph_plan(session.device, static_signature(session.inputs, session.outputs),
+                               node_providers(session.ort_session))
+        if plan.enable:
+            session = Session(source, providers=provider, threads=threads, cuda_options=cuda_graph_options(plan))
+        self.cuda_graph_plan = plan
+        return session
 
     def _finish_init(self, model, tokenizer, eos_token_id, pad_token_id, bos_token_id, decoder_start_token_id):
         from .models.decoding import cache_length
@@ -218,7 +239,8 @@ class Generator:
         current = self._static_decoder
         if current is None or current.batch != batch or current.max_length < positions:
             size = min(self.max_length, -(-positions // BUFFER_QUANTUM) * BUFFER_QUANTUM)
-            self._static_decoder = current = StaticDecoder(self.decoder, batch, size)
+            self._static_decoder = current = StaticDecoder(self.decoder, batch, size,
+                                                           cuda_graph=self.cuda_graph_plan.enable)
         return current
 
     def _check_length(self, positions_needed: int, what: str) -> None:

@@ -104,6 +104,33 @@ def cuda_graph_plan(device: str, static_reason: Optional[str], node_providers: O
     return CudaGraphPlan(True, "static shapes, fixed addresses, all nodes on CUDA")
 
 
+RECORD_PLACEMENT = {"session.record_ep_graph_assignment_info": "1"}
+
+
+def node_providers(ort_session) -> Optional[Dict[str, str]]:
+    """node name -> the provider onnxruntime assigned it (after its own graph optimisation),
+    or None when the session did not record it (RECORD_PLACEMENT) or onnxruntime cannot."""
+    try:
+        info = ort_session.get_provider_graph_assignment_info()
+    except Exception:  # older onnxruntime, or recording not enabled
+        return None
+    placement = {}
+    for sub in info:
+        for node in sub.get_nodes():
+            placement[node.name or f"{node.domain}.{node.op_type}"] = sub.ep_name
+    return placement or None
+
+
+def cuda_graph_options(plan: CudaGraphPlan) -> dict:
+    """The CUDA provider options for `plan`."""
+    return {"enable_cuda_graph": "1"} if plan.enable else {}
+
+
+def graph_run_config(graph_id: Optional[int]) -> Dict[str, str]:
+    """Run-config entries: capture/replay CUDA graph `graph_id`, or none (prefill, CPU)."""
+    return {"gpu_graph_id": str(graph_id) if graph_id is not None else NO_CAPTURE}
+
+
 def capacity_error(lengths: Sequence[int], max_new_tokens: int, max_length: int) -> Optional[str]:
     need = int(max(lengths)) + int(max_new_tokens) - 1
     if need > max_length:
@@ -121,7 +148,9 @@ class StaticDecoder:
     graph emits fp32: half-precision exports cast them in the graph).
     """
 
-    def __init__(self, session: Session, batch: int, max_length: int, run_options=None):
+    _graph_ids = iter(range(1, 1 << 30))      # one CUDA graph per decoder instance
+
+    def __init__(self, session: Session, batch: int, max_length: int, cuda_graph: bool = False):
         import onnxruntime as ort
 
         why = static_signature(session.inputs, session.outputs)
@@ -145,7 +174,10 @@ class StaticDecoder:
         self.mask = self._device_copy(self.mask_host)
         self.logits = self._zeros(self.shapes["logits"], out_specs["logits"])
         self.lengths = np.zeros(batch, np.int64)
-        self.run_options = run_options
+        self.cuda_graph = bool(cuda_graph)
+        self.graph_id = next(self._graph_ids) if self.cuda_graph else None
+        self.prefill_options = self._run_options(None) if self.cuda_graph else None
+        self.decode_options = self._run_options(self.graph_id) if self.cuda_graph else None
         self.decode_binding = self._binding(self.ids, self.mask)
         self.steps = 0
 
@@ -188,12 +220,18 @@ class StaticDecoder:
         return shapes
 
     # ---------------------------------------------------------------- running
-    def _run(self, binding) -> np.ndarray:
+    def _run_options(self, graph_id):
+        options = self._ort.RunOptions()
+        for key, value in graph_run_config(graph_id).items():
+            options.add_run_config_entry(key, value)
+        return options
+
+    def _run(self, binding, options=None) -> np.ndarray:
         try:
-            if self.run_options is None:
+            if options is None:
                 self.session.ort_session.run_with_iobinding(binding)
             else:
-                self.session.ort_session.run_with_iobinding(binding, self.run_options)
+                self.session.ort_session.run_with_iobinding(binding, options)
         except Exception as exc:  # onnxruntime's own exception types
             raise self.session._ort_failure(exc) from exc
         return np.array(host_array(self.logits)[:, 0, :])   # a copy: the buffer is rewritten next step
@@ -216,7 +254,7 @@ class StaticDecoder:
         self.mask_host[:, :ids.shape[1]] = mask
         self.mask.update_inplace(self.mask_host)
         self.steps = 0
-        return self._run(binding)
+        return self._run(binding, self.prefill_options)
 
     def step(self, tokens: np.ndarray) -> np.ndarray:
         if int(self.lengths.max()) >= self.max_length:
@@ -227,4 +265,4 @@ class StaticDecoder:
         self.ids.update_inplace(self.ids_host)                 # same buffers, new contents
         self.mask.update_inplace(self.mask_host)
         self.steps += 1
-        return self._run(self.decode_binding)
+        return self._run(self.decode_binding, self.decode_options)
