@@ -130,7 +130,7 @@ class Generator:
         self.encoder_decoder = cls is not None and "part" in _fields(cls)
         if kv_cache not in ("static", "dynamic"):
             raise ConfigError(f"kv_cache must be 'static' or 'dynamic', got {kv_cache!r}")
-        static = kv_cache == "static" and not self.encoder_decoder and (cls is None or "kv_cache" in _fields(cls))
+        static = kv_cache == "static" and not self.encoder_decoder and cls is not None and "kv_cache" in _fields(cls)
         cache_sets = {"kv_cache": "static", **({"cache_length": str(int(max_length))} if max_length else {})} \
             if static else {}
         decoder = load_model(model, {**overrides, "use_cache": "true", **cache_sets,
