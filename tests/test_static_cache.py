@@ -108,3 +108,17 @@ def test_static_cache_options_are_checked():
         load_model("llama", {**SMALL["llama"], "use_cache": "true", "kv_cache": "paged"})
     with pytest.raises(ConfigError, match="use_position_ids"):
         load_model("llama", {**SMALL["llama"], "use_cache": "true", "kv_cache": "static", "use_position_ids": "true"})
+
+
+def test_generated_numpy_module_runs_the_static_graph(tmp_path):
+    from tgraph.codegen.numpy import load_numpy_module, write_numpy_module
+
+    g = graph("gpt2", 2, use_cache="true", kv_cache="static", cache_length=MAX_LEN)
+    ids = np.array([[3, 4, 5, 0], [6, 7, 8, 9]], np.int64)
+    mask = np.array([[1, 1, 1, 0], [1, 1, 1, 1]], np.int64)
+    past = {v.name: np.zeros((2, 4, MAX_LEN, 16), np.float32) for v in g.inputs if v.name.startswith("past")}
+    module = load_numpy_module(write_numpy_module(g, tmp_path / "gpt2_static.py"))
+    got = module.run({"input_ids": ids, "attention_mask": mask, **past})
+    want = Session(to_onnx(g), providers="cpu").run({"input_ids": ids, "attention_mask": mask, **past})
+    np.testing.assert_allclose(got["logits"], want["logits"], rtol=1e-4, atol=1e-4)
+    assert got["present.1.key"].shape == past["past_key_values.1.key"].shape

@@ -105,8 +105,8 @@ def group_query_attention(query, key, value, past_key, past_value, seqlens_k, to
         r = 2 * half
         cos = cos_cache[np.clip(pos, 0, cos_cache.shape[0] - 1)][:, :, None, :]  # [B, S, 1, R/2]
         sin = sin_cache[np.clip(pos, 0, sin_cache.shape[0] - 1)][:, :, None, :]
-
-        def rotate(x):
+        rotated = []
+        for x in (q, k):                          # (no nested function: the kernel is copied as source)
             rot, rest = x[..., :r], x[..., r:]
             if rotary_interleaved:
                 x1, x2 = rot[..., 0::2], rot[..., 1::2]
@@ -115,8 +115,8 @@ def group_query_attention(query, key, value, past_key, past_value, seqlens_k, to
             re, im = cos * x1 - sin * x2, sin * x1 + cos * x2
             rot = np.stack([re, im], axis=-1).reshape(rot.shape) if rotary_interleaved \
                 else np.concatenate([re, im], axis=-1)
-            return np.concatenate([rot, rest], axis=-1).astype(x.dtype)
-        q, k = rotate(q), rotate(k)
+            rotated.append(np.concatenate([rot, rest], axis=-1).astype(x.dtype))
+        q, k = rotated
     present_key = np.zeros((b, kv_num_heads, m, d), past_key.dtype)
     present_value = np.zeros((b, kv_num_heads, m, d), past_value.dtype)
     present_key[:, :, :past_key.shape[2]] = past_key
