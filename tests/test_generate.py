@@ -130,7 +130,7 @@ def test_cached_logits_equal_uncached(generators, checkpoints):
     from tgraph.runtime import DeviceKVCache, Session
     from tgraph.tokens import pad_batch, position_ids
 
-    gen = generators["llama"]
+    gen = Generator(checkpoints["llama"][1], provider="cpu", kv_cache="dynamic")     # the Concat cache
     seqs = [p + r for p, r in zip(PROMPTS, gen.generate(PROMPTS, max_new_tokens=6).ids)]
     ids, mask = pad_batch(seqs, 0, "left")
     pos = position_ids(mask)

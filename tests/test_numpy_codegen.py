@@ -138,6 +138,10 @@ CASES = [
      [In(f32(3, 8)), In(f32(3, 8)), param(f32(8)), None, param(f32(8))], {"epsilon": 1e-6}),
     ("skip_rms_norm", "com.microsoft.SkipSimplifiedLayerNormalization",
      [In(f32(2, 3, 8)), In(f32(2, 3, 8)), param(f32(8))], {"epsilon": 1e-6}),
+    ("group_query_attention_decode_rotary", "com.microsoft.GroupQueryAttention",
+     [In(f32(2, 1, 64)), In(f32(2, 1, 32)), In(f32(2, 1, 32)), In(f32(2, 2, 5, 16)), In(f32(2, 2, 5, 16)),
+      In(np.array([4, 4], np.int32)), In(np.array(5, np.int32)), f32(8, 8), f32(8, 8)],
+     {"num_heads": 4, "kv_num_heads": 2, "do_rotary": 1}),
 ]
 
 

@@ -202,6 +202,13 @@ CASES = [
     C("com.microsoft.SkipSimplifiedLayerNormalization", f32(2, 3, 8), f32(2, 3, 8), f32(8), f32(8), const=(2, 3),
       epsilon=1e-6, name="bias"),
     C("com.microsoft.SkipSimplifiedLayerNormalization", f32(3, 8), f32(3, 8), f32(8), epsilon=1e-5, name="2d"),
+    # GroupQueryAttention: every row full, so onnxruntime's freshly allocated present is all written
+    C("com.microsoft.GroupQueryAttention", f32(2, 3, 32), f32(2, 3, 16), f32(2, 3, 16), f32(2, 1, 0, 16),
+      f32(2, 1, 0, 16), np.array([2, 2], np.int32), scalar(3, np.int32), num_heads=2, kv_num_heads=1,
+      name="prompt"),
+    C("com.microsoft.GroupQueryAttention", f32(2, 1, 64), f32(2, 1, 32), f32(2, 1, 32), f32(2, 2, 5, 16),
+      f32(2, 2, 5, 16), np.array([4, 4], np.int32), scalar(5, np.int32), f32(8, 8), f32(8, 8), const=(7, 8),
+      num_heads=4, kv_num_heads=2, do_rotary=1, name="decode-rotary"),
     C("tgraph.CausalMask", f32(4, 4), name="square"),
     C("tgraph.CausalMask", f32(2, 3, 2, 5), name="past"),
     C("tgraph.CausalMask", f32(1, 2, 5, 3), name="more-queries-than-keys"),

@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 23)")
     p.add_argument("--external-data", action="store_true", help="store weights in OUT.onnx.data")
     p.add_argument("--report", action="store_true", help="print what each pass changed")
+    p.add_argument("--task", choices=["graph", "generate"], default="graph",
+                   help="generate: write a generation directory (-o DIR; see tgraph.export_dir)")
+    p.add_argument("--max-length", type=int, default=None, help="--task generate: KV-cache capacity in positions")
+    p.add_argument("--target", choices=["cpu", "cuda"], default="cpu", help="--task generate: the provider to tune for")
 
     p = sub.add_parser("codegen", help="generate code for a backend")
     p.add_argument("backend", choices=["numpy"])
@@ -139,6 +143,8 @@ def _level(args) -> int:
 def cmd_export(args) -> int:
     from .api import export_onnx
 
+    if args.task == "generate":
+        return _export_generation_dir(args)
     out = Path(args.output)
     if out.suffix != ".onnx":
         raise ConfigError(f"output file must end in .onnx: {out}")
@@ -160,6 +166,18 @@ def _written_counts(path: Path) -> tuple:
     import onnx
 
     return onnx_counts(onnx.load(str(path), load_external_data=False))
+
+
+def _export_generation_dir(args) -> int:
+    from .export_dir import export_generation_dir
+
+    start = time.perf_counter()
+    manifest = export_generation_dir(args.model, args.output, overrides=_parse_sets(args.sets), seed=args.seed,
+                                     level=3 if args.level is None else args.level, dtype=args.dtype,
+                                     target=args.target, max_length=args.max_length)
+    print(f"wrote generation directory {args.output} ({manifest['family']}, max_length {manifest['max_length']}, "
+          f"{manifest['dtype']}, target {manifest['target']}, {time.perf_counter() - start:.2f}s)")
+    return 0
 
 
 def _fusions_line(fusions: Dict[str, int]) -> str:

@@ -6,11 +6,15 @@
 
 The model is traced with `use_cache=true` (an encoder-decoder as two graphs, `part=encoder`
 and `part=decoder`), optimised (-O3 by default), exported to ONNX in memory and run by
-`tgraph.runtime.Session`. The KV cache stays on the session's device (`DeviceKVCache`); only
-the last position's logits come to the host, where `tgraph.sampling` picks the next tokens.
+`tgraph.runtime.Session`. Decoder-only families use the static KV cache (`kv_cache="static"`,
+see `tgraph.dsl.cache`), run by `tgraph.runtime.static_cache.StaticDecoder` on fixed buffers;
+`kv_cache="dynamic"` (and the encoder-decoders) keep the Concat cache on the session's device
+(`DeviceKVCache`). Only the last position's logits come to the host, where `tgraph.sampling`
+picks the next tokens.
 
 Batches follow Hugging Face's `generate`, so greedy decoding gives its ids token for token:
-decoder-only prompts are left-padded with position_ids = cumsum(mask) - 1; an encoder's input
+decoder-only prompts are left-padded with position_ids = cumsum(mask) - 1 (the static cache
+right-aligns rows instead, which gives the same positions and attention); an encoder's input
 is right-padded; a row that emitted an EOS id keeps emitting the pad id (not returned in `ids`,
 kept in `tokens`); decoding stops when every row has finished or after `max_new_tokens`.
 """
@@ -33,7 +37,8 @@ from .tokens import (UNSET, SpecialTokens, TextTokenizer, check_ids, checkpoint_
 
 DEFAULT_GENERATE_LEVEL = 3
 POSITION_LIMITS = ("n_positions", "max_position_embeddings", "max_len")   # learned/sinusoidal tables
-GENERATION_KEYS = ("use_cache", "part")
+GENERATION_KEYS = ("use_cache", "part", "kv_cache", "cache_length")
+BUFFER_QUANTUM = 256        # static buffers grow in steps of this many positions
 
 
 @dataclass
@@ -82,17 +87,23 @@ def _fields(config_or_cls) -> set:
 class Generator:
     """A model ready to generate: its cached decoder (and encoder) sessions and special ids.
 
-    `model` is a registered name, a checkpoint directory or file.py:factory; `overrides` are
+    `model` is a registered name, a checkpoint directory, file.py:factory, or a generation
+    directory (`tgraph export MODEL --task generate -o DIR`), which is only read: no tracing,
+    its graph, config and special ids as exported (`overrides`, `level`, `dtype`, `seed`,
+    `kv_cache` and `max_length` are then fixed by the directory). `overrides` are
     config fields (as `--set`); `seed` initialises random weights. Special ids not given here
     come from the checkpoint's configs (see `tgraph.tokens.resolve_special_tokens`);
     `bos_token_id`, when given, is prepended to decoder-only prompts and starts an
     encoder-decoder's output. `tokenizer`: a tokenizer.json path (default: the checkpoint's).
+    `kv_cache`: "static" (default where the family has it) or "dynamic"; `max_length`: the
+    static cache's capacity in positions (default: the model's, capped at 4096).
     """
 
     def __init__(self, model: str, *, overrides: Optional[Mapping[str, str]] = None, level: int = DEFAULT_GENERATE_LEVEL,
                  provider: Union[str, Sequence[str]] = "auto", threads: Optional[int] = None, seed: int = 0,
                  dtype: str = "float32", tokenizer: Any = UNSET, eos_token_id: Any = UNSET,
-                 pad_token_id: Any = UNSET, bos_token_id: Any = UNSET, decoder_start_token_id: Any = UNSET):
+                 pad_token_id: Any = UNSET, bos_token_id: Any = UNSET, decoder_start_token_id: Any = UNSET,
+                 kv_cache: str = "static", max_length: Optional[int] = None):
         from .api import build
         from .codegen.onnx import to_onnx
         from .runtime import Session
@@ -104,17 +115,32 @@ class Generator:
             raise ConfigError(f"--set {clash[0]}: generation sets it itself (use_cache=true, and part= for "
                               "encoder-decoders)")
         start = time.perf_counter()
+        from .export_dir import is_generation_dir
+
+        if is_generation_dir(model):
+            if overrides or dtype != "float32" or max_length is not None:
+                raise ConfigError(f"{model}: a generation directory is fixed when exported (--set, --dtype and "
+                                  "--max-length go to `tgraph export --task generate`)")
+            self._init_from_dir(model, provider, threads, start, tokenizer, eos_token_id, pad_token_id,
+                                bos_token_id, decoder_start_token_id)
+            return
         cls = _config_class(model)
         if cls is not None and "use_cache" not in _fields(cls):
             raise ConfigError(f"{model}: {cls.__name__} has no KV-cache decoder, so it cannot generate "
                               "(generation needs a decoder: gpt, gpt2, llama, palm, t5, transformer)")
         self.encoder_decoder = cls is not None and "part" in _fields(cls)
-        decoder = load_model(model, {**overrides, "use_cache": "true",
+        if kv_cache not in ("static", "dynamic"):
+            raise ConfigError(f"kv_cache must be 'static' or 'dynamic', got {kv_cache!r}")
+        static = kv_cache == "static" and not self.encoder_decoder and cls is not None and "kv_cache" in _fields(cls)
+        cache_sets = {"kv_cache": "static", **({"cache_length": str(int(max_length))} if max_length else {})} \
+            if static else {}
+        decoder = load_model(model, {**overrides, "use_cache": "true", **cache_sets,
                                      **({"part": "decoder"} if self.encoder_decoder else {})})
         if cls is None and "part" in _fields(decoder.config):     # a factory's encoder-decoder
             self.encoder_decoder = True
             decoder = load_model(model, {**overrides, "use_cache": "true", "part": "decoder"})
         self.config = decoder.config
+        self.static = getattr(self.config, "kv_cache", "dynamic") == "static"
         self.vocab_size = decoder.vocab_size
         sessions = {"decoder": decoder}
         if self.encoder_decoder:
@@ -122,7 +148,13 @@ class Generator:
         self.sessions = {}
         for part, loaded in sessions.items():
             graph = build(loaded, seed=seed, level=level, dtype=dtype).graph
-            self.sessions[part] = Session(to_onnx(graph), providers=provider, threads=threads)
+            if self.static and part == "decoder":
+                from .export_dir import logits_to_float32
+
+                logits_to_float32(graph)                       # sampling reads fp32, also for fp16/bf16
+                self.sessions[part] = self._static_session(to_onnx(graph).SerializeToString(), provider, threads)
+            else:
+                self.sessions[part] = Session(to_onnx(graph), providers=provider, threads=threads)
         self.decoder = self.sessions["decoder"]
         self.encoder = self.sessions.get("encoder")
         if "logits" not in self.decoder.output_names:
@@ -130,6 +162,61 @@ class Generator:
                               "cannot generate)")
         self.provider = self.decoder.describe()
         self.build_seconds = time.perf_counter() - start
+        self._finish_init(model, tokenizer, eos_token_id, pad_token_id, bos_token_id, decoder_start_token_id)
+
+    def _init_from_dir(self, path, provider, threads, start, tokenizer, eos_token_id, pad_token_id, bos_token_id,
+                       decoder_start_token_id):
+        """Read a generation directory: its manifest, its session; nothing is traced."""
+        from types import SimpleNamespace
+
+        from .export_dir import read_manifest
+        from .runtime import Session
+
+        manifest = read_manifest(path)
+        self.manifest = manifest
+        self.encoder_decoder = False
+        self.config = SimpleNamespace(**manifest["config"])
+        self.static = True
+        self.decoder = self._static_session(str(Path(path) / manifest["model_file"]), provider, threads)
+        self.sessions, self.encoder = {"decoder": self.decoder}, None
+        self.vocab_size = self.decoder.outputs[[s.name for s in self.decoder.outputs].index("logits")].shape[-1]
+        self.provider = self.decoder.describe()
+        self.build_seconds = time.perf_counter() - start
+        saved = manifest.get("special_ids", {})
+        exported = {"eos_token_id": saved.get("eos") or None, "pad_token_id": saved.get("pad"),
+                    "bos_token_id": saved.get("bos")}
+        given = {k: v for k, v in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id),
+                                   ("bos_token_id", bos_token_id), ("decoder_start_token_id", decoder_start_token_id))}
+        for key, value in exported.items():           # the export's ids unless given here
+            if given[key] is UNSET and value is not None:
+                given[key] = value
+        self.special = resolve_special_tokens(given, {}, None)
+        self.tokenizer = find_tokenizer(str(path)) if tokenizer is UNSET else (
+            tokenizer if tokenizer is None or isinstance(tokenizer, TextTokenizer) else TextTokenizer(tokenizer))
+        self.model = str(path)
+        self.max_length = int(manifest["max_length"])
+        self._static_decoder = None
+
+    def _static_session(self, source, provider, threads):
+        """The static decoder's session; on CUDA re-created with CUDA graphs when the graph
+        qualifies (`tgraph.runtime.static_cache.cuda_graph_plan`, kept in `cuda_graph_plan`)."""
+        from .runtime import Session
+        from .runtime.static_cache import (RECORD_PLACEMENT, cuda_graph_options, cuda_graph_plan, node_providers,
+                                           static_signature)
+
+        session = Session(source, providers=provider, threads=threads, session_config=RECORD_PLACEMENT)
+        plan = cuda_graph_plan(session.device, static_signature(session.inputs, session.outputs),
+                               node_providers(session.ort_session))
+        if plan.enable:
+            session = Session(source, providers=provider, threads=threads, cuda_options=cuda_graph_options(plan))
+        self.cuda_graph_plan = plan
+        return session
+
+    def _finish_init(self, model, tokenizer, eos_token_id, pad_token_id, bos_token_id, decoder_start_token_id):
+        from .models.decoding import cache_length
+
+        self.max_length = cache_length(self.config, self._position_limit()) if self.static else None
+        self._static_decoder = None
         given = {"eos_token_id": eos_token_id, "pad_token_id": pad_token_id, "bos_token_id": bos_token_id,
                  "decoder_start_token_id": decoder_start_token_id}
         checkpoint = checkpoint_special_ids(model) if os.path.isdir(model) else {}
@@ -144,6 +231,18 @@ class Generator:
     # ------------------------------------------------------------------ helpers
     def _position_limit(self) -> Optional[int]:
         return next((int(getattr(self.config, k)) for k in POSITION_LIMITS if hasattr(self.config, k)), None)
+
+    def static_decoder(self, batch: int, positions: int):
+        """The fixed-buffer runner for `batch` rows and at least `positions` positions, reused
+        across requests while it fits (same buffers, same addresses)."""
+        from .runtime.static_cache import StaticDecoder
+
+        current = self._static_decoder
+        if current is None or current.batch != batch or current.max_length < positions:
+            size = min(self.max_length, -(-positions // BUFFER_QUANTUM) * BUFFER_QUANTUM)
+            self._static_decoder = current = StaticDecoder(self.decoder, batch, size,
+                                                           cuda_graph=self.cuda_graph_plan.enable)
+        return current
 
     def _check_length(self, positions_needed: int, what: str) -> None:
         limit = self._position_limit()
@@ -220,6 +319,9 @@ class Generator:
                                  "lengths")
             static = {}
             positions = position_ids(mask)
+        if self.static:
+            yield from self._stream_static(rows, max_new_tokens, sampling, rng)
+            return
         cache = DeviceKVCache(self.decoder, batch)
         finished = np.zeros(batch, bool)
         eos = np.array(self.special.eos, np.int64)
@@ -236,6 +338,30 @@ class Generator:
             ids = tokens[:, None]
             mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
             positions = (mask.sum(axis=1, keepdims=True) - 1).astype(np.int64)
+
+    def _stream_static(self, rows, max_new_tokens: int, sampling: SamplingConfig, rng) -> Iterator[Step]:
+        """Decoding on the static cache: rows right-aligned at position 0, one token per row
+        per step written into fixed buffers."""
+        from .runtime.static_cache import capacity_error
+
+        batch, pad = len(rows), self.special.pad
+        ids, mask = pad_batch(rows, pad, "right")
+        lengths = mask.sum(axis=1)
+        self._check_length(ids.shape[1] + max_new_tokens - 1, f"the prompt plus max_new_tokens={max_new_tokens}")
+        why = capacity_error(lengths, max_new_tokens, self.max_length)
+        if why:
+            raise InputError(why)
+        decoder = self.static_decoder(batch, int(lengths.max()) + max_new_tokens - 1)
+        logits = decoder.prefill(ids, lengths)
+        finished = np.zeros(batch, bool)
+        eos = np.array(self.special.eos, np.int64)
+        for step in range(max_new_tokens):
+            tokens = np.where(finished, pad, next_tokens(logits, sampling, rng)).astype(np.int64)
+            yield Step(step, tokens, ~finished)
+            finished = finished | np.isin(tokens, eos)
+            if finished.all() or step == max_new_tokens - 1:
+                return
+            logits = decoder.step(tokens)
 
     def generate(self, prompts: Any, max_new_tokens: int = 20, *, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None,

@@ -252,4 +252,5 @@ EMITTERS: Dict[str, Callable[[EmitContext], str]] = {
     # onnxruntime contrib ops (tgraph.ir.contrib): what the -O3 ort fusions produce
     "com.microsoft.SkipLayerNormalization": Call(contrib.skip_layer_normalization),
     "com.microsoft.SkipSimplifiedLayerNormalization": Call(contrib.skip_simplified_layer_normalization),
+    "com.microsoft.GroupQueryAttention": Call(contrib.group_query_attention),
 }

@@ -294,3 +294,10 @@ def lower_skip_norm(ctx: LoweringContext, node: Node) -> None:
     needed = total.users or (node.graph is not None and any(o is total for o in node.graph.outputs))
     outs = onnx_interface(node).onnx_outputs([out.name, total.name if needed else ""])
     ctx.emit(node.op, names(node.inputs), outs, domain="com.microsoft", epsilon=float(node.attrs["epsilon"]))
+
+
+@lowering("com.microsoft.GroupQueryAttention")
+def lower_group_query_attention(ctx: LoweringContext, node: Node) -> None:
+    """onnxruntime's contrib op, inputs and attributes as they are (`tgraph.ir.contrib`)."""
+    ctx.use_domain("com.microsoft", 1)
+    ctx.emit(node.op, names(node.inputs), names(node.outputs), domain="com.microsoft", **node.attrs)

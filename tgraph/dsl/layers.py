@@ -171,6 +171,8 @@ class MultiHeadAttention(Module):
         """`cache` (a `tgraph.dsl.cache.LayerCache`) prepends the past keys/values to this call's
         and records the result as the layer's present; the causal mask, aligned to the end of the
         key axis, then lets query i see the whole past plus new tokens up to i."""
+        if getattr(cache, "layout", None) == "static":
+            return self.o_proj(self._attend_static(x, cache, rotary))
         kv = x if kv is None else kv
         q = self.split_heads(self.q_proj(x), self.num_heads)                  # (B, H, Tq, D)
         k = self.split_heads(self.k_proj(kv), self.num_kv_heads)              # (B, Hkv, Tk, D)
@@ -182,6 +184,20 @@ class MultiHeadAttention(Module):
         context = attention(q, k, v, scale=self.scale, causal=self.causal, keep_mask=keep_mask, bias=bias)
         merged = context.transpose(0, 2, 1, 3).reshape(0, 0, self.num_heads * self.head_dim)  # (B, Tq, H*D)
         return self.o_proj(merged)
+
+    def _attend_static(self, x: TensorOps, cache, rotary) -> Tensor:
+        """Causal self-attention over a static cache (`tgraph.dsl.cache.StaticLayerCache`):
+        q/k/v stay [B, T, H*D]; `rotary` is the op's (cos, sin) tables, or a callable applied
+        to the split heads here."""
+        if not self.causal:
+            raise ConfigError("a static KV cache is for causal self-attention")
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)             # (B, T, H*D), (B, T, Hkv*D)
+        tables = rotary if isinstance(rotary, tuple) else None
+        if rotary is not None and tables is None:
+            qh, kh = rotary(self.split_heads(q, self.num_heads), self.split_heads(k, self.num_kv_heads))
+            q = qh.transpose(0, 2, 1, 3).reshape(0, 0, self.num_heads * self.head_dim)
+            k = kh.transpose(0, 2, 1, 3).reshape(0, 0, self.num_kv_heads * self.head_dim)
+        return cache.attend(q, k, v, self.num_heads, self.num_kv_heads, self.scale, tables)
 
 
 def attention(q: TensorOps, k: TensorOps, v: TensorOps, scale: float, causal: bool = False,

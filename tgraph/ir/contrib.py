@@ -21,6 +21,7 @@ import numpy as np
 
 from ..errors import ShapeError
 from .opdefs import OnnxInterface, OpDef, _need_rank, _same_dtype, register
+from .types import DType, TensorType
 
 DOMAIN = "com.microsoft"
 ORT_SKIP_NORM_EPSILON = 1e-12        # onnxruntime's default for both skip norms
@@ -78,3 +79,123 @@ register(OpDef("SkipSimplifiedLayerNormalization",
                skip_simplified_layer_normalization, (3, 4), attrs={"epsilon": ORT_SKIP_NORM_EPSILON},
                domain=DOMAIN, num_outputs=2, onnx=_SKIP_NORM_ONNX,
                doc="input + skip (+ bias), then RMSNorm; outputs (normalised, sum)"))
+
+
+# ---------------------------------------------------------------- GroupQueryAttention
+# ``GroupQueryAttention(query, key, value, past_key, past_value, seqlens_k, total_sequence_length,
+# cos_cache?, sin_cache?) -> (output, present_key, present_value)``: the static-KV-cache
+# attention (see `tgraph.dsl.cache`). query [B, S, Hq*D], key/value [B, S, Hkv*D]; past and
+# present [B, Hkv, M, D], one buffer per layer that onnxruntime writes in place when past
+# and present are bound to the same OrtValue (M = max(total_sequence_length, past's M)).
+# Rows are right-padded: row b holds L_b = seqlens_k[b] + 1 valid positions after this call.
+# When S == total_sequence_length (the first prompt) the new tokens sit at 0..S-1 and query
+# i sees keys j <= min(i, L_b - 1); otherwise they sit at L_b - S .. L_b - 1 and query i sees
+# keys j <= L_b - S + i. do_rotary rotates q and k at those positions (rotate_half layout
+# unless rotary_interleaved) with cos/sin tables [max_pos, R/2]; the first R dims of each head.
+def group_query_attention(query, key, value, past_key, past_value, seqlens_k, total_sequence_length,
+                          cos_cache=None, sin_cache=None, num_heads=1, kv_num_heads=1, scale=None,
+                          do_rotary=0, rotary_interleaved=0, softcap=0.0, local_window_size=-1):
+    b, s, _ = query.shape
+    d = past_key.shape[3]
+    total = int(np.asarray(total_sequence_length).reshape(-1)[0])
+    m = max(total, past_key.shape[2])
+    lengths = np.asarray(seqlens_k).astype(np.int64).reshape(-1) + 1            # L_b
+    starts = np.zeros_like(lengths) if s == total else lengths - s              # where the new tokens go
+    q = query.reshape(b, s, num_heads, d)
+    k = key.reshape(b, s, kv_num_heads, d)
+    v = value.reshape(b, s, kv_num_heads, d)
+    if do_rotary:
+        pos = starts[:, None] + np.arange(s)[None, :]                           # [B, S]
+        half = cos_cache.shape[1]
+        r = 2 * half
+        cos = cos_cache[np.clip(pos, 0, cos_cache.shape[0] - 1)][:, :, None, :]  # [B, S, 1, R/2]
+        sin = sin_cache[np.clip(pos, 0, sin_cache.shape[0] - 1)][:, :, None, :]
+        rotated = []
+        for x in (q, k):                          # (no nested function: the kernel is copied as source)
+            rot, rest = x[..., :r], x[..., r:]
+            if rotary_interleaved:
+                x1, x2 = rot[..., 0::2], rot[..., 1::2]
+            else:
+                x1, x2 = rot[..., :half], rot[..., half:]
+            re, im = cos * x1 - sin * x2, sin * x1 + cos * x2
+            rot = np.stack([re, im], axis=-1).reshape(rot.shape) if rotary_interleaved \
+                else np.concatenate([re, im], axis=-1)
+            rotated.append(np.concatenate([rot, rest], axis=-1).astype(x.dtype))
+        q, k = rotated
+    present_key = np.zeros((b, kv_num_heads, m, d), past_key.dtype)
+    present_value = np.zeros((b, kv_num_heads, m, d), past_value.dtype)
+    present_key[:, :, :past_key.shape[2]] = past_key
+    present_value[:, :, :past_value.shape[2]] = past_value
+    for row in range(b):
+        present_key[row, :, starts[row]:starts[row] + s] = np.transpose(k[row], (1, 0, 2))
+        present_value[row, :, starts[row]:starts[row] + s] = np.transpose(v[row], (1, 0, 2))
+    wide = np.float64 if query.dtype == np.float64 else np.float32             # scores and softmax in fp32
+    group = num_heads // kv_num_heads
+    keys = np.repeat(present_key.astype(wide), group, axis=1)                  # [B, Hq, M, D]
+    values = np.repeat(present_value.astype(wide), group, axis=1)
+    qh = np.transpose(q.astype(wide), (0, 2, 1, 3))                            # [B, Hq, S, D]
+    scale = 1.0 / np.sqrt(d) if not scale else scale
+    scores = (qh @ np.swapaxes(keys, -1, -2)) * np.asarray(scale, wide)        # [B, Hq, S, M]
+    if softcap:
+        scores = softcap * np.tanh(scores / softcap)
+    j = np.arange(m)[None, None, :]                                            # key positions
+    last = np.minimum(starts[:, None] + np.arange(s)[None, :], lengths[:, None] - 1)[:, :, None]  # [B, S, 1]
+    allowed = j <= last
+    if local_window_size is not None and local_window_size > 0:
+        allowed = allowed & (j > last - local_window_size)
+    scores = np.where(allowed[:, None], scores, -np.inf)
+    e = np.exp(scores - np.max(scores, axis=-1, keepdims=True))
+    y = (e / np.sum(e, axis=-1, keepdims=True)) @ values                       # [B, Hq, S, D]
+    y = np.reshape(np.transpose(y, (0, 2, 1, 3)), (b, s, num_heads * d)).astype(query.dtype)
+    return y, present_key, present_value
+
+
+def _infer_gqa(ins, attrs, consts):
+    op = "GroupQueryAttention"
+    q, k, v, pk, pv, seqlens, total = ins[:7]
+    hq, hk = attrs.get("num_heads"), attrs.get("kv_num_heads")
+    if not hq or not hk or hq % hk:
+        raise ShapeError(f"{op}: num_heads ({hq}) must be a positive multiple of kv_num_heads ({hk})")
+    for name, t in (("query", q), ("key", k), ("value", v)):
+        if len(_need_rank(t, op)) != 3:
+            raise ShapeError(f"{op}: {name} must be 3-D [batch, seq, heads*head_size], got {t}")
+    for name, t in (("past_key", pk), ("past_value", pv)):
+        if len(_need_rank(t, op)) != 4:
+            raise ShapeError(f"{op}: {name} must be 4-D [batch, kv_heads, max_length, head_size], got {t}")
+    if not q.dtype.is_float:
+        raise ShapeError(f"{op} of a {q.dtype.name} tensor")
+    _same_dtype([q, k, v, pk, pv] + [t for t in ins[7:] if t is not None], op)
+    head = pk.shape[3]
+    if isinstance(pk.shape[1], int) and pk.shape[1] != hk:
+        raise ShapeError(f"{op}: past_key has {pk.shape[1]} heads, kv_num_heads is {hk}")
+    if isinstance(head, int):
+        if head % 8:
+            raise ShapeError(f"{op}: head size {head} must be a multiple of 8 (onnxruntime's kernel)")
+        for name, t, n in (("query", q, hq), ("key", k, hk), ("value", v, hk)):
+            if isinstance(t.shape[2], int) and t.shape[2] != n * head:
+                raise ShapeError(f"{op}: {name} hidden size {t.shape[2]} is not {n} heads x {head}")
+    if seqlens.dtype is not DType.int32 or total.dtype is not DType.int32:
+        raise ShapeError(f"{op}: seqlens_k and total_sequence_length must be int32")
+    if attrs.get("do_rotary"):
+        if len(ins) < 9 or ins[7] is None or ins[8] is None:
+            raise ShapeError(f"{op}: do_rotary=1 needs cos_cache and sin_cache")
+        half = ins[7].shape[1] if ins[7].shape is not None and len(ins[7].shape) == 2 else None
+        if not isinstance(half, int) or half % 8 or (isinstance(head, int) and 2 * half > head):
+            raise ShapeError(f"{op}: cos_cache must be [max_positions, R/2] with R/2 a multiple of 8 and "
+                             f"R <= head size, got {ins[7]}")
+    out = TensorType(q.dtype, (q.shape[0], q.shape[1], hq * head if isinstance(head, int) else None))
+    total_value = consts[6] if len(consts) > 6 else None
+    m = pk.shape[2]                # present holds max(total, M) positions: the past buffer when M >= total
+    if isinstance(total_value, np.ndarray) and isinstance(m, int):
+        m = max(m, int(total_value.reshape(-1)[0]))
+    elif m == 0:
+        m = None
+    present = TensorType(pk.dtype, (pk.shape[0], pk.shape[1], m, head))
+    return [out, present, present]
+
+
+register(OpDef("GroupQueryAttention", _infer_gqa, group_query_attention, (7, 9),
+               attrs={"num_heads": None, "kv_num_heads": None, "scale": None, "do_rotary": 0,
+                      "rotary_interleaved": 0, "softcap": 0.0, "local_window_size": -1},
+               domain=DOMAIN, num_outputs=3,
+               doc="causal attention over a static KV cache written in place, per-row valid lengths"))

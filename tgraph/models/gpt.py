@@ -17,7 +17,8 @@ from typing import Any, Dict, Optional
 from ..checkpoints import HFAdapter, WeightRule, register_adapter, rule
 from ..dsl import Embedding, LearnedPositions, Linear, Module, ModuleList
 from . import gpt_common
-from .decoding import check_cache_options, decoder_input_specs, decoder_state, lm_logits
+from .decoding import (cache_length, check_cache_options, decoder_input_specs, decoder_state, last_tokens, lm_logits,
+                       token_positions)
 from .config_checks import check_fields, epsilon, repeated
 from .registry import register_model
 
@@ -35,11 +36,14 @@ class GPTConfig:
     use_attention_mask: bool = True  # adds the `attention_mask` input (padding)
     use_cache: bool = False          # KV-cache inputs/outputs (tgraph.dsl.cache): past_key_values.*, present.*
     use_position_ids: Optional[bool] = None   # explicit position_ids input; None: = use_cache
+    kv_cache: str = "dynamic"              # with use_cache: "dynamic" (Concat) or "static" (buffers written in place)
+    cache_length: int = 0                  # positions of a static cache (0: the model's, capped at 4096)
 
     def __post_init__(self):
         check_fields(self, "gpt")
         gpt_common.validate(self, "gpt")
         check_cache_options(self, "gpt")
+        cache_length(self, self.n_positions)
 
 
 class Block(gpt_common.Block):
@@ -65,12 +69,12 @@ class GPT(Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, **past):
         c = self.config
-        keep, cache, layer_slots = decoder_state(c, c.n_layer, attention_mask, past)    # keep: (B, 1, 1, P + T)
-        past_length = cache.past_length() if cache else None
-        x = gpt_common.embed(self.tokens_embed, self.positions_embed, input_ids, past_length, position_ids)  # (B, T, C)
+        keep, cache, layer_slots = decoder_state(c, c.n_layer, attention_mask, past, input_ids)  # (B, 1, 1, P + T)
+        pos = token_positions(cache, input_ids, position_ids)            # None, (T,) or (B, T)
+        x = gpt_common.embed(self.tokens_embed, self.positions_embed, input_ids, position_ids=pos)  # (B, T, C)
         for block, layer_cache in zip(self.h, layer_slots):
             x = block(x, keep, layer_cache)
-        logits = lm_logits(x, self.tokens_embed, self.lm_head)
+        logits = lm_logits(last_tokens(cache, x), self.tokens_embed, self.lm_head)   # static cache: (B, 1, V)
         return {"logits": logits, **(cache.outputs() if cache else {})}     # (B, T, V)
 
 

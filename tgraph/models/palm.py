@@ -21,11 +21,11 @@ import numpy as np
 from ..checkpoints import HFAdapter, WeightRule, hf_get, linear, register_adapter, rule, transposed
 from ..dsl import (ACTIVATIONS, Embedding, FeedForward, LayerNorm, Linear, Module, ModuleList,
                    MultiHeadAttention)
-from ..dsl.cache import positions
 from ..dsl.rotary import RotaryEmbedding
 from ..errors import ConfigError
 from .hf_options import activation_from_hf, rope_from_hf
-from .decoding import check_cache_options, decoder_input_specs, decoder_state, lm_logits
+from .decoding import (check_cache_options, decoder_input_specs, decoder_state, last_tokens, lm_logits, rotary_for,
+                       token_positions)
 from .config_checks import check_fields, epsilon, fraction, positive, repeated
 from .registry import register_model
 
@@ -51,6 +51,8 @@ class PaLMConfig:
     tie_word_embeddings: bool = True
     use_cache: bool = False                # KV-cache inputs/outputs (tgraph.dsl.cache): past_key_values.*, present.*
     use_position_ids: Optional[bool] = None   # explicit position_ids input; None: = use_cache
+    kv_cache: str = "dynamic"              # with use_cache: "dynamic" (Concat) or "static" (buffers written in place)
+    cache_length: int = 0                  # positions of a static cache (0: the model's, capped at 4096)
 
     def __post_init__(self):
         check_fields(self, "palm")
@@ -119,13 +121,13 @@ class PaLM(Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, **past):
         c = self.config
-        keep, cache, layer_slots = decoder_state(c, c.num_layers, attention_mask, past)    # keep: (B, 1, 1, P + T)
-        pos = positions(input_ids, cache.past_length(), position_ids) if cache else None   # (T,) or (B, T)
-        rotary = self.rotary.bind(input_ids, positions=pos)               # cos/sin: ((B, 1,) T, R)
+        keep, cache, layer_slots = decoder_state(c, c.num_layers, attention_mask, past, input_ids)  # (B, 1, 1, P + T)
+        pos = token_positions(cache, input_ids, position_ids)            # None, (T,) or (B, T)
+        rotary = rotary_for(cache, self.rotary, input_ids, pos, c)        # cos/sin: ((B, 1,) T, R), or op tables
         x = self.embed(input_ids)                                         # (B, T, C)
         for layer, layer_cache in zip(self.layers, layer_slots):
             x = layer(x, keep, rotary, layer_cache)
-        x = self.final_norm(x)
+        x = self.final_norm(last_tokens(cache, x))                        # static cache: (B, 1, C)
         logits = lm_logits(x, self.embed, None if c.tie_word_embeddings else self.lm_head)  # (B, T, V)
         return {"logits": logits, **(cache.outputs() if cache else {})}
 

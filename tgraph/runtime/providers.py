@@ -23,7 +23,8 @@ REQUESTS = ("auto", "cpu", "cuda")
 
 
 def requested_providers(request: Union[str, Sequence[str]], available: Sequence[str], *,
-                        device_id: int = 0, cuda_error: Optional[str] = None) -> list:
+                        device_id: int = 0, cuda_error: Optional[str] = None,
+                        cuda_options: Optional[dict] = None) -> list:
     """The provider list to hand to onnxruntime for `request`.
 
     `available` is ``onnxruntime.get_available_providers()``; `cuda_error` is a known
@@ -31,7 +32,7 @@ def requested_providers(request: Union[str, Sequence[str]], available: Sequence[
     then quietly uses the CPU; "cuda" fails early with that reason. A sequence of
     provider names is passed through after checking each is available.
     """
-    cuda_entry = (CUDA, {"device_id": int(device_id)})
+    cuda_entry = (CUDA, {"device_id": int(device_id), **(cuda_options or {})})   # e.g. enable_cuda_graph
     if isinstance(request, str):
         if request == "cpu":
             return [CPU]

@@ -177,19 +177,22 @@ class Session:
 
     def __init__(self, model: ModelSource, providers: Union[str, Sequence[str]] = "auto", *,
                  threads: Optional[int] = None, inter_op_threads: Optional[int] = None,
-                 optimization_level: str = "all", device_id: int = 0):
+                 optimization_level: str = "all", device_id: int = 0, cuda_options: Optional[dict] = None,
+                 session_config: Optional[dict] = None):
         payload, self._label = _model_payload(model)
         # make_random_inputs wants the embedding sizes: read them now from an in-memory
         # model (so the proto need not be kept alive), lazily from a file.
         self._model_path = payload if isinstance(model, (str, Path)) else None
         self.device_id = int(device_id)
         options = session_options(threads, inter_op_threads, optimization_level)
+        for key, value in (session_config or {}).items():     # e.g. session.record_ep_graph_assignment_info
+            options.add_session_config_entry(key, value)
         available = list(ort.get_available_providers())
         cuda_error = None
         if _wants_cuda(providers) and _prov.CUDA in available:
             cuda_error = _prov.cuda_load_error(ort)
         requested = _prov.requested_providers(providers, available, device_id=self.device_id,
-                                              cuda_error=cuda_error)
+                                              cuda_error=cuda_error, cuda_options=cuda_options)
         try:
             self._sess = ort.InferenceSession(payload, sess_options=options, providers=requested)
         except Exception as exc:  # onnxruntime's own exception types carry no common base

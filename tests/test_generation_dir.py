@@ -1,0 +1,159 @@
+"""Generation directories (`tgraph export MODEL --task generate -o DIR`, `tgraph.export_dir`):
+what is written, that `Generator(DIR)` / `tgraph generate DIR` run it without tracing and give
+the greedy ids of Hugging Face and of the model built from scratch, and the error paths.
+onnxruntime-genai, where importable (or TGRAPH_GENAI_PYTHON names a Python that has it), runs
+the same directory with the same greedy ids."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from tgraph.cli import main
+from tgraph.errors import ConfigError
+from tgraph.export_dir import export_generation_dir, read_manifest, target_plan
+from tgraph.generate import Generator
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from test_generate import PROMPTS, _hf_model, hf_generate  # noqa: E402  (the HF parity harness)
+
+NEW = 12
+TINY = ["--set", "d_model=64", "--set", "num_layers=2", "--set", "num_heads=4", "--set", "num_kv_heads=2",
+        "--set", "d_ff=96", "--set", "vocab_size=101"]
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    """An HF LLaMA checkpoint (with a generation_config.json) exported as a directory."""
+    root = tmp_path_factory.mktemp("gen")
+    model = _hf_model("llama")
+    model.save_pretrained(root / "ckpt", safe_serialization=True)
+    (root / "ckpt" / "tokenizer_config.json").write_text("{}\n")
+    assert main(["export", str(root / "ckpt"), "--task", "generate", "-o", str(root / "dir"),
+                 "--max-length", "96"]) == 0
+    return model, root / "ckpt", root / "dir"
+
+
+def test_directory_contents(llama_dir):
+    _, ckpt, out = llama_dir
+    names = {p.name for p in out.iterdir()}
+    assert {"model.onnx", "model.onnx.data", "genai_config.json", "tgraph.json", "generation_config.json",
+            "tokenizer_config.json"} <= names
+    manifest = read_manifest(out)
+    assert manifest["family"] == "llama" and manifest["cache_layout"] == "static"
+    assert manifest["max_length"] == 96 and manifest["target"] == "cpu" and manifest["dtype"] == "float32"
+    assert manifest["config"]["kv_cache"] == "static" and manifest["config"]["num_kv_heads"] == 2
+    onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
+    genai = json.loads((out / "genai_config.json").read_text())
+    dec = genai["model"]["decoder"]
+    assert genai["search"]["past_present_share_buffer"] is True and genai["search"]["max_length"] == 96
+    assert (dec["num_hidden_layers"], dec["num_key_value_heads"], dec["num_attention_heads"], dec["head_size"]) == \
+        (2, 2, 4, 8)
+    assert dec["inputs"]["past_key_names"] == "past_key_values.%d.key"
+
+
+def test_generator_from_directory_matches_hf_and_never_traces(llama_dir, monkeypatch):
+    model, ckpt, out = llama_dir
+    import tgraph.api
+    import tgraph.dsl
+
+    def no_trace(*a, **k):
+        raise AssertionError("a generation directory must not be traced")
+    monkeypatch.setattr(tgraph.api, "build", no_trace)
+    monkeypatch.setattr(tgraph.dsl, "trace", no_trace)
+    gen = Generator(str(out), provider="cpu")
+    got = gen.generate(PROMPTS, max_new_tokens=NEW)              # rows of different lengths
+    ref = hf_generate(model, PROMPTS, False, max_new_tokens=NEW, pad_token_id=0)
+    np.testing.assert_array_equal(got.tokens, ref)
+
+
+def test_cli_generate_reads_the_directory(llama_dir, capsys):
+    _, _, out = llama_dir
+    assert main(["generate", str(out), "--prompt-ids", "5,17,3", "--max-new-tokens", "5", "--json",
+                 "--provider", "cpu"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert len(row["ids"]) == 5
+
+
+def test_directory_settings_are_fixed(llama_dir):
+    _, _, out = llama_dir
+    with pytest.raises(ConfigError, match="fixed when exported"):
+        Generator(str(out), overrides={"num_layers": "1"})
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["bert"], "no static KV-cache decoder"),
+    (["t5"], "encoder-decoders"),
+    (["llama", "--set", "kv_cache=dynamic"], "sets it itself"),
+    (["llama", "--dtype", "bfloat16"], "needs --target cuda"),
+])
+def test_export_errors_are_one_line_and_leave_nothing(tmp_path, capsys, argv, message):
+    out = tmp_path / "dir"
+    assert main(["export", *argv, "--task", "generate", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_export_refuses_a_non_empty_directory(tmp_path, capsys):
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "keep.txt").write_text("x")
+    assert main(["export", "llama", *TINY, "--task", "generate", "-o", str(tmp_path / "dir")]) == 2
+    assert "not an empty directory" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "dir").iterdir()] == ["keep.txt"]
+
+
+def test_a_broken_manifest_is_named(tmp_path):
+    export_generation_dir("llama", tmp_path / "d", overrides=dict(s.split("=") for s in TINY[1::2]), max_length=32)
+    (tmp_path / "d" / "tgraph.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="tgraph.json"):
+        Generator(str(tmp_path / "d"))
+
+
+def test_target_plan_is_a_pure_choice():
+    cpu, cuda = target_plan("cpu", "float32"), target_plan("cuda", "float16")
+    assert cpu["attention"] == cuda["attention"] == "com.microsoft.GroupQueryAttention"
+    assert cpu["logits_dtype"] == cuda["logits_dtype"] == "float32"
+    assert cpu["provider_options"] == [] and "cuda" in cuda["provider_options"][0]
+    with pytest.raises(ConfigError, match="--target"):
+        target_plan("tpu", "float32")
+
+
+def _genai_python():
+    try:
+        import onnxruntime_genai  # noqa: F401
+        return sys.executable
+    except ImportError:
+        return os.environ.get("TGRAPH_GENAI_PYTHON")
+
+
+GENAI_SCRIPT = """
+import sys, json, numpy as np, onnxruntime_genai as og
+d, prompt, n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+m = og.Model(d); p = og.GeneratorParams(m); p.set_search_options(max_length=len(prompt) + n, do_sample=False)
+g = og.Generator(m, p); g.append_tokens(np.array([prompt], np.int32)); out = []
+while not g.is_done():
+    g.generate_next_token(); out.append(int(g.get_next_tokens()[0]))
+print(json.dumps(out))
+"""
+
+
+def test_onnxruntime_genai_runs_the_directory_with_the_same_greedy_ids(llama_dir):
+    python = _genai_python()
+    if python is None:
+        pytest.skip("onnxruntime_genai is not importable here (set TGRAPH_GENAI_PYTHON to a Python that has it)")
+    _, _, out = llama_dir
+    prompt = PROMPTS[0]
+    done = subprocess.run([python, "-c", GENAI_SCRIPT, str(out), json.dumps(prompt), str(NEW)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": ""})
+    assert done.returncode == 0, done.stderr[-2000:]
+    theirs = json.loads(done.stdout.strip().splitlines()[-1])
+    ours = Generator(str(out), provider="cpu").generate([prompt], max_new_tokens=NEW).ids[0]
+    assert theirs == ours
