@@ -240,4 +240,6 @@ EMITTERS: Dict[str, Callable[[EmitContext], str]] = {
     # onnxruntime contrib ops (tgraph.ir.contrib): what the -O3 ort fusions produce
     "com.microsoft.SkipLayerNormalization": Call(contrib.skip_layer_normalization),
     "com.microsoft.SkipSimplifiedLayerNormalization": Call(contrib.skip_simplified_layer_normalization),
+    # weight-only quantization (passes/quantize.py): dequantize, then MatMul
+    "com.microsoft.MatMulNBits": Call(contrib.matmul_nbits),
 }

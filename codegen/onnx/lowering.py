@@ -296,3 +296,14 @@ def lower_skip_norm(ctx: LoweringContext, node: Node) -> None:
     needed = total.users or (node.graph is not None and any(o is total for o in node.graph.outputs))
     outs = [out.name] + (["", "", total.name] if needed else [])
     ctx.emit(node.op, names(node.inputs), outs, domain="com.microsoft", epsilon=float(node.attrs["epsilon"]))
+
+
+@lowering("com.microsoft.MatMulNBits")
+def lower_matmul_nbits(ctx: LoweringContext, node: Node) -> None:
+    """Written as it is; absent optional inputs before `bias` (zero_points, g_idx) become ""."""
+    ctx.use_domain("com.microsoft", 1)
+    ins = names(node.inputs)
+    while ins and ins[-1] is None:
+        ins.pop()
+    attrs = {k: int(v) for k, v in node.attrs.items()}
+    ctx.emit(node.op, ins, names(node.outputs), domain="com.microsoft", **attrs)

@@ -1,0 +1,127 @@
+"""Weight-only quantization: the MatMulNBits op, packing, the quantize-weights pass, accuracy.
+
+Outside references: onnxruntime's own MatMulNBits kernel (CPU) run on tgraph's packed bytes,
+and the dequantization formula of ContribOperators.md written out by hand below.
+"""
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from tgraph.errors import ConfigError, ShapeError
+from tgraph.ir import Builder, DType, TensorType
+from tgraph.ir.contrib import matmul_nbits
+from tgraph.ir.evaluate import evaluate
+from tgraph.passes import optimize, parse_pipeline
+from tgraph.passes.quantize import matmul_nbits_inputs, pack_codes, quantize_weight
+
+RNG = np.random.default_rng(7)
+
+
+def ort_matmul_nbits(a, B, scales, zp, bias, K, N, bits, block_size):
+    """onnxruntime's kernel on one MatMulNBits node built directly with onnx.helper."""
+    import onnxruntime as ort
+
+    inits = [numpy_helper.from_array(B, "B"), numpy_helper.from_array(scales, "S")]
+    ins = ["A", "B", "S", ""]
+    if zp is not None:
+        inits.append(numpy_helper.from_array(zp, "Z"))
+        ins[3] = "Z"
+    if bias is not None:
+        inits.append(numpy_helper.from_array(bias, "bias"))
+        ins += ["", "bias"]
+    while ins[-1] == "":
+        ins.pop()
+    node = helper.make_node("MatMulNBits", ins, ["Y"], domain="com.microsoft", K=K, N=N, bits=bits,
+                            block_size=block_size)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, K])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 21),
+                                                                   helper.make_opsetid("com.microsoft", 1)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"A": a})[0]
+
+
+def hand_dequantize(B, scales, zp, K, N, bits, block_size):
+    """ContribOperators.md, element by element: W[k, n] = (q - zero) * scale of k's block."""
+    n_blocks = -(-K // block_size)
+    per_byte = 8 // bits
+    zp_row = -(-n_blocks * bits // 8)
+    W = np.zeros((K, N), np.float64)
+    for n in range(N):
+        for k in range(K):
+            j, i = divmod(k, block_size)
+            byte = B[n, j, i // per_byte]
+            q = (int(byte) >> ((i % per_byte) * bits)) & ((1 << bits) - 1)
+            if zp is None:
+                z = 1 << (bits - 1)
+            else:
+                zb = zp[n * zp_row + j // per_byte]
+                z = (int(zb) >> ((j % per_byte) * bits)) & ((1 << bits) - 1)
+            W[k, n] = (q - z) * float(scales[n * n_blocks + j])
+    return W
+
+
+# K=80 / block 32 and K=40 / block 16 have an odd block count (zero points padded per row) and a
+# partial last block (K padded).
+SHAPES = [(64, 24, 32), (80, 16, 32), (40, 5, 16), (128, 7, 64)]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("K,N,block", SHAPES)
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_kernel_equals_onnxruntime_and_hand_formula(bits, K, N, block, symmetric):
+    w = RNG.standard_normal((K, N)).astype(np.float32)
+    a = RNG.standard_normal((3, K)).astype(np.float32)
+    bias = RNG.standard_normal(N).astype(np.float32)
+    qw = quantize_weight(w, bits, block, symmetric)
+    B, S, Z = matmul_nbits_inputs(qw)
+    assert B.shape == (N, -(-K // block), block * bits // 8) and B.dtype == np.uint8
+    assert S.shape == (N * -(-K // block),)
+    assert (Z is None) == symmetric
+    ours = matmul_nbits(a, B, S, Z, None, bias, K=K, N=N, bits=bits, block_size=block)
+    theirs = ort_matmul_nbits(a, B, S, Z, bias, K, N, bits, block)
+    hand = a.astype(np.float64) @ hand_dequantize(B, S, Z, K, N, bits, block) + bias
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours, hand, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(qw.dequantize(), hand_dequantize(B, S, Z, K, N, bits, block), rtol=1e-6, atol=1e-6)
+
+
+def test_pack_codes_low_bits_first():
+    q = np.array([[1, 2, 3, 15]], np.uint8)
+    assert pack_codes(q, 4).tolist() == [[0x21, 0xF3]]
+    assert pack_codes(np.array([[5, 6, 7]], np.uint8), 4).tolist() == [[0x65, 0x07]]   # odd: padded
+    assert pack_codes(q, 8).tolist() == q.tolist()
+
+
+@pytest.mark.parametrize("bits,tol", [(8, 0.01), (4, 0.2)])
+def test_rtn_error_is_bounded_by_half_a_step(bits, tol):
+    w = RNG.standard_normal((64, 32)).astype(np.float32)
+    qw = quantize_weight(w, bits, 32)
+    step = np.repeat(qw.scales, 32, axis=1).T                 # [K, N]
+    assert np.all(np.abs(qw.dequantize() - w) <= step / 2 + 1e-6)
+    assert np.abs(qw.dequantize() - w).max() / np.abs(w).max() < tol
+
+
+def test_search_never_worse_than_rtn_per_block():
+    w = RNG.standard_t(3, (128, 64)).astype(np.float32)       # heavy tails: clipping helps
+    act = RNG.uniform(0.1, 3, 128).astype(np.float32)
+    rtn, search = quantize_weight(w, 4, 32), quantize_weight(w, 4, 32, method="search", act_sq=act)
+    err = lambda q: np.sum(act[:, None] * (q.dequantize() - w) ** 2)    # noqa: E731
+    assert err(search) < 0.97 * err(rtn)
+
+
+def test_op_inference_refuses_bad_shapes():
+    b = Builder()
+    x = b.graph.add_input("x", TensorType(DType.float32, ("batch", 64)))
+    B = b.const(np.zeros((8, 2, 16), np.uint8))
+    S = b.const(np.ones(16, np.float32))
+    y = b.op("MatMulNBits", x, B, S, domain="com.microsoft", K=64, N=8, bits=4, block_size=32)
+    assert y.shape == ("batch", 8) and y.dtype is DType.float32
+    with pytest.raises(ShapeError, match="B must be uint8"):
+        b.op("MatMulNBits", x, b.const(np.zeros((8, 2, 8), np.uint8)), S, domain="com.microsoft",
+             K=64, N=8, bits=4, block_size=32)
+    with pytest.raises(ShapeError, match="block_size must be a power of two"):
+        b.op("MatMulNBits", x, B, S, domain="com.microsoft", K=64, N=8, bits=4, block_size=24)
+    with pytest.raises(ShapeError, match="last dim K=32"):
+        b.op("MatMulNBits", x, B, S, domain="com.microsoft", K=32, N=8, bits=4, block_size=32)
