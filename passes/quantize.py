@@ -229,18 +229,19 @@ class QuantizeWeights(Pass):
         self.refused = []
         linears = find_linears(graph)
         stats = self.act_stats
-        if stats is None and self.calibration:
+        if stats is None and self.calibration and self.method == "search":
             from tgraph.quantize_report import activation_stats, read_calibration_ids
 
             stats = activation_stats(graph, read_calibration_ids(self.calibration), [l.matmul for l in linears])
         done = padded = 0
+        shared: Dict = {}
         for lin in linears:
             reason = self._refusal(lin)
             if reason:
                 self.refused.append(f"{lin.matmul.name}: {reason}")
                 continue
             padded += lin.weight.shape[0] % self.block_size != 0
-            self._rewrite(graph, lin, None if stats is None else stats.get(lin.matmul.name))
+            self._rewrite(graph, lin, None if stats is None else stats.get(lin.matmul.name), shared)
             done += 1
         graph.remove_unused_constants()
         return {"quantized": done, "padded": padded, "refused": len(self.refused)}
@@ -255,20 +256,25 @@ class QuantizeWeights(Pass):
             return f"activations are {lin.matmul.inputs[0].dtype.name}"
         return ""
 
-    def _rewrite(self, graph: Graph, lin: Linear, act_sq: Optional[np.ndarray]) -> None:
+    def _rewrite(self, graph: Graph, lin: Linear, act_sq: Optional[np.ndarray], shared: Dict) -> None:
         node, x = lin.matmul, lin.matmul.inputs[0]
         dtype = x.dtype
-        qw = quantize_weight(lin.weight.astype(np.float32), self.bits, self.block_size, self.symmetric,
-                             self.method, act_sq, scale_dtype=dtype.numpy)
-        B, scales, zp = matmul_nbits_inputs(qw)
+        w_in = node.inputs[1]
+        key = (id(w_in.producer.inputs[0]) if w_in.const is None else id(w_in), dtype)
+        if key not in shared:      # a weight shared by several MatMuls (ALBERT) is stored once
+            qw = quantize_weight(lin.weight.astype(np.float32), self.bits, self.block_size, self.symmetric,
+                                 self.method, act_sq, scale_dtype=dtype.numpy)
+            B, scales, zp = matmul_nbits_inputs(qw)
+            base = w_in.name if w_in.const is not None else f"{node.name}.weight"
+            shared[key] = [graph.add_constant(B, f"{base}_q{self.bits}", is_param=True),
+                           graph.add_constant(scales, f"{base}_scales", is_param=True),
+                           None if zp is None else graph.add_constant(zp, f"{base}_zero_points", is_param=True)]
         K, N = lin.weight.shape
-        base = node.inputs[1].name if node.inputs[1].const is not None else f"{node.name}.weight"
-        ins = [x, graph.add_constant(B, f"{base}_q{self.bits}", is_param=True),
-               graph.add_constant(scales, f"{base}_scales", is_param=True),
-               None if zp is None else graph.add_constant(zp, f"{base}_zero_points", is_param=True)]
+        ins = [x] + shared[key]
         out = node.output
         if lin.bias_add is not None:
-            ins += [None, graph.add_constant(lin.bias.astype(dtype.numpy), f"{base}_bias", is_param=True)]
+            bias = lin.bias_add.inputs[1] if lin.bias_add.inputs[0] is node.output else lin.bias_add.inputs[0]
+            ins += [None, bias]
             out = lin.bias_add.output
         attrs = {"K": K, "N": N, "bits": self.bits, "block_size": self.block_size,
                  "accuracy_level": self.accuracy_level}
@@ -280,6 +286,5 @@ class QuantizeWeights(Pass):
         replace_value(graph, out, new_out)
         for dead in ([lin.bias_add] if lin.bias_add is not None else []) + [node]:
             graph.remove_node(dead)
-        w_in = node.inputs[1]
         if w_in is not None and w_in.producer is not None and not w_in.users:
             graph.remove_node(w_in.producer)

@@ -63,6 +63,8 @@ def _add_model_options(p: argparse.ArgumentParser, output: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .quantize_report import add_quantize_options
+
     parser = argparse.ArgumentParser(prog="tgraph", description="Build, optimise and export Transformer graphs.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 23)")
     p.add_argument("--external-data", action="store_true", help="store weights in OUT.onnx.data")
     p.add_argument("--report", action="store_true", help="print what each pass changed")
+    add_quantize_options(p)
 
     p = sub.add_parser("codegen", help="generate code for a backend")
     p.add_argument("backend", choices=["numpy"])
@@ -95,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline", default=None, help="explicit pass pipeline, e.g. dce,fuse-attention")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset to write (default 23)")
     p.add_argument("--report", action="store_true", help="what each pass did, and why rules did not fire")
+    add_quantize_options(p)
 
     p = sub.add_parser("inspect", help="inputs, outputs, op histogram, parameter count")
     _add_model_options(p, output=False)
@@ -119,6 +123,10 @@ def cmd_export(args) -> int:
     out = Path(args.output)
     if out.suffix != ".onnx":
         raise ConfigError(f"output file must end in .onnx: {out}")
+    if args.quantize:
+        from .quantize_report import cmd_export_quantized
+
+        return cmd_export_quantized(args, _parse_sets(args.sets), _level(args))
     start = time.perf_counter()
     built = export_onnx(args.model, out, overrides=_parse_sets(args.sets), seed=args.seed, level=_level(args),
                         opset=args.opset, external_data=True if args.external_data else None, dtype=args.dtype)
@@ -311,11 +319,18 @@ def cmd_optimize(args) -> int:
     start = time.perf_counter()
     graph = import_onnx(args.input)
     before = len(graph.nodes)
+    from .quantize_report import options_from_args, print_quantize_report, quantize_for_cli
+
+    quantize = options_from_args(args)
     result = optimize(graph, level=args.level, pipeline=args.pipeline)
+    if quantize is not None:
+        reference, qresult = quantize_for_cli(graph, quantize)
     kwargs = {} if args.opset is None else {"opset": args.opset}
     save_onnx(graph, out, **kwargs)
     took = time.perf_counter() - start
     print(f"wrote {out} ({before} -> {len(graph.nodes)} nodes, {took:.2f}s)")
+    if quantize is not None:
+        print_quantize_report(quantize, reference, graph, qresult, out, args.report)
     if args.report:
         print(result)
         fired = result.summary()
