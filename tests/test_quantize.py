@@ -125,3 +125,122 @@ def test_op_inference_refuses_bad_shapes():
         b.op("MatMulNBits", x, B, S, domain="com.microsoft", K=64, N=8, bits=4, block_size=24)
     with pytest.raises(ShapeError, match="last dim K=32"):
         b.op("MatMulNBits", x, B, S, domain="com.microsoft", K=32, N=8, bits=4, block_size=32)
+
+
+# ---------------------------------------------------------------- the pass on hand-built graphs
+def linear_graph(K=64, N=24, bias=True, transposed=False, shared=False, head_output=True):
+    """y = x @ W (+ b) -> Relu -> @ W2; W2 is the graph's last projection (an LM-head position)."""
+    b = Builder()
+    g = b.graph
+    x = g.add_input("x", TensorType(DType.float32, ("batch", "seq", K)))
+    w = RNG.standard_normal((K, N)).astype(np.float32)
+    W = b.op("Transpose", b.const(np.ascontiguousarray(w.T)), perm=[1, 0]) if transposed else b.const(w)
+    h = b.op("MatMul", x, W)
+    if bias:
+        h = b.op("Add", h, b.const(RNG.standard_normal(N).astype(np.float32)))
+    h = b.op("Relu", h)
+    if shared:                       # the same [N, N] weight read twice (ALBERT's layer sharing)
+        W_shared = b.const(RNG.standard_normal((N, N)).astype(np.float32))
+        h = b.op("MatMul", b.op("MatMul", h, W_shared), W_shared)
+    out = b.op("MatMul", h, b.const(RNG.standard_normal((N, 40)).astype(np.float32)))
+    g.outputs = [out]
+    g.verify()
+    return g
+
+
+def quantized(g, spec="quantize-weights"):
+    q = g.copy()
+    result = optimize(q, pipeline=spec)
+    return q, result.counts()["quantize-weights"]
+
+
+def dequantized_reference(g, bits=4, block=32, symmetric=False):
+    """The float graph with every constant 2-D weight replaced by its quantize -> dequantize round trip."""
+    r = g.copy()
+    for v in list(r.constants.values()):
+        if v.const is not None and v.const.ndim == 2:
+            users = [n for n in v.users if n.op in ("MatMul", "Transpose")]
+            w = v.const.T if users and users[0].op == "Transpose" else v.const
+            dq = quantize_weight(w, bits, block, symmetric).dequantize()
+            v.const = np.ascontiguousarray(dq.T if users and users[0].op == "Transpose" else dq)
+    return r
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_pass_rewrites_linears_and_keeps_values(transposed, symmetric):
+    g = linear_graph(transposed=transposed)
+    q, counts = quantized(g, f"quantize-weights{{bits=4,block-size=32,symmetric={int(symmetric)}}}")
+    assert counts == {"quantized": 2, "padded": 1, "refused": 0}        # K=24 of the second one is padded
+    hist = q.op_histogram()
+    assert hist.get("com.microsoft.MatMulNBits") == 2 and "MatMul" not in hist and "Add" not in hist
+    assert "Transpose" not in hist
+    node = next(n for n in q.nodes if n.op == "MatMulNBits")
+    assert node.attrs == {"K": 64, "N": 24, "bits": 4, "block_size": 32, "accuracy_level": 0}
+    assert (node.inputs[3] is None) == symmetric and node.inputs[5] is not None         # bias folded in
+    x = {"x": RNG.standard_normal((2, 3, 64)).astype(np.float32)}
+    want = evaluate(dequantized_reference(g, symmetric=symmetric), x)
+    for got in (evaluate(q, x), run_onnx(q, x), run_numpy(q, x)):
+        np.testing.assert_allclose(got[q.outputs[0].name], want[g.outputs[0].name], rtol=1e-4, atol=1e-4)
+    assert q.outputs[0].name == g.outputs[0].name
+
+
+def test_shared_weight_is_stored_once():
+    q, counts = quantized(linear_graph(N=32, shared=True))
+    assert counts["quantized"] == 4
+    packed = [v for v in q.constants.values() if v.dtype is DType.uint8 and v.const.ndim == 3]
+    assert len(packed) == 3                     # W, the shared W2 once, the head
+
+
+def test_head_can_stay_float_and_is_reported():
+    from tgraph.passes.quantize import QuantizeWeights
+
+    q = linear_graph().copy()
+    p = QuantizeWeights(head=False)
+    optimize(q, pipeline=[p])
+    hist = q.op_histogram()
+    assert hist.get("com.microsoft.MatMulNBits") == 1 and hist.get("MatMul") == 1
+    assert len(p.refused) == 1 and "LM head kept in float" in p.refused[0]
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("quantize-weights{bits=3}", "bits must be one of (4, 8)"),
+    ("quantize-weights{block-size=48}", "block-size must be one of (16, 32, 64, 128)"),
+    ("quantize-weights{method=gptq}", "method must be one of rtn, search"),
+    ("quantize-weights{accuracy-level=7}", "accuracy-level must be 0..4"),
+])
+def test_bad_options_are_refused_in_one_line(spec, message):
+    with pytest.raises(ConfigError) as e:
+        parse_pipeline(spec)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_small_input_dimension_is_refused_by_name():
+    from tgraph.passes.quantize import QuantizeWeights
+
+    b = Builder()
+    x = b.graph.add_input("x", TensorType(DType.float32, (2, 8)))
+    b.graph.outputs = [b.op("MatMul", x, b.const(np.ones((8, 4), np.float32)))]
+    p = QuantizeWeights()
+    optimize(b.graph, pipeline=[p])
+    assert p.refused == [f"{b.graph.nodes[0].name}: input dimension K=8 is below 16"]
+
+
+# ---------------------------------------------------------------- every zoo family: ONNX == NumPy
+from model_harness import rel_err, run_numpy, run_onnx  # noqa: E402
+from test_levels import FAMILIES, feeds_for, overrides  # noqa: E402
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_quantized_family_runs_the_same_on_onnx_and_numpy(family):
+    from tgraph.api import build
+
+    g = build(family, overrides(family), level=2).graph
+    n_matmuls = g.op_histogram().get("MatMul", 0)
+    q, counts = quantized(g, "quantize-weights{bits=4,block-size=16}")
+    assert counts["quantized"] >= 4 and q.op_histogram().get("com.microsoft.MatMulNBits") == counts["quantized"]
+    assert q.op_histogram().get("MatMul", 0) == n_matmuls - counts["quantized"]   # the rest: activation x activation
+    feeds = feeds_for(q)
+    ort, npy = run_onnx(q, feeds), run_numpy(q, feeds)
+    for name in ort:
+        assert rel_err(npy[name], ort[name]) <= 1e-4, f"{family} {name}"
