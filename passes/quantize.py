@@ -92,14 +92,17 @@ def quantize_weight(w: np.ndarray, bits: int = 4, block_size: int = 32, symmetri
     wb = blocks_of(w, block_size)
     lo = np.minimum(wb.min(axis=-1, keepdims=True), 0)
     hi = np.maximum(wb.max(axis=-1, keepdims=True), 0)
-    ratios = SEARCH_RATIOS if method == "search" else (1.0,)
-    if len(ratios) > 1:
+    # rtn: the full range. search: the range shrunk by each ratio of the grid, keeping per block
+    # the ratio with the least activation-weighted squared error. (Shrinking lo and hi
+    # independently, an 11 x 11 grid, gained < 0.001 logit cosine for 7x the time.)
+    pairs = [(r, r) for r in SEARCH_RATIOS] if method == "search" else [(1.0, 1.0)]
+    if len(pairs) > 1:
         weight = np.ones((1, 1, block_size), np.float32) if act_sq is None else \
             blocks_of(np.asarray(act_sq, np.float32).reshape(K, 1), block_size)   # [1, nb, block]
     best = best_err = None
-    for r in ratios:
-        q, scale, zero = _codes(wb, lo * r, hi * r, bits, symmetric)
-        if len(ratios) == 1:
+    for r_lo, r_hi in pairs:
+        q, scale, zero = _codes(wb, lo * r_lo, hi * r_hi, bits, symmetric)
+        if len(pairs) == 1:
             best = (q, scale, zero)
             break
         err = np.sum(weight * ((q - zero) * scale - wb) ** 2, axis=-1, keepdims=True)

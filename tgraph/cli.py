@@ -123,9 +123,9 @@ def cmd_export(args) -> int:
     out = Path(args.output)
     if out.suffix != ".onnx":
         raise ConfigError(f"output file must end in .onnx: {out}")
-    if args.quantize:
-        from .quantize_report import cmd_export_quantized
+    from .quantize_report import cmd_export_quantized, options_from_args
 
+    if options_from_args(args) is not None:         # also checks the quantization flags
         return cmd_export_quantized(args, _parse_sets(args.sets), _level(args))
     start = time.perf_counter()
     built = export_onnx(args.model, out, overrides=_parse_sets(args.sets), seed=args.seed, level=_level(args),
