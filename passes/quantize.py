@@ -35,7 +35,7 @@ from .rewrite import replace_value
 
 BITS = (4, 8)
 BLOCK_SIZES = (16, 32, 64, 128)
-METHODS = ("rtn", "search")
+METHODS = ("rtn", "search", "gptq")
 SEARCH_RATIOS = tuple(np.round(np.linspace(1.0, 0.5, 21), 4))
 MIN_K = 16
 
@@ -119,6 +119,49 @@ def quantize_weight(w: np.ndarray, bits: int = 4, block_size: int = 32, symmetri
         s32 = scales.astype(np.float32)[..., None]
         q = np.clip(np.round(wb / np.where(s32 > 0, s32, 1)) + zero, 0, (1 << bits) - 1)
     return Quantized(q.astype(np.uint8), scales, None if symmetric else zero[..., 0].astype(np.uint8),
+                     bits, block_size, K)
+
+
+def gptq_quantize(w: np.ndarray, gram: np.ndarray, bits: int = 4, block_size: int = 32, symmetric: bool = False,
+                  damp: float = 0.01, scale_dtype=np.float32) -> Quantized:
+    """GPTQ (Frantar et al. 2022) with block-wise scales: quantize W [K, N] row by row along K,
+    spreading each row's rounding error over the rows not yet quantized through the inverse of
+    the activations' Gram matrix ``X^T X`` [K, K]. Each block's scale and zero point are taken
+    from its rows as updated by the error feedback, just before they are quantized."""
+    K, N = w.shape
+    qmax = (1 << bits) - 1
+    W = np.asarray(w, np.float64).copy()
+    H = np.asarray(gram, np.float64).copy()
+    dead = np.diag(H) <= 0
+    H[dead, dead] = 1.0
+    W[dead, :] = 0.0
+    H[np.diag_indices(K)] += damp * float(np.mean(np.diag(H)))
+    U = np.linalg.cholesky(np.linalg.inv(H)).T             # inv(H) = U^T U, U upper triangular
+    n_blocks = -(-K // block_size)
+    Q = np.zeros((n_blocks * block_size, N), np.float64)
+    scales = np.zeros((N, n_blocks), np.float64)
+    zeros = np.zeros((N, n_blocks), np.float64)
+    for j in range(n_blocks):
+        b0, b1 = j * block_size, min((j + 1) * block_size, K)
+        Wb = W[b0:b1].copy()
+        lo, hi = np.minimum(Wb.min(axis=0), 0), np.maximum(Wb.max(axis=0), 0)
+        _, scale, zero = _codes(Wb[:1], lo[None], hi[None], bits, symmetric)
+        scale = scale.reshape(N).astype(scale_dtype).astype(np.float64)
+        scale = np.where(scale > 0, scale, 1.0)
+        zero = zero.reshape(N).astype(np.float64)
+        err_block = np.zeros_like(Wb)
+        for i in range(b1 - b0):
+            row = Wb[i]
+            q = np.clip(np.round(row / scale) + zero, 0, qmax)
+            err = (row - (q - zero) * scale) / U[b0 + i, b0 + i]
+            Wb[i + 1:] -= np.outer(U[b0 + i, b0 + i + 1:b1], err)
+            err_block[i] = err
+            Q[b0 + i] = q
+        Q[b1:(j + 1) * block_size] = zero                       # the padded tail dequantizes to 0
+        W[b1:] -= U[b0:b1, b1:].T @ err_block
+        scales[:, j], zeros[:, j] = scale, zero
+    q = Q.T.reshape(N, n_blocks, block_size).astype(np.uint8)
+    return Quantized(q, scales.astype(scale_dtype), None if symmetric else zeros.astype(np.uint8),
                      bits, block_size, K)
 
 
@@ -232,10 +275,13 @@ class QuantizeWeights(Pass):
         self.refused = []
         linears = find_linears(graph)
         stats = self.act_stats
-        if stats is None and self.calibration and self.method == "search":
+        if stats is None and self.calibration and self.method != "rtn":
             from tgraph.quantize_report import activation_stats, read_calibration_ids
 
-            stats = activation_stats(graph, read_calibration_ids(self.calibration), [l.matmul for l in linears])
+            stats = activation_stats(graph, read_calibration_ids(self.calibration), [l.matmul for l in linears],
+                                     gram=self.method == "gptq")
+        if self.method == "gptq" and stats is None:
+            raise ConfigError("quantize-weights: method=gptq needs calibration prompts (calibration=FILE)")
         done = padded = 0
         shared: Dict = {}
         for lin in linears:
@@ -265,8 +311,12 @@ class QuantizeWeights(Pass):
         w_in = node.inputs[1]
         key = (id(w_in.producer.inputs[0]) if w_in.const is None else id(w_in), dtype)
         if key not in shared:      # a weight shared by several MatMuls (ALBERT) is stored once
-            qw = quantize_weight(lin.weight.astype(np.float32), self.bits, self.block_size, self.symmetric,
-                                 self.method, act_sq, scale_dtype=dtype.numpy)
+            if self.method == "gptq":
+                qw = gptq_quantize(lin.weight, act_sq, self.bits, self.block_size, self.symmetric,
+                                   scale_dtype=dtype.numpy)
+            else:
+                qw = quantize_weight(lin.weight.astype(np.float32), self.bits, self.block_size, self.symmetric,
+                                     self.method, act_sq, scale_dtype=dtype.numpy)
             B, scales, zp = matmul_nbits_inputs(qw)
             base = w_in.name if w_in.const is not None else f"{node.name}.weight"
             shared[key] = [graph.add_constant(B, f"{base}_q{self.bits}", is_param=True),

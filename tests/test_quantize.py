@@ -206,7 +206,7 @@ def test_head_can_stay_float_and_is_reported():
 @pytest.mark.parametrize("spec,message", [
     ("quantize-weights{bits=3}", "bits must be one of (4, 8)"),
     ("quantize-weights{block-size=48}", "block-size must be one of (16, 32, 64, 128)"),
-    ("quantize-weights{method=gptq}", "method must be one of rtn, search"),
+    ("quantize-weights{method=awq}", "method must be one of rtn, search, gptq"),
     ("quantize-weights{accuracy-level=7}", "accuracy-level must be 0..4"),
 ])
 def test_bad_options_are_refused_in_one_line(spec, message):
@@ -394,3 +394,26 @@ def test_cli_quantize_flags_are_checked(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_gptq_lowers_the_output_error_of_correlated_activations():
+    from tgraph.passes.quantize import gptq_quantize
+
+    K, N = 96, 32
+    mix = RNG.standard_normal((K, K)) / np.sqrt(K) + np.eye(K)
+    X = RNG.standard_normal((400, K)) @ mix * RNG.uniform(0.2, 3, K)      # correlated, uneven channels
+    w = RNG.standard_normal((K, N)).astype(np.float32)
+    out_err = lambda q: float(np.sum((X @ (q.dequantize() - w)) ** 2))     # noqa: E731
+    rtn, gptq = quantize_weight(w, 4, 32), gptq_quantize(w, X.T @ X / len(X), 4, 32)
+    assert out_err(gptq) < 0.7 * out_err(rtn)
+    B, S, Z = matmul_nbits_inputs(gptq)                                    # still what onnxruntime reads
+    a = X[:3].astype(np.float32)
+    np.testing.assert_allclose(ort_matmul_nbits(a, B, S, Z, None, K, N, 4, 32), a @ gptq.dequantize(),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_gptq_needs_calibration():
+    from tgraph.passes import PassError
+
+    with pytest.raises(PassError, match="method=gptq needs calibration prompts"):
+        optimize(linear_graph(), pipeline="quantize-weights{method=gptq}")

@@ -94,9 +94,10 @@ def graph_model(graph: Graph):
     return to_onnx(graph)
 
 
-def activation_stats(graph: Graph, rows: Sequence[Sequence[int]], matmuls) -> Dict[str, np.ndarray]:
-    """``{MatMul node name: mean of x_k^2 over calibration tokens}`` for each MatMul's activation input,
-    read with the reference interpreter (every intermediate value)."""
+def activation_stats(graph: Graph, rows: Sequence[Sequence[int]], matmuls, gram: bool = False) -> Dict[str, np.ndarray]:
+    """``{MatMul node name: E[x_k^2]}`` over the calibration tokens of each MatMul's activation
+    input (``gram``: the whole ``E[x x^T]`` [K, K], for GPTQ), read with the reference
+    interpreter (every intermediate value). MatMuls reading the same activation share one array."""
     from .ir.evaluate import evaluate
 
     wanted = {m.name: m.inputs[0].name for m in matmuls}
@@ -104,12 +105,13 @@ def activation_stats(graph: Graph, rows: Sequence[Sequence[int]], matmuls) -> Di
     counts: Dict[str, int] = {}
     for ids in rows:
         values = evaluate(graph, _feeds(graph, ids), all_values=True)
-        for node, value in wanted.items():
+        for value in set(wanted.values()):
             x = np.asarray(values[value], np.float64)
             x = x.reshape(-1, x.shape[-1])
-            sums[node] = sums.get(node, 0) + np.sum(x * x, axis=0)
-            counts[node] = counts.get(node, 0) + x.shape[0]
-    return {k: (sums[k] / counts[k]).astype(np.float32) for k in sums}
+            sums[value] = sums.get(value, 0) + (x.T @ x if gram else np.sum(x * x, axis=0))
+            counts[value] = counts.get(value, 0) + x.shape[0]
+    means = {v: sums[v] / counts[v] for v in sums}
+    return {node: means[value] for node, value in wanted.items()}
 
 
 def quantize_graph(graph: Graph, options: QuantizeOptions, tokenizer=None):
@@ -117,11 +119,12 @@ def quantize_graph(graph: Graph, options: QuantizeOptions, tokenizer=None):
     from .passes import optimize
 
     qpass = options.pass_instance()
-    if options.method == "search" and options.calibration:
+    if options.method != "rtn" and options.calibration:
         from .passes.quantize import find_linears
 
         rows = read_calibration_ids(options.calibration, tokenizer)
-        qpass.act_stats = activation_stats(graph, rows, [lin.matmul for lin in find_linears(graph)])
+        qpass.act_stats = activation_stats(graph, rows, [lin.matmul for lin in find_linears(graph)],
+                                           gram=options.method == "gptq")
     result = optimize(graph, pipeline=[qpass])
     result.refused = list(qpass.refused)
     return result
@@ -277,8 +280,9 @@ def add_quantize_options(p) -> None:
     p.add_argument("--symmetric", action="store_true", help="no zero points (default: asymmetric)")
     p.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=0,
                    help="onnxruntime's accuracy_level (4: int8 activations inside the kernel)")
-    p.add_argument("--quant-method", choices=["rtn", "search"], default="rtn",
-                   help="round-to-nearest, or a per-block clipping search (weighted by --calibration)")
+    p.add_argument("--quant-method", choices=["rtn", "search", "gptq"], default="rtn",
+                   help="round-to-nearest; a per-block clipping search (weighted by --calibration); or GPTQ "
+                        "(error feedback through the calibration activations, needs --calibration)")
     p.add_argument("--calibration", default=None, metavar="FILE",
                    help="prompts, one per line (text or token ids), for --quant-method search")
     p.add_argument("--float-head", action="store_true", help="keep the LM head in float")
@@ -292,8 +296,10 @@ def options_from_args(args) -> Optional[QuantizeOptions]:
         if getattr(args, "calibration", None):
             raise ConfigError("--calibration needs --quantize int4|int8")
         return None
-    if args.calibration and args.quant_method != "search":
-        raise ConfigError("--calibration is used by --quant-method search only")
+    if args.calibration and args.quant_method == "rtn":
+        raise ConfigError("--calibration is used by --quant-method search or gptq, not rtn")
+    if args.quant_method == "gptq" and not args.calibration:
+        raise ConfigError("--quant-method gptq needs --calibration FILE")
     return QuantizeOptions(args.quantize, args.block_size, args.symmetric, args.accuracy_level,
                            args.quant_method, not args.float_head, args.calibration)
 
