@@ -188,7 +188,7 @@ def matmul_nbits_inputs(qw: Quantized) -> Tuple[np.ndarray, np.ndarray, Optional
 
 # ---------------------------------------------------------------- finding linear layers
 @dataclass
-class Linear:
+class LinearLayer:
     """A MatMul by a constant weight: the node, the [K, N] weight, an Add of a [N] bias, head or not."""
 
     matmul: Node
@@ -220,7 +220,7 @@ def _reaches_output(v: Value, outputs: set, depth: int = 2) -> bool:
                              for o in u.outputs)
 
 
-def find_linears(graph: Graph) -> List[Linear]:
+def find_linears(graph: Graph) -> List[LinearLayer]:
     """Every MatMul whose second input is a constant 2-D float weight and whose first is an activation."""
     outputs = {id(v) for v in graph.outputs}
     found = []
@@ -239,7 +239,7 @@ def find_linears(graph: Graph) -> List[Linear]:
             if other is not None and other.const is not None and other.const.shape == (w.shape[1],) \
                     and other.dtype is out.dtype:
                 bias_add, bias = add, other.const
-        found.append(Linear(node, w, bias_add, bias, _reaches_output(out, outputs)))
+        found.append(LinearLayer(node, w, bias_add, bias, _reaches_output(out, outputs)))
     return found
 
 
@@ -295,7 +295,7 @@ class QuantizeWeights(Pass):
         graph.remove_unused_constants()
         return {"quantized": done, "padded": padded, "refused": len(self.refused)}
 
-    def _refusal(self, lin: Linear) -> str:
+    def _refusal(self, lin: LinearLayer) -> str:
         K, N = lin.weight.shape
         if lin.is_head and not self.head:
             return "LM head kept in float (head=false)"
@@ -305,7 +305,7 @@ class QuantizeWeights(Pass):
             return f"activations are {lin.matmul.inputs[0].dtype.name}"
         return ""
 
-    def _rewrite(self, graph: Graph, lin: Linear, act_sq: Optional[np.ndarray], shared: Dict) -> None:
+    def _rewrite(self, graph: Graph, lin: LinearLayer, act_sq: Optional[np.ndarray], shared: Dict) -> None:
         node, x = lin.matmul, lin.matmul.inputs[0]
         dtype = x.dtype
         w_in = node.inputs[1]

@@ -417,3 +417,39 @@ def test_gptq_needs_calibration():
 
     with pytest.raises(PassError, match="method=gptq needs calibration prompts"):
         optimize(linear_graph(), pipeline="quantize-weights{method=gptq}")
+
+
+def test_half_precision_graph_gets_half_precision_scales():
+    from tgraph.api import build
+
+    g = build("llama", overrides("llama"), level=2, dtype="float16").graph
+    q, counts = quantized(g, "quantize-weights{bits=4,block-size=16}")
+    nodes = [n for n in q.nodes if n.op == "MatMulNBits"]
+    assert len(nodes) == counts["quantized"] > 0
+    assert all(n.inputs[2].dtype is DType.float16 and n.inputs[0].dtype is DType.float16 for n in nodes)
+    feeds = feeds_for(q)
+    ort, npy = run_onnx(q, feeds), run_numpy(q, feeds)
+    for name in ort:
+        assert rel_err(npy[name], ort[name]) <= 1e-2, name
+
+
+@pytest.mark.parametrize("method", ["search", "gptq"])
+def test_cli_calibrated_methods_read_an_ids_file(tmp_path, capsys, method):
+    from tgraph.cli import main
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("1 2 3 4 5 6 7 8\n9,10,11,12,13\n")
+    out = tmp_path / "g.onnx"
+    assert main(["export", "gpt2", "-o", str(out), "--set", "n_embd=64", "--set", "n_head=4", "--set", "n_layer=1",
+                 "--set", "vocab_size=96", "--quantize", "int4", "--quant-method", method,
+                 "--calibration", str(calib), "--report"]) == 0
+    assert f"int4 block 32 asymmetric {method}" in capsys.readouterr().out
+
+
+def test_calibration_text_without_tokenizer_is_refused(tmp_path):
+    from tgraph.quantize_report import read_calibration_ids
+
+    calib = tmp_path / "calib.txt"
+    calib.write_text("hello world\n")
+    with pytest.raises(ConfigError, match="line 1 is text, and the model has no tokenizer.json"):
+        read_calibration_ids(str(calib))

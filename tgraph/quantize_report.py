@@ -76,15 +76,24 @@ def read_calibration_ids(path: str, tokenizer=None, max_rows: int = 16, max_len:
 
 
 def _feeds(graph: Graph, ids: Sequence[int]) -> Dict[str, np.ndarray]:
-    """Inputs for one prompt: ids, ones for masks, zeros for token types, 0..T-1 positions."""
-    from .runtime.session import make_random_inputs
+    """Inputs for one prompt: the ids, ones for masks, zeros for token types and other integers,
+    0..T-1 positions, empty (past_seq = 0) or zero float inputs."""
+    from .runtime.session import resolve_dim
 
-    feeds = make_random_inputs(graph_model(graph), {"batch": 1, "seq": len(ids), "decoder_seq": len(ids),
-                                                    "past_seq": 0}, seed=0)
-    for name, value in feeds.items():
-        low = name.lower()
-        if low.endswith("ids") and not low.endswith("position_ids") and not low.endswith("token_type_ids"):
-            feeds[name] = np.asarray([ids], dtype=value.dtype)
+    sizes = {"batch": 1, "seq": len(ids), "decoder_seq": len(ids), "past_seq": 0}
+    feeds = {}
+    for v in graph.inputs:
+        shape = tuple(resolve_dim(d, sizes) for d in (v.shape or ()))
+        low = v.name.lower()
+        if low.endswith("position_ids"):
+            value = np.broadcast_to(np.arange(shape[-1]), shape)
+        elif low.endswith("ids") and not low.endswith("token_type_ids"):
+            value = np.asarray([ids]).reshape(shape)
+        elif low.endswith("mask"):
+            value = np.ones(shape)
+        else:
+            value = np.zeros(shape)
+        feeds[v.name] = np.ascontiguousarray(value).astype(v.dtype.numpy)
     return feeds
 
 
