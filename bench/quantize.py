@@ -2,7 +2,8 @@
 
 The LLaMA-150M-shaped checkpoint (hidden 768, 12 layers, 12 heads over 4 KV heads,
 intermediate 3072, vocab 32000; tgraph's random init, seed 0) is exported with the KV cache
-at -O2, once in float32 and once per quantization scheme. Each model runs in a plain
+at -O2, once in float32 and once per quantization scheme (``acc4``: accuracy_level 4, int8
+activations inside onnxruntime's kernel; ``fhead``: LM head kept in float). Each model runs in a plain
 onnxruntime CPU session (default graph optimizations, `--threads` intra-op threads) on one
 decode step: batch `--batch`, one new token after `--past` cached positions. Contenders
 alternate, one warm-up each; the table holds the median ms/step over `--repeats` rounds of
@@ -68,8 +69,12 @@ def llama(args):
     from tgraph.codegen.onnx import save_onnx
     from tgraph.quantize_report import QuantizeOptions, error_report, quantize_graph
 
-    schemes = [("float32", None), ("int8", QuantizeOptions("int8")), ("int4", QuantizeOptions("int4")),
-               ("int4 float head", QuantizeOptions("int4", head=False))]
+    schemes = [("float32", None), ("int4", QuantizeOptions("int4")),
+               ("int4 acc4", QuantizeOptions("int4", accuracy_level=4)),
+               ("int8 acc4", QuantizeOptions("int8", accuracy_level=4)),
+               ("int4 acc4 fhead", QuantizeOptions("int4", accuracy_level=4, head=False))]
+    if args.schemes:
+        schemes = [s for s in schemes if s[0] == "float32" or s[0] in args.schemes.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="tgraph-bench-q-"))
     paths, accuracy = {}, {}
     cached = build("llama", {**LLAMA_150M, "use_cache": "true"}, level=2).graph
@@ -164,6 +169,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--minilm", action="store_true", help="also the MiniLM accuracy table")
     ap.add_argument("--no-llama", action="store_true")
+    ap.add_argument("--schemes", default=None, help="comma-separated subset, e.g. int4,int4 acc4")
     args = ap.parse_args()
     if not args.no_llama:
         llama(args)

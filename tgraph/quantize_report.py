@@ -140,11 +140,13 @@ def quantize_graph(graph: Graph, options: QuantizeOptions, tokenizer=None):
 
 
 # ---------------------------------------------------------------- measuring
-def _session(graph_or_path):
+def _session(source):
+    """An onnxruntime CPU session of a Graph, a ModelProto or a file."""
     import onnxruntime as ort
 
-    model = graph_or_path if isinstance(graph_or_path, (str, os.PathLike)) else \
-        graph_model(graph_or_path).SerializeToString()
+    if isinstance(source, Graph):
+        source = graph_model(source)
+    model = source if isinstance(source, (str, os.PathLike)) else source.SerializeToString()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     return ort.InferenceSession(str(model) if isinstance(model, os.PathLike) else model, opts,
@@ -223,8 +225,9 @@ def error_report(reference: Graph, quantized: Graph, feeds: Optional[Dict[str, n
     from .runtime.session import make_random_inputs
 
     ref_model = graph_model(reference)
-    ref_sess = _session(reference)
-    q_sess = _session(quantized if quantized_path is None else Path(quantized_path))
+    ref_sess = _session(ref_model)
+    q_model = graph_model(quantized) if quantized_path is None else None
+    q_sess = _session(q_model if q_model is not None else Path(quantized_path))
     if feeds is None:
         feeds = make_random_inputs(ref_model, {"batch": REPORT_BATCH, "seq": REPORT_SEQ, "decoder_seq": REPORT_SEQ,
                                                "past_seq": 0}, seed=0, vocab_size=vocab_size)
@@ -237,10 +240,16 @@ def error_report(reference: Graph, quantized: Graph, feeds: Optional[Dict[str, n
         first = [int(np.argmin(row)) if not row.all() else greedy_tokens for row in same]
         report["greedy"] = {"tokens": greedy_tokens, "agreement": float(same.mean()),
                             "first_divergence": first}
-    q_bytes = os.path.getsize(quantized_path) if quantized_path else graph_model(quantized).ByteSize()
+    q_bytes = _file_bytes(quantized_path) if quantized_path else q_model.ByteSize()
     report["file_bytes"] = {"float": ref_model.ByteSize(), "quantized": q_bytes,
                             "ratio": q_bytes / max(ref_model.ByteSize(), 1)}
     return report
+
+
+def _file_bytes(path: str) -> int:
+    """The model file plus its external data file (OUT.onnx.data), if it has one."""
+    data = Path(str(path) + ".data")
+    return os.path.getsize(path) + (data.stat().st_size if data.is_file() else 0)
 
 
 def report_dict(options: QuantizeOptions, result, error: Optional[Dict] = None) -> Dict:
