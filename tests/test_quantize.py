@@ -453,3 +453,16 @@ def test_calibration_text_without_tokenizer_is_refused(tmp_path):
     calib.write_text("hello world\n")
     with pytest.raises(ConfigError, match="line 1 is text, and the model has no tokenizer.json"):
         read_calibration_ids(str(calib))
+
+
+def test_cli_codegen_numpy_runs_a_quantized_model(tmp_path, capsys):
+    from tgraph.cli import main
+    from tgraph.codegen.numpy import load_numpy_module
+
+    out = tmp_path / "m.py"
+    assert main(["codegen", "numpy", "gpt2", "-o", str(out), "--set", "n_embd=32", "--set", "n_head=2",
+                 "--set", "n_layer=1", "--set", "vocab_size=50", "--quantize", "int4", "--block-size", "16"]) == 0
+    assert "MatMuls as int4" in capsys.readouterr().out
+    module = load_numpy_module(out)
+    logits = module.run({"input_ids": np.array([[1, 2, 3]]), "attention_mask": np.ones((1, 3), np.int64)})["logits"]
+    assert logits.shape == (1, 3, 50) and np.isfinite(logits).all()

@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("codegen", help="generate code for a backend")
     p.add_argument("backend", choices=["numpy"])
     _add_model_options(p)
+    add_quantize_options(p)
 
     p = sub.add_parser("run", help="run a model or an .onnx file on random (or given) inputs")
     _add_model_options(p, output=False)
@@ -149,6 +150,10 @@ def cmd_codegen(args) -> int:
     out = Path(args.output)
     if out.suffix != ".py":
         raise ConfigError(f"output file must end in .py: {out}")
+    from .quantize_report import cmd_codegen_quantized, options_from_args
+
+    if options_from_args(args) is not None:
+        return cmd_codegen_quantized(args, _parse_sets(args.sets), _level(args))
     built = export_numpy(args.model, out, overrides=_parse_sets(args.sets), seed=args.seed, level=_level(args),
                          dtype=args.dtype)
     print(f"wrote {out} and {out.with_suffix('.npz')} ({len(built.graph.nodes)} nodes)")

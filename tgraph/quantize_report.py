@@ -365,3 +365,19 @@ def cmd_export_quantized(args, overrides: Mapping[str, str], level: int) -> int:
     print_quantize_report(options, reference, built.graph, result, args.output, args.report,
                           vocab_size=built.model.vocab_size)
     return 0
+
+
+def cmd_codegen_quantized(args, overrides: Mapping[str, str], level: int) -> int:
+    """`tgraph codegen numpy MODEL --quantize ...`: the NumPy module dequantizes with the op's kernel."""
+    from .api import build
+    from .codegen.numpy import write_numpy_module
+    from .tokens import find_tokenizer
+
+    options = options_from_args(args)
+    built = build(args.model, overrides, seed=args.seed, level=level, dtype=args.dtype)
+    result = quantize_graph(built.graph, options, find_tokenizer(args.model) if options.calibration else None)
+    out = write_numpy_module(built.graph, args.output)
+    counts = result.counts().get("quantize-weights", {})
+    print(f"wrote {out} and {Path(out).with_suffix('.npz')} ({len(built.graph.nodes)} nodes, "
+          f"{counts.get('quantized', 0)} MatMuls as {options.kind})")
+    return 0
