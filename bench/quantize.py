@@ -130,7 +130,8 @@ def minilm():
     g = build(path, level=2).graph
     print(f"all-MiniLM-L6-v2, {len(SENTENCES)} sentences, load average {os.getloadavg()}")
     print(f"{'scheme':<34} {'pooled cos':>10} {'min':>8} {'size':>6} {'seconds':>8}")
-    runs = [("int8 rtn", QuantizeOptions("int8")), ("int4 rtn", QuantizeOptions("int4")),
+    runs = [("int8 rtn", QuantizeOptions("int8")), ("int8 rtn acc4", QuantizeOptions("int8", accuracy_level=4)),
+            ("int4 rtn", QuantizeOptions("int4")), ("int4 rtn acc4", QuantizeOptions("int4", accuracy_level=4)),
             ("int4 rtn symmetric", QuantizeOptions("int4", symmetric=True)),
             ("int4 search", QuantizeOptions("int4", method="search")),
             ("int4 search + calibration", QuantizeOptions("int4", method="search", calibration=str(calib)))]

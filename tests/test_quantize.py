@@ -377,7 +377,10 @@ def test_cli_optimize_quantizes_a_foreign_onnx(tmp_path, capsys):
     out = tmp_path / "out.onnx"
     assert main(["optimize", str(src), "-o", str(out), "--quantize", "int4"]) == 0
     assert "quantized 1 MatMuls to int4" in capsys.readouterr().out
-    assert [n.op_type for n in onnx.load(out).graph.node] == ["MatMulNBits"]
+    (node,) = onnx.load(out).graph.node
+    assert node.op_type == "MatMulNBits"
+    attrs = {a.name: a.i for a in node.attribute}
+    assert attrs == {"K": 64, "N": 32, "bits": 4, "block_size": 32, "accuracy_level": 4}   # the CLI's default
 
 
 @pytest.mark.parametrize("argv,message", [
