@@ -16,6 +16,8 @@ from . import fuse_elementwise, fuse_rotary, fuse_attention  # noqa: E402,F401
 from . import ort_fusions  # noqa: E402,F401
 # Precision conversion (to-fp16, to-bf16): in no -O level; run it by name or via api.build(dtype=...).
 from . import precision  # noqa: E402,F401
+# Weight-only quantization (quantize-weights, MatMulNBits): in no -O level; run by name or via --quantize.
+from . import quantize  # noqa: E402,F401
 
 __all__ = ["DEFAULT_LEVEL", "LEVELS", "LEVEL_PASSES", "PASSES", "Pass", "PassError", "PassManager", "PassRecord",
            "PipelineResult", "describe_passes", "format_pipeline", "get_pass", "level_pipeline", "optimize", "parse_pipeline",

@@ -36,6 +36,13 @@ def param(array):
     return ("param", np.asarray(array))
 
 
+def _nbits(K, N, bits, block):
+    """B, scales and zero points of a random [K, N] weight, as MatMulNBits stores them."""
+    from tgraph.passes.quantize import matmul_nbits_inputs, quantize_weight
+
+    return matmul_nbits_inputs(quantize_weight(f32(K, N), bits, block))
+
+
 # (case id, op, inputs, attrs); inputs: In(array) = graph input, param(array), or a plain constant array.
 CASES = [
     ("add", "Add", [In(f32(2, 3, 4)), In(f32(4))], {}),
@@ -142,6 +149,8 @@ CASES = [
      [In(f32(2, 1, 64)), In(f32(2, 1, 32)), In(f32(2, 1, 32)), In(f32(2, 2, 5, 16)), In(f32(2, 2, 5, 16)),
       In(np.array([4, 4], np.int32)), In(np.array(5, np.int32)), f32(8, 8), f32(8, 8)],
      {"num_heads": 4, "kv_num_heads": 2, "do_rotary": 1}),
+    ("matmul_nbits_int4", "com.microsoft.MatMulNBits",
+     [In(f32(2, 3, 48))] + [param(a) for a in _nbits(48, 8, 4, 32)], {"K": 48, "N": 8, "bits": 4, "block_size": 32}),
 ]
 
 

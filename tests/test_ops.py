@@ -64,6 +64,13 @@ SLICE_REF_BUG = "onnx.reference Slice does not clamp a negative-step start to [0
 
 ALL_OPSETS = (17, 18, DEFAULT_OPSET, 25)   # where the lowering depends on the opset
 
+
+def nbits(K, N, bits, block, symmetric=False):
+    """(B, scales, zero_points or None, bias) of a random [K, N] weight, as MatMulNBits stores them."""
+    from tgraph.passes.quantize import matmul_nbits_inputs, quantize_weight
+
+    return (*matmul_nbits_inputs(quantize_weight(f32(K, N), bits, block, symmetric)), f32(N))
+
 CASES = [
     C("Add", f32(2, 3), f32(3), name="broadcast"),
     C("Add", i64(1, -2, 3), i64(4, 5, -6), name="int64"),
@@ -209,6 +216,10 @@ CASES = [
     C("com.microsoft.GroupQueryAttention", f32(2, 1, 64), f32(2, 1, 32), f32(2, 1, 32), f32(2, 2, 5, 16),
       f32(2, 2, 5, 16), np.array([4, 4], np.int32), scalar(5, np.int32), f32(8, 8), f32(8, 8), const=(7, 8),
       num_heads=4, kv_num_heads=2, do_rotary=1, name="decode-rotary"),
+    C("com.microsoft.MatMulNBits", f32(2, 3, 40), *nbits(40, 6, 4, 16)[:3], const=(1, 2, 3), K=40, N=6, bits=4,
+      block_size=16, tol=1e-4, name="int4-padded-zero-points"),
+    C("com.microsoft.MatMulNBits", f32(3, 64), *nbits(64, 5, 8, 32, symmetric=True)[:2], None, None,
+      nbits(64, 5, 8, 32)[3], const=(1, 2, 5), K=64, N=5, bits=8, block_size=32, tol=1e-4, name="int8-symmetric-bias"),
     C("tgraph.CausalMask", f32(4, 4), name="square"),
     C("tgraph.CausalMask", f32(2, 3, 2, 5), name="past"),
     C("tgraph.CausalMask", f32(1, 2, 5, 3), name="more-queries-than-keys"),

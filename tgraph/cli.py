@@ -86,6 +86,8 @@ def _add_model_options(p: argparse.ArgumentParser, output: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .quantize_report import add_quantize_options
+
     parser = argparse.ArgumentParser(prog="tgraph", description="Build, optimise and export Transformer graphs.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,10 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generate: write a generation directory (-o DIR; see tgraph.export_dir)")
     p.add_argument("--max-length", type=int, default=None, help="--task generate: KV-cache capacity in positions")
     p.add_argument("--target", choices=["cpu", "cuda"], default="cpu", help="--task generate: the provider to tune for")
+    add_quantize_options(p)
 
     p = sub.add_parser("codegen", help="generate code for a backend")
     p.add_argument("backend", choices=["numpy"])
     _add_model_options(p)
+    add_quantize_options(p)
 
     p = sub.add_parser("run", help="run a model or an .onnx file on random (or given) inputs")
     _add_model_options(p, output=False)
@@ -122,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline", default=None, help="explicit pass pipeline, e.g. dce,fuse-attention")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset to write (default 23)")
     p.add_argument("--report", action="store_true", help="what each pass did, and why rules did not fire")
+    add_quantize_options(p)
 
     p = sub.add_parser("inspect", help="inputs, outputs, op histogram, parameter count")
     _add_model_options(p, output=False)
@@ -148,6 +153,10 @@ def cmd_export(args) -> int:
     out = Path(args.output)
     if out.suffix != ".onnx":
         raise ConfigError(f"output file must end in .onnx: {out}")
+    from .quantize_report import cmd_export_quantized, options_from_args
+
+    if options_from_args(args) is not None:         # also checks the quantization flags
+        return cmd_export_quantized(args, _parse_sets(args.sets), _level(args))
     start = time.perf_counter()
     report = export_onnx(args.model, out, overrides=_parse_sets(args.sets), seed=args.seed, level=_level(args),
                          opset=args.opset, external_data=True if args.external_data else None,
@@ -190,6 +199,10 @@ def cmd_codegen(args) -> int:
     out = Path(args.output)
     if out.suffix != ".py":
         raise ConfigError(f"output file must end in .py: {out}")
+    from .quantize_report import cmd_codegen_quantized, options_from_args
+
+    if options_from_args(args) is not None:
+        return cmd_codegen_quantized(args, _parse_sets(args.sets), _level(args))
     built = export_numpy(args.model, out, overrides=_parse_sets(args.sets), seed=args.seed, level=_level(args),
                          dtype=args.dtype)
     print(f"wrote {out} and {out.with_suffix('.npz')} ({len(built.graph.nodes)} nodes)")
@@ -380,12 +393,19 @@ def cmd_optimize(args) -> int:
     start = time.perf_counter()
     graph = import_onnx(args.input)
     before = len(graph.nodes)
+    from .quantize_report import options_from_args, print_quantize_report, quantize_for_cli
+
+    quantize = options_from_args(args)
     result = optimize(graph, level=args.level, pipeline=args.pipeline)
+    if quantize is not None:
+        reference, qresult = quantize_for_cli(graph, quantize)
     # an older model is written at the default opset; a newer one keeps its own (never rewritten as older)
     opset = args.opset if args.opset is not None else max(DEFAULT_OPSET, graph.meta.get("onnx_opset", 0))
     save_onnx(graph, out, opset=opset)
     took = time.perf_counter() - start
     print(f"wrote {out} ({before} -> {len(graph.nodes)} nodes, {took:.2f}s)")
+    if quantize is not None:
+        print_quantize_report(quantize, reference, graph, qresult, out, args.report)
     if args.report:
         print(result)
         fired = result.summary()

@@ -253,4 +253,6 @@ EMITTERS: Dict[str, Callable[[EmitContext], str]] = {
     "com.microsoft.SkipLayerNormalization": Call(contrib.skip_layer_normalization),
     "com.microsoft.SkipSimplifiedLayerNormalization": Call(contrib.skip_simplified_layer_normalization),
     "com.microsoft.GroupQueryAttention": Call(contrib.group_query_attention),
+    # weight-only quantization (passes/quantize.py): dequantize, then MatMul
+    "com.microsoft.MatMulNBits": Call(contrib.matmul_nbits),
 }

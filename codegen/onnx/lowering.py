@@ -301,3 +301,14 @@ def lower_group_query_attention(ctx: LoweringContext, node: Node) -> None:
     """onnxruntime's contrib op, inputs and attributes as they are (`tgraph.ir.contrib`)."""
     ctx.use_domain("com.microsoft", 1)
     ctx.emit(node.op, names(node.inputs), names(node.outputs), domain="com.microsoft", **node.attrs)
+
+
+@lowering("com.microsoft.MatMulNBits")
+def lower_matmul_nbits(ctx: LoweringContext, node: Node) -> None:
+    """Written as it is; absent optional inputs before `bias` (zero_points, g_idx) become ""."""
+    ctx.use_domain("com.microsoft", 1)
+    ins = names(node.inputs)
+    while ins and ins[-1] is None:
+        ins.pop()
+    attrs = {k: int(v) for k, v in node.attrs.items()}
+    ctx.emit(node.op, ins, names(node.outputs), domain="com.microsoft", **attrs)
