@@ -35,3 +35,7 @@ class RuntimeBackendError(TgraphError):
 
 class InputError(TgraphError):
     """Inputs given to a model do not match its signature (names, dtype, rank, dims)."""
+
+
+class ResourceError(TgraphError):
+    """Not enough memory or disk for the step asked for (said up front, or caught as it happens)."""
