@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
@@ -137,12 +136,13 @@ def _write_array(f, array: ArrayLike) -> None:
 def _check_disk(f, nbytes: int) -> None:
     """A one-line error before writing `nbytes` to a disk that lacks them."""
     try:
-        free = shutil.disk_usage(os.path.dirname(os.path.abspath(f.name))).free
-    except (OSError, TypeError):
+        st = os.fstatvfs(f.fileno())
+    except (OSError, AttributeError):
         return
+    free = st.f_bavail * st.f_frsize
     if nbytes > free:
-        raise ResourceError(f"not enough disk space for {nbytes / 2**20:,.0f} MiB of weights next to "
-                            f"{Path(f.name).name} ({free / 2**20:,.0f} MiB free)")
+        raise ResourceError(f"not enough disk space for {nbytes / 2**20:,.1f} MiB of weights "
+                            f"({free / 2**20:,.1f} MiB free)")
 
 
 def _write_deferred(f, deferred: List[Tuple[str, ArrayLike]]) -> int:

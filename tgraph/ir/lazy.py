@@ -200,9 +200,10 @@ class LazyTensor:
                              f"expected {self.dtype}{list(self.shape)}")
         return _produced(self, array)
 
-    def blocks(self, max_bytes: int = BLOCK_BYTES) -> Iterator[np.ndarray]:
+    def blocks(self, max_bytes: Optional[int] = None) -> Iterator[np.ndarray]:
         """The contents in C order as contiguous arrays of whole rows of about `max_bytes`
-        (the whole tensor at once where its expression cannot be split)."""
+        (default `BLOCK_BYTES`; the whole tensor at once where its expression cannot be split)."""
+        max_bytes = BLOCK_BYTES if max_bytes is None else max_bytes
         row_bytes = self.nbytes // self.shape[0] if self.shape and self.shape[0] else self.nbytes
         if not self._streamable() or self.ndim == 0 or self.nbytes <= max_bytes:
             yield self.materialize()
