@@ -156,3 +156,48 @@ def test_models_over_the_protobuf_limit_are_refused_not_serialised(tmp_path):
     with pytest.raises(ExportError, match="over protobuf's 2 GiB limit"):
         save_onnx(g, tmp_path / "m.onnx", external_data=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def _rewrite_header(src, dst, edit=None, cut=0):
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    path = dst / "model.safetensors"
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header, body = json.loads(raw[8:8 + n]), raw[8 + n:]
+    if edit is not None:
+        edit(header)
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + (body[:len(body) - cut] if cut else body))
+
+
+def _move_last_to_start(header):
+    last = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+    begin, end = header[last]["data_offsets"]
+    header[last]["data_offsets"] = [0, end - begin]
+
+
+def _first(header):
+    return next(k for k in header if k != "__metadata__")
+
+
+@pytest.mark.parametrize("case,edit,cut,expect", [
+    ("truncated", None, 10, "but the file has"),
+    ("overlap", lambda h: _move_last_to_start(h), 0, "tensor data overlaps"),
+    ("dtype", lambda h: h[_first(h)].__setitem__("dtype", "Q7"), 0, "unsupported dtype 'Q7'"),
+    ("shape", lambda h: h[_first(h)].__setitem__("shape", [3, "x"]), 0, "malformed shape"),
+    ("offsets", lambda h: h[_first(h)].__setitem__("data_offsets", [0, 4]), 0, "do not hold"),
+])
+def test_corrupt_safetensors_header_is_one_line_error(checkpoints, tmp_path, capsys, case, edit, cut, expect):
+    """The header is read by tgraph itself now (only the header: no mapping of the whole file),
+    so it checks what the safetensors library checked: dtypes, shapes, offsets covering the data."""
+    bad = tmp_path / case
+    _rewrite_header(__import__("pathlib").Path(checkpoints["llama"]), bad, edit, cut)
+    code = cli.main(["export", str(bad), "-o", str(tmp_path / "m.onnx")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "model.safetensors: cannot read safetensors file" in err, err
+    if expect:
+        assert expect in err
+    assert not (tmp_path / "m.onnx").exists()

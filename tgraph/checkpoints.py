@@ -178,12 +178,9 @@ class SafetensorsWeights:
 
     @staticmethod
     def _keys(path: Path) -> List[str]:
-        from safetensors import SafetensorError, safe_open
-
         try:
-            with safe_open(str(path), framework="numpy") as f:
-                return list(f.keys())
-        except (SafetensorError, OSError, ValueError) as e:
+            return list(_MappedSafetensors(path).entries)
+        except (OSError, ValueError) as e:
             raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
 
     def names(self) -> List[str]:
@@ -227,7 +224,9 @@ def _numpy_dtype(name: str) -> np.dtype:
 
 class _MappedSafetensors:
     """One safetensors file's header: an 8-byte little-endian header length, a JSON header
-    {name: {dtype, shape, data_offsets}}, then the raw bytes. `tensor` is a lazy, memory-mapped view."""
+    {name: {dtype, shape, data_offsets}}, then the raw bytes, which the tensors must cover
+    exactly (checked as the safetensors library does). Only the header is read; `tensor` is a
+    lazy, memory-mapped view, so no address space is taken for the whole file."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -242,23 +241,39 @@ class _MappedSafetensors:
             header = json.loads(f.read(n))
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
-        self.header, self.data_start, self.size = header, 8 + n, size
+        self.data_start = 8 + n
+        self.entries: Dict[str, Tuple[np.dtype, List[int], int, int]] = {}
+        for name, entry in header.items():
+            if name != "__metadata__":
+                self.entries[name] = self._entry(name, entry)
+        end = 0
+        for _, _, begin, stop in sorted(self.entries.values(), key=lambda e: (e[2], e[3])):
+            if begin != end:
+                raise ValueError(f"tensor data {'overlaps' if begin < end else 'has a gap'} at byte {end}")
+            end = stop
+        if self.data_start + end != size:
+            raise ValueError(f"the tensors end at byte {self.data_start + end} but the file has {size} bytes")
+
+    @staticmethod
+    def _entry(name: str, entry) -> Tuple[np.dtype, List[int], int, int]:
+        if not isinstance(entry, dict):
+            raise ValueError(f"tensor {name!r}: header entry is not an object")
+        dtype = _numpy_dtype(entry.get("dtype"))
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
+                and isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+            raise ValueError(f"tensor {name!r}: malformed shape or data_offsets")
+        begin, end = offsets
+        if not 0 <= begin <= end or end - begin != int(np.prod(shape, dtype=object)) * dtype.itemsize:
+            raise ValueError(f"tensor {name!r}: data_offsets {offsets} do not hold {entry.get('dtype')}{shape}")
+        return dtype, shape, begin, end
 
     def tensor(self, name: str):
         from .ir.lazy import MappedRegion
 
-        entry = self.header.get(name)
-        if not isinstance(entry, dict):
+        if name not in self.entries:
             raise ValueError("not in the header")
-        dtype = _numpy_dtype(entry.get("dtype"))
-        shape, offsets = entry.get("shape"), entry.get("data_offsets")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
-                and isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-            raise ValueError("malformed shape or data_offsets")
-        begin, end = offsets
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if not 0 <= begin <= end or end - begin != nbytes or self.data_start + end > self.size:
-            raise ValueError(f"data_offsets {offsets} do not hold {entry.get('dtype')}{shape} inside the file")
+        dtype, shape, begin, _ = self.entries[name]
         return MappedRegion(self.path, self.data_start + begin, shape, dtype, label=f"{self.path.name}:{name}")
 
 
