@@ -29,10 +29,9 @@ def _producer(v: Optional[Value], op: str) -> Optional[Node]:
 
 
 def _scalar_const(v: Optional[Value]) -> Optional[float]:
-    if v is None or v.const is None or v.const.size == 0:
+    if v is None or v.const is None or v.const.size != 1:     # (a weight is never read to find out)
         return None
-    flat = np.asarray(v.const, np.float64).reshape(-1)
-    return float(flat[0]) if np.all(flat == flat[0]) and (v.const.size == 1 or v.const.ndim == 0) else None
+    return float(np.asarray(v.const, np.float64).reshape(-1)[0])
 
 
 def _swap_last_perm(rank: int) -> List[int]:

@@ -30,6 +30,7 @@ import numpy as np
 
 from tgraph.ir import Builder, Graph, Node, Value
 from tgraph.ir.contrib import DOMAIN
+from tgraph.ir.lazy import concatenate
 
 from .base import Pass, register_pass
 from .pattern import NearMiss
@@ -221,11 +222,11 @@ class FusePackedQKV(Pass):
             b.insert_before = group[0]
             scope = group[0].meta.get("scope", "")
             b.scope = scope.rsplit(".", 1)[0].split(".") if scope else []
-            w = _packed_constant(graph, [p[0] for p in projs], np.concatenate(weights, axis=1), "weight")
+            w = _packed_constant(graph, [p[0] for p in projs], concatenate(weights, axis=1), "weight")
             y = b.op("MatMul", x, w)
             with_bias = all(p[1] is not None for p in projs)
             if with_bias:
-                bias = np.concatenate([p[2].const for p in projs])
+                bias = concatenate([p[2].const for p in projs])
                 y = b.op("Add", y, _packed_constant(graph, [p[2] for p in projs], bias, "bias"))
             sizes = [int(w_.shape[1]) for w_ in weights]
             parts = b.op("Split", y, axis=y.type.rank - 1, split=sizes)

@@ -53,6 +53,7 @@ from tgraph.errors import ConfigError
 from tgraph.ir import DType, Graph, TensorType
 from tgraph.ir.core import Node, Value
 from tgraph.numerics import clamp_summary, warn
+from tgraph.ir.lazy import is_lazy
 
 from .base import Pass, register_pass
 
@@ -86,7 +87,10 @@ def target_dtype(name) -> DType:
 
 
 def convert_array(array: np.ndarray, dtype: DType) -> np.ndarray:
-    """`array` in `dtype`, finite values clipped to its finite range (inf and nan stay)."""
+    """`array` in `dtype`, finite values clipped to its finite range (inf and nan stay).
+    A lazy checkpoint weight stays lazy: converted block by block as it is written."""
+    if is_lazy(array):
+        return array.map(lambda block: convert_array(block, dtype), dtype.numpy, f"to {dtype.name}")
     info = _finfo(dtype)
     a = np.asarray(array)
     clipped = np.where(np.isfinite(a), np.clip(a, info.min, info.max), a)

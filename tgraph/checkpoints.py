@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -22,8 +23,11 @@ import numpy as np
 
 from .errors import CheckpointError, ConfigError
 from .weight_checks import NonFiniteWeights, check_weight_dtype
+from .ir.lazy import LazyTensor, contiguous, is_lazy
 
-# our parameter name -> (HF tensor names, transform(*arrays) -> array)
+# our parameter name -> (HF tensor names, transform(*arrays) -> array). The arrays are lazy
+# (`tgraph.ir.lazy`): a transform may slice, transpose and reshape them, and `contiguous`
+# stands for np.ascontiguousarray.
 WeightRule = Tuple[Tuple[str, ...], Callable[..., np.ndarray]]
 
 
@@ -33,7 +37,7 @@ def same(x: np.ndarray) -> np.ndarray:
 
 def transposed(x: np.ndarray) -> np.ndarray:
     """PyTorch Linear stores [out, in]; our Linear is [in, out]."""
-    return np.ascontiguousarray(x.T)
+    return contiguous(x.T)
 
 
 def rule(*hf_names: str, fn: Callable[..., np.ndarray] = same) -> WeightRule:
@@ -211,12 +215,9 @@ class SafetensorsWeights:
 
     @staticmethod
     def _keys(path: Path) -> List[str]:
-        from safetensors import SafetensorError, safe_open
-
         try:
-            with safe_open(str(path), framework="numpy") as f:
-                return list(f.keys())
-        except (SafetensorError, OSError, ValueError) as e:
+            return list(_MappedSafetensors(path).entries)
+        except (OSError, ValueError) as e:
             raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
 
     def names(self) -> List[str]:
@@ -225,18 +226,92 @@ class SafetensorsWeights:
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
-    def get(self, name: str) -> np.ndarray:
-        from safetensors import SafetensorError, safe_open
-
+    def get(self, name: str) -> "LazyTensor":
+        """The tensor as a lazy, memory-mapped view of its file: nothing is read until it is used."""
         path = self.files[name]
         if not path.is_file():
             raise CheckpointError(f"{path}: shard file is missing (listed for tensor {name!r})")
+        stored = self.original(name)
         try:
             if path not in self._handles:
-                self._handles[path] = safe_open(str(path), framework="numpy")
-            return self._handles[path].get_tensor(self.original(name))
-        except (SafetensorError, OSError, ValueError, TypeError) as e:
-            raise CheckpointError(f"{path}: cannot read tensor {self.original(name)!r} ({e})") from None
+                self._handles[path] = _MappedSafetensors(path)
+            return self._handles[path].tensor(stored)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: cannot read tensor {stored!r} ({e})") from None
+
+
+# safetensors dtype names -> NumPy (bfloat16 and float8 through ml_dtypes, as safetensors.numpy does)
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "I64": "int64", "I32": "int32",
+              "I16": "int16", "I8": "int8", "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8",
+              "BOOL": "bool", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def _numpy_dtype(name: str) -> np.dtype:
+    if name not in _ST_DTYPES:
+        raise ValueError(f"unsupported dtype {name!r}")
+    np_name = _ST_DTYPES[name]
+    if np_name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
+        import ml_dtypes
+
+        dtype = np.dtype(getattr(ml_dtypes, np_name))
+    else:
+        dtype = np.dtype(np_name)
+    return dtype if sys.byteorder == "little" else dtype.newbyteorder("<")     # the file is little-endian
+
+
+class _MappedSafetensors:
+    """One safetensors file's header: an 8-byte little-endian header length, a JSON header
+    {name: {dtype, shape, data_offsets}}, then the raw bytes, which the tensors must cover
+    exactly (checked as the safetensors library does). Only the header is read; `tensor` is a
+    lazy, memory-mapped view, so no address space is taken for the whole file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError("file shorter than its 8-byte header length")
+            n = int.from_bytes(head, "little")
+            if n > min(size - 8, 100 << 20):
+                raise ValueError(f"header length {n} exceeds the file")
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        self.data_start = 8 + n
+        self.entries: Dict[str, Tuple[np.dtype, List[int], int, int]] = {}
+        for name, entry in header.items():
+            if name != "__metadata__":
+                self.entries[name] = self._entry(name, entry)
+        end = 0
+        for _, _, begin, stop in sorted(self.entries.values(), key=lambda e: (e[2], e[3])):
+            if begin != end:
+                raise ValueError(f"tensor data {'overlaps' if begin < end else 'has a gap'} at byte {end}")
+            end = stop
+        if self.data_start + end != size:
+            raise ValueError(f"the tensors end at byte {self.data_start + end} but the file has {size} bytes")
+
+    @staticmethod
+    def _entry(name: str, entry) -> Tuple[np.dtype, List[int], int, int]:
+        if not isinstance(entry, dict):
+            raise ValueError(f"tensor {name!r}: header entry is not an object")
+        dtype = _numpy_dtype(entry.get("dtype"))
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
+                and isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+            raise ValueError(f"tensor {name!r}: malformed shape or data_offsets")
+        begin, end = offsets
+        if not 0 <= begin <= end or end - begin != int(np.prod(shape, dtype=object)) * dtype.itemsize:
+            raise ValueError(f"tensor {name!r}: data_offsets {offsets} do not hold {entry.get('dtype')}{shape}")
+        return dtype, shape, begin, end
+
+    def tensor(self, name: str):
+        from .ir.lazy import MappedRegion
+
+        if name not in self.entries:
+            raise ValueError("not in the header")
+        dtype, shape, begin, _ = self.entries[name]
+        return MappedRegion(self.path, self.data_start + begin, shape, dtype, label=f"{self.path.name}:{name}")
 
 
 def convert_weights(source: SafetensorsWeights, rules: Mapping[str, WeightRule], ignore: Sequence[str],
@@ -266,8 +341,9 @@ def convert_weights(source: SafetensorsWeights, rules: Mapping[str, WeightRule],
             check_weight_dtype(array, source.original(h), label)
             nonfinite.count(array, source.original(h))
         try:
-            out[ours] = np.asarray(fn(*arrays))
-        except ValueError as e:
+            converted = fn(*arrays)         # lazy: a view of the file plus transposes/slices, read at export
+            out[ours] = converted if is_lazy(converted) else np.asarray(converted)
+        except (ValueError, IndexError) as e:
             raise CheckpointError(f"{label}: tensor {source.original(hf_names[0])!r} has an unexpected shape "
                                   f"{tuple(arrays[0].shape)} for {ours} ({e})") from None
     nonfinite.warn(label)

@@ -42,3 +42,5 @@ class TgraphWarning(UserWarning):
 
     Raised through the `warnings` module; the CLI prints each as one line, `tgraph: warning: ...`.
     """
+class ResourceError(TgraphError):
+    """Not enough memory or disk for the step asked for (said up front, or caught as it happens)."""

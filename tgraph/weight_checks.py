@@ -14,6 +14,7 @@ from typing import Dict, Set, Tuple
 import numpy as np
 
 from .errors import CheckpointError, TgraphWarning
+from .ir.lazy import is_lazy
 
 SHOWN = 5          # tensors named in the NaN/inf warning; the rest are counted
 
@@ -36,10 +37,15 @@ class NonFiniteWeights:
         if array.dtype.kind != "f" or tensor in self.seen or not array.size:
             return
         self.seen.add(tensor)
-        if np.isfinite(np.sum(array, dtype=np.promote_types(array.dtype, np.float32))):   # no temporary array
+        wide = np.promote_types(array.dtype, np.float32)
+
+        def blocks():       # a lazy (memory-mapped) tensor block by block from the file: never copied whole
+            return array.blocks() if is_lazy(array) else iter([array])
+
+        if np.isfinite(sum(np.sum(b, dtype=wide) for b in blocks())):   # no temporary array
             return
-        nan = int(np.count_nonzero(np.isnan(array)))
-        inf = int(np.count_nonzero(np.isinf(array)))
+        nan = sum(int(np.count_nonzero(np.isnan(b))) for b in blocks())
+        inf = sum(int(np.count_nonzero(np.isinf(b))) for b in blocks())
         if nan or inf:                                    # (a finite tensor whose sum overflowed has neither)
             self.found[tensor] = (nan, inf)
 

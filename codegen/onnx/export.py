@@ -17,17 +17,17 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import onnx
 from onnx import ModelProto, TensorProto, helper
-from onnx.external_data_helper import set_external_data
 
 import tgraph
 from tgraph.atomic import write_files
-from tgraph.errors import ExportError
+from tgraph.errors import ExportError, ResourceError
 from tgraph.ir.core import Graph
+from tgraph.ir.lazy import ArrayLike, is_lazy, materialize
 from tgraph.ir.types import DType
 
 from .lowering import LoweringContext
@@ -58,13 +58,19 @@ def _check_opset(opset: int) -> None:
 
 def to_onnx(graph: Graph, opset: int = DEFAULT_OPSET, *, model_name: Optional[str] = None) -> ModelProto:
     """Lower every node by its rule; parameters and constants become initializers."""
+    inline = sum(v.const.nbytes for v in graph.constants.values())
+    if inline > PROTOBUF_LIMIT:            # protobuf cannot hold (or parse) more than 2 GiB in one message
+        raise ExportError(f"graph {graph.name}: {inline / 2**30:.2f} GiB of weights do not fit in one ONNX "
+                          "protobuf (2 GiB limit); save it with external data (save_onnx, tgraph export)")
     return _to_onnx(graph, opset, model_name)[0]
 
 
-def _to_onnx(graph: Graph, opset: int, model_name: Optional[str] = None, defer_bytes: Optional[int] = None
-             ) -> Tuple[ModelProto, List[Tuple[str, np.ndarray]]]:
-    """`to_onnx`; with `defer_bytes`, constants of at least that size are left out and returned
-    as (name, array) for `_write_deferred` to stream to the file after the model."""
+def _to_onnx(graph: Graph, opset: int, model_name: Optional[str] = None, defer_bytes: Optional[int] = None,
+             placeholders: bool = False) -> Tuple[ModelProto, List[Tuple[str, ArrayLike]]]:
+    """`to_onnx`; with `defer_bytes`, constants of at least that size are not copied into the model
+    but returned as (name, array) to be streamed to the file one by one (`_write_deferred` after
+    the model, or `_externalize` into the data file). With `placeholders` each keeps its place
+    among the initializers as a TensorProto without data, for `_externalize` to fill in."""
     _check_opset(opset)
     ctx = LoweringContext(opset, taken_names=(v.name for v in graph.values()))
     for node in graph.nodes:
@@ -87,13 +93,17 @@ def _to_onnx(graph: Graph, opset: int, model_name: Optional[str] = None, defer_b
     g = model.graph
     g.name = model_name or graph.name
     g.node.extend(ctx.nodes)
-    deferred: List[Tuple[str, np.ndarray]] = []
+    deferred: List[Tuple[str, ArrayLike]] = []
     for name, v in graph.constants.items():
         if defer_bytes is not None and v.const.nbytes >= defer_bytes and v.const.dtype.isbuiltin == 1 \
                 and v.const.dtype.kind in "fiub" and v.const.dtype.byteorder != ">":
             deferred.append((name, v.const))
+            if placeholders:
+                t = g.initializer.add()
+                t.name, t.data_type = name, DType.of(v.const.dtype).onnx
+                t.dims.extend(v.const.shape)
         else:
-            fill_tensor(g.initializer.add(), v.const, name)
+            fill_tensor(g.initializer.add(), materialize(v.const), name)
     g.initializer.extend(ctx.initializers)
     g.input.extend(value_info(v.name, v.type) for v in graph.inputs)
     g.output.extend(value_info(v.name, v.type) for v in graph.outputs)
@@ -114,24 +124,48 @@ def _varint(n: int) -> bytes:
 _GRAPH_TAG, _INITIALIZER_TAG, _RAW_DATA_TAG = b"\x3a", b"\x2a", b"\x4a"   # ModelProto.graph=7, .initializer=5, raw_data=9
 
 
-def _write_deferred(f, deferred: List[Tuple[str, np.ndarray]]) -> int:
+def _write_array(f, array: ArrayLike) -> None:
+    """An array's bytes in C order, from its own buffer (no `tobytes` copy); a lazy tensor is
+    computed block by block, so at most one block of it is in memory at a time."""
+    blocks = array.blocks() if is_lazy(array) else (np.ascontiguousarray(array),)
+    for block in blocks:
+        try:
+            f.write(memoryview(block.reshape(-1)).cast("B"))
+        finally:
+            del block
+
+
+def _check_disk(f, nbytes: int) -> None:
+    """A one-line error before writing `nbytes` to a disk that lacks them."""
+    try:
+        st = os.fstatvfs(f.fileno())
+    except (OSError, AttributeError):
+        return
+    free = st.f_bavail * st.f_frsize
+    if nbytes > free:
+        raise ResourceError(f"not enough disk space for {nbytes / 2**20:,.1f} MiB of weights "
+                            f"({free / 2**20:,.1f} MiB free)")
+
+
+def _write_deferred(f, deferred: List[Tuple[str, ArrayLike]]) -> int:
     """Append the deferred initializers as a second ``ModelProto.graph`` field holding only them.
 
     Protobuf parsers merge repeated occurrences of a message field (repeated fields
     concatenate), so the file reads as one model whose initializers are the inline ones
-    followed by these. Each array is written straight from its NumPy buffer: no
-    ``tobytes`` copy, no protobuf copy, no serialisation pass over the weights.
+    followed by these. Each array is written straight from its buffer (a lazy one block by
+    block): no ``tobytes`` copy, no protobuf copy, no serialisation pass over the weights.
     """
     pieces = []
     for name, array in deferred:
         meta = TensorProto(name=name, data_type=DType.of(array.dtype).onnx, dims=array.shape)
         head = meta.SerializeToString(deterministic=True) + _RAW_DATA_TAG + _varint(array.nbytes)
-        pieces.append((head, np.ascontiguousarray(array), len(head) + array.nbytes))
+        pieces.append((head, array, len(head) + array.nbytes))
     graph_len = sum(len(_INITIALIZER_TAG) + len(_varint(n)) + n for _, _, n in pieces)
+    _check_disk(f, graph_len)
     f.write(_GRAPH_TAG + _varint(graph_len))
     for head, array, n in pieces:
         f.write(_INITIALIZER_TAG + _varint(n) + head)
-        f.write(memoryview(array.reshape(-1)).cast("B"))
+        _write_array(f, array)
     return len(_GRAPH_TAG) + len(_varint(graph_len)) + graph_len
 
 
@@ -143,23 +177,48 @@ def _tensor_nbytes(t: TensorProto) -> int:
 
 
 def _externalize(model: ModelProto, f, location: str, size_threshold: int,
-                 moved: List[Tuple[TensorProto, Optional[bytes]]], keep: bool = True) -> None:
+                 moved: List[Tuple[TensorProto, Optional[bytes]]], keep: bool = True,
+                 pending: Optional[Dict[str, ArrayLike]] = None) -> None:
     """Move raw tensor data of at least `size_threshold` bytes into `f`, noting each move in `moved`
-    as it happens so a failure half-way can be undone (`keep=False`: a throwaway model, keep no copy)."""
+    as it happens so a failure half-way can be undone (`keep=False`: a throwaway model, keep no copy).
+    `pending` holds the arrays of data-less placeholders (`_to_onnx(placeholders=True)`): they are
+    written straight from the arrays, one at a time, and never enter protobuf."""
+    pending = pending or {}
+
+    def size(t: TensorProto) -> int:
+        if t.name in pending and not t.HasField("raw_data"):
+            return pending[t.name].nbytes
+        return len(t.raw_data) if t.HasField("raw_data") and len(t.raw_data) >= size_threshold else 0
+
+    _check_disk(f, sum(size(t) for t in model.graph.initializer))
     offset = 0
     for t in model.graph.initializer:
-        if not t.HasField("raw_data") or len(t.raw_data) < size_threshold:
+        array = pending.get(t.name) if not t.HasField("raw_data") else None
+        if array is None and (not t.HasField("raw_data") or len(t.raw_data) < size_threshold):
             continue
-        data = t.raw_data
-        if len(data) >= ALIGN_THRESHOLD and offset % ALIGNMENT:
+        data = t.raw_data if array is None else None
+        length = array.nbytes if array is not None else len(data)
+        if length >= ALIGN_THRESHOLD and offset % ALIGNMENT:
             pad = ALIGNMENT - offset % ALIGNMENT
             f.write(b"\0" * pad)
             offset += pad
-        f.write(data)
+        if array is not None:
+            _write_array(f, array)
+        else:
+            f.write(data)
         moved.append((t, data if keep else None))
-        set_external_data(t, location, offset=offset, length=len(data))
-        t.ClearField("raw_data")
-        offset += len(data)
+        _set_external(t, location, offset, length)
+        offset += length
+
+
+def _set_external(t: TensorProto, location: str, offset: int, length: int) -> None:
+    """What onnx's `set_external_data` writes (it insists on raw_data being there first)."""
+    t.ClearField("raw_data")
+    del t.external_data[:]
+    t.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", offset), ("length", length)):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, str(value)
 
 
 def _relocate(model: ModelProto, location: str) -> None:
@@ -200,12 +259,14 @@ def save_onnx(graph_or_model: Union[Graph, ModelProto], path: Union[str, os.Path
     """
     path = Path(path)
     owned = isinstance(graph_or_model, Graph)          # a model we built ourselves need not be restored
-    deferred: List[Tuple[str, np.ndarray]] = []
+    deferred: List[Tuple[str, ArrayLike]] = []
     if owned:
         total = sum(v.const.nbytes for v in graph_or_model.constants.values())
-        stream = not (total > AUTO_EXTERNAL_BYTES if external_data is None else bool(external_data)) \
-            and sys.byteorder == "little"
-        model, deferred = _to_onnx(graph_or_model, opset, None, STREAM_MIN_BYTES if stream else None)
+        to_data = total > AUTO_EXTERNAL_BYTES if external_data is None else bool(external_data)
+        # weights are streamed from their arrays to the file, never copied into protobuf: after
+        # the model (inline), or into the data file in initializer order (external)
+        defer = (size_threshold if to_data else STREAM_MIN_BYTES) if sys.byteorder == "little" else None
+        model, deferred = _to_onnx(graph_or_model, opset, None, defer, placeholders=to_data)
     elif isinstance(graph_or_model, ModelProto):
         model = graph_or_model
     else:
@@ -218,11 +279,13 @@ def save_onnx(graph_or_model: Union[Graph, ModelProto], path: Union[str, os.Path
     total = sum(v.const.nbytes for v in graph_or_model.constants.values()) if owned else \
         sum(_tensor_nbytes(t) for t in model.graph.initializer)
     external = total > AUTO_EXTERNAL_BYTES if external_data is None else bool(external_data)
+    after_model = [] if external else deferred     # external: the deferred arrays go to the data file
     path.parent.mkdir(parents=True, exist_ok=True)
     moved: List[Tuple[TensorProto, Optional[bytes]]] = []
 
     def write_data(f, location: str) -> None:
-        _externalize(model, f, location, size_threshold, moved, keep=not owned)
+        _externalize(model, f, location, size_threshold, moved, keep=not owned,
+                     pending=dict(deferred) if owned else None)
 
     def write_model(f, location: Optional[str]) -> None:
         if location is not None:
@@ -230,13 +293,13 @@ def save_onnx(graph_or_model: Union[Graph, ModelProto], path: Union[str, os.Path
         # ByteSize() serialises the whole model to count it: only pay for that near the limit
         inline = sum(_tensor_nbytes(t) for t in model.graph.initializer) if external else total
         near = inline > PROTOBUF_LIMIT // 2
-        size = model.ByteSize() + sum(a.nbytes + 64 for _, a in deferred) if near else 0
+        size = model.ByteSize() + sum(a.nbytes + 64 for _, a in after_model) if near else 0
         if size > PROTOBUF_LIMIT:
             raise ExportError(f"save_onnx: {path.name} would be {size} bytes, over protobuf's 2 GiB limit; "
                               "pass external_data=True")
         f.write(model.SerializeToString(deterministic=True))
-        if deferred:
-            _write_deferred(f, deferred)
+        if after_model:
+            _write_deferred(f, after_model)
 
     try:
         write_files(path, write_model, companion=path.with_name(path.name + ".data"),

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import CheckpointError, ShapeError, TgraphError
 from ..ir import DType, Graph, TensorType
+from ..ir.lazy import contiguous, is_lazy
 from .tensor import Tensor, TensorOps
 from .tracer import Tracer, current, init_rng
 
@@ -53,10 +54,11 @@ class Parameter(TensorOps):
         raise TgraphError(f"parameter {name}: unknown init {self.init!r}")
 
     def assign(self, array: np.ndarray, name: str = "parameter") -> None:
-        array = np.asarray(array)
+        """Checkpoint weights stay lazy (`tgraph.ir.lazy`): read when the model is written."""
+        array = array if is_lazy(array) else np.asarray(array)
         if tuple(array.shape) != self.shape_:
             raise CheckpointError(f"{name}: shape {tuple(array.shape)} does not match the model's {self.shape_}")
-        self.data = np.ascontiguousarray(array.astype(self.param_dtype.numpy, copy=False))
+        self.data = contiguous(array.astype(self.param_dtype.numpy, copy=False))
 
     def __repr__(self) -> str:
         return f"Parameter({list(self.shape_)}, {self.param_dtype.name})"

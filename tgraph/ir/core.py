@@ -3,7 +3,9 @@
 Design (after onnx-ir): a `Value` knows its producer and its uses; a `Node`'s inputs
 are an immutable tuple that only changes through methods that keep use lists right;
 `replace_all_uses_with` refuses to rewire graph outputs unless asked to. Constants and
-parameters are producer-less values carrying a NumPy array (`Value.const`).
+parameters are producer-less values carrying a NumPy array (`Value.const`), or for
+checkpoint weights a `LazyTensor` (`lazy.py`) with the same shape/dtype/nbytes that is
+read only when written; `np.asarray(v.const)` gives the numbers either way.
 
 Nodes are kept in a list in topological order. Builders append; passes insert with
 `insert_before`/`insert_after` and remove with `remove_node`.
@@ -15,6 +17,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 
+from .lazy import is_lazy
 from .names import NameAuthority
 from .types import TensorType
 
@@ -146,8 +149,9 @@ class Graph:
 
     def add_constant(self, array: np.ndarray, hint: str = "const", is_param: bool = False,
                      exact_name: bool = False) -> Value:
-        """A constant or parameter. Parameters keep their dotted path as their exact name."""
-        array = np.asarray(array)
+        """A constant or parameter. Parameters keep their dotted path as their exact name.
+        `array` may be a `LazyTensor` (a checkpoint weight not read yet)."""
+        array = array if is_lazy(array) else np.asarray(array)
         name = self.names.claim(hint) if exact_name else self.names.fresh(hint)
         v = Value(name, TensorType.of_array(array), const=array, is_param=is_param)
         self.constants[name] = v

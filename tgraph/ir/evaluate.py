@@ -13,6 +13,7 @@ import numpy as np
 
 from ..errors import ShapeError, TgraphError, VerifyError
 from .core import Graph, Node, Value
+from .lazy import materialize
 from .opdefs import get_op
 from .types import DType
 
@@ -76,7 +77,7 @@ def evaluate(graph: Graph, inputs: Mapping[str, Any], *, all_values: bool = Fals
         _check(v, array, bindings, f"input {v.name}", error=ShapeError)
         env[id(v)] = array
     for v in graph.constants.values():
-        env[id(v)] = v.const
+        env[id(v)] = materialize(v.const)       # checkpoint weights are lazy until used
     for node in graph.nodes:
         args = [None if v is None else env[id(v)] for v in node.inputs]
         for v, r in zip(node.outputs, run_node(node, args, bindings)):

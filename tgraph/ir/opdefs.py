@@ -189,10 +189,10 @@ def _ints(a) -> Optional[List[Dim]]:
         return None
     if isinstance(a, tuple):
         return list(a)
-    a = np.asarray(a)
+    a = a if hasattr(a, "dtype") else np.asarray(a)     # (a lazy weight is not read to learn it is not a shape)
     if a.dtype.kind not in "iu" or a.size > MAX_SHAPE_ELEMENTS:
         return None          # weights and float data are never shape contents
-    return [int(x) for x in a.reshape(-1)]
+    return [int(x) for x in np.asarray(a).reshape(-1)]
 
 
 def _static_ints(a) -> Optional[List[int]]:

@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 import numpy as np
 
 from ..checkpoints import WeightRule, hf_get, rule, transposed
+from ..ir.lazy import contiguous
 from ..dsl import ACTIVATIONS, Embedding, FeedForward, LayerNorm, LearnedPositions, Module, MultiHeadAttention
 from ..dsl.cache import positions as cache_positions
 from ..errors import ConfigError
@@ -54,7 +55,7 @@ def columns(i: int, n: int, width: int) -> Callable[[np.ndarray], np.ndarray]:
     def take(x: np.ndarray) -> np.ndarray:
         if x.shape[-1] != n * width:
             raise ValueError(f"expected last dim {n * width} = {n} x {width}")
-        return np.ascontiguousarray(x[..., i * width:(i + 1) * width])
+        return contiguous(x[..., i * width:(i + 1) * width])
     return take
 
 

@@ -23,6 +23,7 @@ from ..dsl import (ACTIVATIONS, Embedding, FeedForward, LayerNorm, Linear, Modul
                    MultiHeadAttention)
 from ..dsl.rotary import RotaryEmbedding
 from ..errors import ConfigError
+from ..ir.lazy import contiguous
 from .hf_options import activation_from_hf, rope_from_hf
 from .decoding import (check_cache_options, decoder_input_specs, decoder_state, last_tokens, lm_logits, rotary_for,
                        token_positions)
@@ -181,7 +182,7 @@ def _qkv_part(part: int, heads: int):
             raise ValueError(f"fused dim {x.shape[0]} is not 3 x {heads} heads")
         y = x.reshape(heads, 3, x.shape[0] // (3 * heads), *rest)[:, part]   # (3*H*D, ...) -> (H, D, ...)
         y = y.reshape(-1, *rest)                                           # (H*D, ...)
-        return np.ascontiguousarray(y.T) if y.ndim == 2 else np.ascontiguousarray(y)
+        return contiguous(y.T) if y.ndim == 2 else contiguous(y)
     return take
 
 
