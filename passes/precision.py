@@ -53,7 +53,7 @@ from tgraph.errors import ConfigError
 from tgraph.ir import DType, Graph, TensorType
 from tgraph.ir.core import Node, Value
 from tgraph.numerics import clamp_summary, warn
-from tgraph.ir.lazy import is_lazy
+from tgraph.ir.lazy import fold_blocks, is_lazy
 
 from .base import Pass, register_pass
 
@@ -100,8 +100,7 @@ def convert_array(array: np.ndarray, dtype: DType) -> np.ndarray:
 def out_of_range(array: np.ndarray, dtype: DType) -> int:
     """How many finite values of `array` lie beyond `dtype`'s finite range (and would be clipped)."""
     info = _finfo(dtype)
-    a = np.asarray(array)
-    return int(np.count_nonzero(np.isfinite(a) & ((a > info.max) | (a < info.min))))
+    return fold_blocks(array, lambda a: int(np.count_nonzero(np.isfinite(a) & ((a > info.max) | (a < info.min)))))
 
 
 def _finfo(dtype: DType):

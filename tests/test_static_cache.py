@@ -122,3 +122,21 @@ def test_generated_numpy_module_runs_the_static_graph(tmp_path):
     want = Session(to_onnx(g), providers="cpu").run({"input_ids": ids, "attention_mask": mask, **past})
     np.testing.assert_allclose(got["logits"], want["logits"], rtol=1e-4, atol=1e-4)
     assert got["present.1.key"].shape == past["past_key_values.1.key"].shape
+
+
+def test_auto_cache_falls_back_to_dynamic_where_the_static_kernel_cannot_run():
+    """Head size 4 is not a multiple of 8 (GroupQueryAttention's kernels): "auto" says why and
+    generates with the Concat cache; asking for the static cache explicitly is a one-line error."""
+    from tgraph.errors import ShapeError
+    from tgraph.generate import Generator
+
+    small = {"n_embd": "16", "n_head": "4", "n_layer": "1", "n_positions": "32", "vocab_size": "40"}
+    auto = Generator("gpt2", overrides=small, provider="cpu")
+    assert not auto.static and "GroupQueryAttention" in auto.cache_note
+    dynamic = Generator("gpt2", overrides=small, provider="cpu", kv_cache="dynamic")
+    prompts = [[1, 2, 3]]
+    assert auto.generate(prompts, max_new_tokens=4).ids == dynamic.generate(prompts, max_new_tokens=4).ids
+    with pytest.raises(ShapeError, match="head size 4 must be a multiple of 8"):
+        Generator("gpt2", overrides=small, provider="cpu", kv_cache="static")
+    wide = Generator("gpt2", overrides={**small, "n_head": "2"}, provider="cpu")     # head size 8
+    assert wide.static and wide.cache_note is None

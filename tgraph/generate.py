@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, U
 
 import numpy as np
 
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, ShapeError
 from .numerics import warn_nonfinite
 from .sampling import SamplingConfig, next_tokens
 from .tokens import (UNSET, SpecialTokens, TextTokenizer, check_ids, checkpoint_special_ids, find_tokenizer,
@@ -95,7 +95,8 @@ class Generator:
     come from the checkpoint's configs (see `tgraph.tokens.resolve_special_tokens`);
     `bos_token_id`, when given, is prepended to decoder-only prompts and starts an
     encoder-decoder's output. `tokenizer`: a tokenizer.json path (default: the checkpoint's).
-    `kv_cache`: "static" (default where the family has it) or "dynamic"; `max_length`: the
+    `kv_cache`: "auto" (the default: static where the family and the model's shapes allow it,
+    else dynamic, saying why in `cache_note`), "static" or "dynamic"; `max_length`: the
     static cache's capacity in positions (default: the model's, capped at 4096).
     """
 
@@ -103,7 +104,7 @@ class Generator:
                  provider: Union[str, Sequence[str]] = "auto", threads: Optional[int] = None, seed: int = 0,
                  dtype: str = "float32", tokenizer: Any = UNSET, eos_token_id: Any = UNSET,
                  pad_token_id: Any = UNSET, bos_token_id: Any = UNSET, decoder_start_token_id: Any = UNSET,
-                 kv_cache: str = "static", max_length: Optional[int] = None):
+                 kv_cache: str = "auto", max_length: Optional[int] = None):
         from .api import build
         from .codegen.onnx import to_onnx
         from .runtime import Session
@@ -129,9 +130,9 @@ class Generator:
             raise ConfigError(f"{model}: {cls.__name__} has no KV-cache decoder, so it cannot generate "
                               "(generation needs a decoder: gpt, gpt2, llama, palm, t5, transformer)")
         self.encoder_decoder = cls is not None and "part" in _fields(cls)
-        if kv_cache not in ("static", "dynamic"):
-            raise ConfigError(f"kv_cache must be 'static' or 'dynamic', got {kv_cache!r}")
-        static = kv_cache == "static" and not self.encoder_decoder and cls is not None and "kv_cache" in _fields(cls)
+        if kv_cache not in ("auto", "static", "dynamic"):
+            raise ConfigError(f"kv_cache must be 'auto', 'static' or 'dynamic', got {kv_cache!r}")
+        static = kv_cache != "dynamic" and not self.encoder_decoder and cls is not None and "kv_cache" in _fields(cls)
         cache_sets = {"kv_cache": "static", **({"cache_length": str(int(max_length))} if max_length else {})} \
             if static else {}
         decoder = load_model(model, {**overrides, "use_cache": "true", **cache_sets,
@@ -139,6 +140,16 @@ class Generator:
         if cls is None and "part" in _fields(decoder.config):     # a factory's encoder-decoder
             self.encoder_decoder = True
             decoder = load_model(model, {**overrides, "use_cache": "true", "part": "decoder"})
+        built = {}
+        self.cache_note = None          # why "auto" fell back to the dynamic cache, if it did
+        if static:
+            try:
+                built["decoder"] = build(decoder, seed=seed, level=level, dtype=dtype).graph
+            except ShapeError as e:     # e.g. a head size GroupQueryAttention's kernels do not take
+                if kv_cache != "auto" or not str(e).startswith("GroupQueryAttention"):
+                    raise
+                self.cache_note = f"dynamic KV cache: the static one cannot hold this model ({e})"
+                decoder = load_model(model, {**overrides, "use_cache": "true"})
         self.config = decoder.config
         self.static = getattr(self.config, "kv_cache", "dynamic") == "static"
         self.vocab_size = decoder.vocab_size
@@ -147,7 +158,7 @@ class Generator:
             sessions["encoder"] = load_model(model, {**overrides, "part": "encoder"})
         self.sessions = {}
         for part, loaded in sessions.items():
-            graph = build(loaded, seed=seed, level=level, dtype=dtype).graph
+            graph = built.get(part) or build(loaded, seed=seed, level=level, dtype=dtype).graph
             if self.static and part == "decoder":
                 from .export_dir import logits_to_float32
 

@@ -14,7 +14,7 @@ from typing import Dict, Set, Tuple
 import numpy as np
 
 from .errors import CheckpointError, TgraphWarning
-from .ir.lazy import is_lazy
+from .ir.lazy import fold_blocks
 
 SHOWN = 5          # tensors named in the NaN/inf warning; the rest are counted
 
@@ -38,14 +38,11 @@ class NonFiniteWeights:
             return
         self.seen.add(tensor)
         wide = np.promote_types(array.dtype, np.float32)
-
-        def blocks():       # a lazy (memory-mapped) tensor block by block from the file: never copied whole
-            return array.blocks() if is_lazy(array) else iter([array])
-
-        if np.isfinite(sum(np.sum(b, dtype=wide) for b in blocks())):   # no temporary array
+        # (a lazy, memory-mapped tensor is read block by block from the file, never copied whole)
+        if np.isfinite(fold_blocks(array, lambda b: np.sum(b, dtype=wide))):   # no temporary array
             return
-        nan = sum(int(np.count_nonzero(np.isnan(b))) for b in blocks())
-        inf = sum(int(np.count_nonzero(np.isinf(b))) for b in blocks())
+        nan = fold_blocks(array, lambda b: int(np.count_nonzero(np.isnan(b))))
+        inf = fold_blocks(array, lambda b: int(np.count_nonzero(np.isinf(b))))
         if nan or inf:                                    # (a finite tensor whose sum overflowed has neither)
             self.found[tensor] = (nan, inf)
 

@@ -89,6 +89,18 @@ def ensure_memory(what: str, nbytes: int) -> None:
             raise out_of_memory(what, nbytes)
 
 
+def fold_blocks(x: "ArrayLike", fn: Callable[[np.ndarray], int]) -> int:
+    """The sum of `fn(block)` over `x`'s row blocks (one whole array when `x` is not lazy),
+    holding one block at a time: how a check reads a weight without copying it whole."""
+    if not is_lazy(x):
+        return fn(np.asarray(x))
+    total = 0
+    for block in x.blocks():
+        total += fn(block)
+        del block
+    return total
+
+
 def is_lazy(x) -> bool:
     return isinstance(x, LazyTensor)
 
