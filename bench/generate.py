@@ -27,9 +27,9 @@ Contenders (each in its own process, so peak RSS is its own; JSON lines, bench/p
 Timing: every contender stamps the clock once per new token (tgraph's callback, genai's
 generate_next_token, a LogitsProcessor for HF/optimum). prefill = start of the call -> first
 token; decode ms/step = median interval between consecutive tokens; per point, each figure is
-the median over the repeats (after one warm-up run each); contenders alternate round-robin and
-the order rotates every repeat. tokens/s = batch x 1000 / decode ms/step (decode rate; the issue
-targets compare this); e2e tokens/s = batch x new / wall time of the whole call.
+the median over the repeats (after one short warm-up run each: 8 tokens at the same shape);
+contenders alternate round-robin and the order rotates every repeat. tokens/s = batch x 1000 /
+decode ms/step (the decode rate the issue targets compare); e2e tokens/s = batch x new / wall time of the whole call.
 
 Weight-streaming floor: a decode step reads every weight it uses once (an embedding table read
 by Gather: one row per token) plus the valid part of the KV cache (fp32, the mean context of the
@@ -76,6 +76,7 @@ LLAMA_CONFIG = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=1
                     tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
 DEFAULT_CONTENDERS = "tgraph,tgraph-int4,genai,genai-int4,optimum,hf"
 REFERENCE = "hf"
+WARMUP_TOKENS = 8           # the warm-up run per contender and point: same prompts, this many tokens
 FP32_BASELINE = "genai"
 
 
@@ -451,7 +452,7 @@ def tgraph_capabilities(python: str, env: dict) -> Dict[str, object]:
         raise SystemExit(f"--tgraph-python {python}: cannot import tgraph ({where.stderr.strip().splitlines()[-1:]})")
     helptext = subprocess.run([python, "-m", "tgraph.cli", "export", "--help"], capture_output=True, text=True,
                               env=env).stdout
-    return {"package": where.stdout.strip(), "help": helptext, **export_options(helptext)}
+    return {"python": python, "package": where.stdout.strip(), "help": helptext, **export_options(helptext)}
 
 
 def export_options(helptext: str) -> Dict[str, bool]:
@@ -461,61 +462,110 @@ def export_options(helptext: str) -> Dict[str, bool]:
             "max_length": has("--max-length")}
 
 
-def tgraph_level(key: str) -> Optional[int]:
-    match = re.fullmatch(r"tgraph-O(\d)", key)
-    return int(match.group(1)) if match else None
+def parse_options(items: Optional[List[str]]) -> Dict[str, object]:
+    """--tgraph-option KEY=VALUE -> Generator keyword arguments (VALUE read as JSON when it is JSON)."""
+    out: Dict[str, object] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise SystemExit(f"--tgraph-option expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
 
 
-def prepare(key: str, args, ckpt: Built, caps: dict, env: dict, workdir: Path, max_length: int) -> Contender:
-    """Export (cached) what the contender needs and say how its runner is to load it."""
+TGRAPH_KEY = re.compile(r"^tgraph(?:-O(?P<level>\d)|-(?P<int4>int4))?(?:@(?P<tag>[A-Za-z0-9_.-]+))?$")
+
+
+@dataclass(frozen=True)
+class TgraphSpec:
+    level: Optional[int]      # None: the engine's default
+    int4: bool
+    tag: str                  # which --tgraph-python ("" = the default one)
+
+
+def parse_tgraph_key(key: str) -> Optional[TgraphSpec]:
+    """`tgraph`, `tgraph-O2`, `tgraph-int4`, each optionally `@TAG` (a --tgraph-python TAG=PATH)."""
+    match = TGRAPH_KEY.match(key)
+    if not match:
+        return None
+    level = match.group("level")
+    return TgraphSpec(int(level) if level else None, bool(match.group("int4")), match.group("tag") or "")
+
+
+def parse_pythons(items: Optional[List[str]], default: str) -> Dict[str, str]:
+    """--tgraph-python [TAG=]PATH ... -> {tag: path}; an untagged PATH replaces the default ("")."""
+    out = {"": default}
+    for item in items or []:
+        tag, sep, path = item.rpartition("=")
+        if sep and not re.fullmatch(r"[A-Za-z0-9_.-]+", tag):
+            raise SystemExit(f"--tgraph-python expects [TAG=]PATH, got {item!r}")
+        out[tag if sep else ""] = path
+    return out
+
+
+def prepare_tgraph(c: Contender, spec: TgraphSpec, args, ckpt: Built, caps: dict, env: dict, workdir: Path,
+                   max_length: int) -> Contender:
+    threads = args.threads
+    c.python, c.script, c.quantized = caps["python"], "tgraph_runner.py", spec.int4
+    level = spec.level if spec.level is not None else args.tgraph_level
+    lv = f"-O{level}" if level is not None else "default -O"
+    where = f"[{spec.tag}] " if spec.tag else ""
+    c.label = f"tgraph {where}{'int4 (block 32)' if spec.int4 else 'fp32'}"
+    use_dir = args.tgraph_mode == "gendir" or (args.tgraph_mode == "auto" and caps["task"])
+    if spec.int4:
+        missing = [f for f, ok in (("--task generate", caps["task"]), ("--quantize", caps["quantize"]),
+                                   ("--block-size", caps["block_size"])) if not ok]
+        if missing:
+            c.unavailable = f"not available: `tgraph export` has no {', '.join(missing)} in {caps['package']}"
+            return c
+        use_dir = True
+    if use_dir and not caps["task"]:
+        c.unavailable = f"not available: `tgraph export` has no --task in {caps['package']}"
+        return c
+    options = parse_options(args.tgraph_option)
+    if not use_dir:
+        c.label += f" ({lv}, checkpoint)"
+        c.load = {"source": str(ckpt.path), "threads": threads, "level": level, "options": options}
+        c.weights, c.weights_from = weight_bytes_safetensors(ckpt.path / "model.safetensors"), "checkpoint"
+        return c
+    cmd = [caps["python"], "-m", "tgraph.cli", "export", str(ckpt.path), "--task", "generate"]
+    if level is not None:
+        cmd += ["-O", str(level)]
+    if caps["max_length"]:
+        cmd += ["--max-length", str(max_length)]
+    if spec.int4:
+        cmd += ["--quantize", "int4", "--block-size", "32"]
+    name = "tgraph-" + _hash(cmd[3:], caps["package"])[:8]
+
+    def build(out: Path) -> None:
+        run_logged(cmd + ["-o", str(out)], workdir / "logs" / f"build-{c.key}.log", env, workdir)
+
+    built = cached_build(workdir, name, _hash(cmd[3:], tree_hash(Path(caps["package"]))), build,
+                         " ".join(cmd[3:]) + " -o DIR")
+    c.builds.append((f"tgraph {where}export --task generate{' --quantize int4' if spec.int4 else ''}", built))
+    c.label += f" ({lv}, generation dir)"
+    c.load = {"source": str(built.path), "threads": threads, "options": options}
+    onnx_path = built.path / "model.onnx"
+    c.weights, c.weights_from = (_onnx_weights(onnx_path), "model.onnx") if onnx_path.exists() else \
+        (weight_bytes_safetensors(ckpt.path / "model.safetensors"), "checkpoint")
+    return c
+
+
+def prepare(key: str, args, ckpt: Built, caps: Dict[str, dict], env: dict, workdir: Path,
+            max_length: int) -> Contender:
+    """Export (cached) what the contender needs and say how its runner is to load it.
+    `caps`: tgraph_capabilities per --tgraph-python tag."""
     c = Contender(key)
     threads = args.threads
     try:
-        if key == "tgraph" or tgraph_level(key) is not None or key == "tgraph-int4":
-            c.python, c.script = args.tgraph_python, "tgraph_runner.py"
-            level = tgraph_level(key) if key != "tgraph" else args.tgraph_level
-            int4 = key == "tgraph-int4"
-            c.quantized = int4
-            use_dir = args.tgraph_mode == "gendir" or (args.tgraph_mode == "auto" and caps["task"])
-            if int4:
-                missing = [f for f, ok in (("--task generate", caps["task"]), ("--quantize", caps["quantize"]),
-                                           ("--block-size", caps["block_size"])) if not ok]
-                if missing:
-                    c.label = "tgraph int4 (block 32)"
-                    c.unavailable = f"not available: `tgraph export` has no {', '.join(missing)} in {caps['package']}"
-                    return c
-                use_dir = True
-            if use_dir and not caps["task"]:
-                c.unavailable = f"not available: `tgraph export` has no --task in {caps['package']}"
-                return c
-            lv = f"-O{level}" if level is not None else "default -O"
-            if not use_dir:
-                c.label = f"tgraph fp32 ({lv}, from checkpoint)"
-                c.load = {"source": str(ckpt.path), "threads": threads, "level": level}
-                c.weights = weight_bytes_safetensors(ckpt.path / "model.safetensors")
-                c.weights_from = "checkpoint"
-                return c
-            cmd = [args.tgraph_python, "-m", "tgraph.cli", "export", str(ckpt.path), "--task", "generate"]
-            if level is not None:
-                cmd += ["-O", str(level)]
-            if caps["max_length"]:
-                cmd += ["--max-length", str(max_length)]
-            if int4:
-                cmd += ["--quantize", "int4", "--block-size", "32"]
-            name = "tgraph-" + _hash(cmd[3:], caps["package"])[:8]
-            source_key = _hash(cmd[3:], tree_hash(Path(caps["package"])))
-
-            def build(out: Path, cmd=cmd) -> None:
-                run_logged(cmd + ["-o", str(out)], workdir / "logs" / f"build-{key}.log", env, workdir)
-
-            built = cached_build(workdir, name, source_key, build, " ".join(cmd[3:]) + " -o DIR")
-            c.builds.append((f"tgraph export --task generate{' --quantize int4' if int4 else ''}", built))
-            c.label = f"tgraph {'int4 (block 32)' if int4 else 'fp32'} ({lv}, generation dir)"
-            c.load = {"source": str(built.path), "threads": threads}
-            onnx_path = built.path / "model.onnx"
-            c.weights, c.weights_from = (_onnx_weights(onnx_path), "model.onnx") if onnx_path.exists() else \
-                (weight_bytes_safetensors(ckpt.path / "model.safetensors"), "checkpoint")
-            return c
+        spec = parse_tgraph_key(key)
+        if spec is not None:
+            if spec.tag not in caps:
+                raise SystemExit(f"--contenders {key}: no --tgraph-python {spec.tag}=PATH")
+            return prepare_tgraph(c, spec, args, ckpt, caps[spec.tag], env, workdir, max_length)
         if key in ("genai", "genai-int4"):
             int4 = key == "genai-int4"
             c.quantized = int4
@@ -613,28 +663,30 @@ def measure_point(point: Point, contenders: List[Contender], repeats: int, seed:
     """Warm-up once each, then `repeats` rounds in rotating order; returns per-contender results."""
     live = [c for c in contenders if c.runner is not None]
     prompts = prompts_for(point, LLAMA_CONFIG["vocab_size"], seed)
-    results: Dict[str, dict] = {c.key: {"runs": [], "warm": None, "error": "", "unstable": False} for c in live}
+    results: Dict[str, dict] = {c.key: {"runs": [], "first": None, "error": "", "unstable": False} for c in live}
 
-    def once(c: Contender) -> Optional[Run]:
+    def once(c: Contender, at: Point) -> Optional[Run]:
         slot = results[c.key]
         if slot["error"]:
             return None
         try:
-            return parse_run(c.runner.request(timeout, cmd="run", prompts=prompts, new=point.new), point)
+            return parse_run(c.runner.request(timeout, cmd="run", prompts=prompts, new=at.new), at)
         except (RuntimeError, ValueError, KeyError) as exc:
             slot["error"] = f"run failed: {exc}"
             return None
 
-    for c in live:
-        results[c.key]["warm"] = once(c)
+    warm_point = Point(point.name, point.prompt, point.batch, min(point.new, WARMUP_TOKENS))
+    for c in live:                      # sessions, buffers and caches warmed at this shape
+        once(c, warm_point)
     for r in range(repeats):
         for key in round_order([c.key for c in live], r):
             c = next(x for x in live if x.key == key)
-            run = once(c)
+            run = once(c, point)
             if run is not None:
                 slot = results[key]
                 slot["runs"].append(run)
-                if slot["warm"] is not None and run.ids != slot["warm"].ids:
+                slot["first"] = slot["first"] or run          # the ids every later run must repeat
+                if run.ids != slot["first"].ids:
                     slot["unstable"] = True
         bandwidth.measure(repeats=1)
     return results
@@ -649,7 +701,7 @@ def print_point(point: Point, contenders: List[Contender], results: Dict[str, di
         slot = results.get(c.key)
         summaries[c.key] = summarise(slot["runs"], point) if slot and slot["runs"] else None
     reference_key = REFERENCE if summaries.get(REFERENCE) else next((k for k, s in summaries.items() if s), None)
-    ref_ids = results[reference_key]["warm"].ids if reference_key and results[reference_key]["warm"] else None
+    ref_ids = results[reference_key]["first"].ids if reference_key and results[reference_key]["first"] else None
     ref_label = next((c.label for c in contenders if c.key == reference_key), "?")
     base = summaries.get(FP32_BASELINE)
     head = (f"  {'contender':<42} {'prefill':>8} {'decode':>8} {'tok/s':>8} {'x genai':>7} {'e2e':>7} "
@@ -666,7 +718,13 @@ def print_point(point: Point, contenders: List[Contender], results: Dict[str, di
             continue
         fl = floor_ms(step_bytes(c.weights, LLAMA_CONFIG, point), gbps) if c.weights else None
         ratio = s.tokens_per_s / base.tokens_per_s if base else None
-        ids = describe_ids("reference", ref_ids, slot["warm"].ids) if c.key != reference_key else "reference"
+        ids = describe_ids("reference", ref_ids, slot["first"].ids) if c.key != reference_key else "reference"
+        if c.quantized:
+            peer = next((q for q in contenders if q.quantized and q.key != c.key and results.get(q.key)
+                         and results[q.key]["first"] is not None), None)
+            ids += " (quantized: fp32 ids not expected)"
+            if peer is not None:
+                ids += f"; vs {peer.key} " + describe_ids(peer.key, results[peer.key]["first"].ids, slot["first"].ids)
         if slot.get("unstable"):
             ids += "; CHANGED between runs"
         if slot.get("error"):
@@ -681,30 +739,43 @@ def print_point(point: Point, contenders: List[Contender], results: Dict[str, di
 
 
 def check_targets(points: List[Point], table: Dict[str, Dict[str, Optional[Summary]]]) -> List[str]:
-    """The issue 9 / 10 targets that this run's contenders allow checking, as lines."""
+    """The issue 9 / 10 targets that this run's contenders allow checking, as lines. Every tgraph
+    contender at its default level is checked (`tgraph`, `tgraph@TAG`; int4 against the fp32 of the
+    same tag)."""
     lines = []
 
     def verdict(ok: bool) -> str:
         return "met" if ok else "NOT met"
 
+    keys = sorted({k for row in table.values() for k in row})
+    specs = {k: spec for k in keys if (spec := parse_tgraph_key(k)) is not None and spec.level is None}
     for p in points:
         row = table[p.name]
-        t, g, t4, g4 = row.get("tgraph"), row.get("genai"), row.get("tgraph-int4"), row.get("genai-int4")
-        if t and g:
-            r = t.tokens_per_s / g.tokens_per_s
-            lines.append(f"{p.name}: tgraph decode tokens/s {r:.2f}x genai fp32 (issue 9: >= 1.2x: {verdict(r >= 1.2)}); "
-                         f"prefill {t.prefill_ms:.0f} vs {g.prefill_ms:.0f} ms (no slower: "
-                         f"{verdict(t.prefill_ms <= g.prefill_ms)})")
-        if t4 and g4:
-            r = t4.tokens_per_s / g4.tokens_per_s
-            lines.append(f"{p.name}: tgraph int4 {r:.2f}x genai int4 (issue 10: >= 1x: {verdict(r >= 1)})")
-        if t4 and t:
-            r = t4.tokens_per_s / t.tokens_per_s
-            lines.append(f"{p.name}: tgraph int4 {r:.2f}x tgraph fp32 (issue 10: >= 3.5x: {verdict(r >= 3.5)})")
-    names = {p.name: p for p in points}
-    if "p32" in names and "p1024" in names and table["p32"].get("tgraph") and table["p1024"].get("tgraph"):
-        r = table["p1024"]["tgraph"].decode_ms / table["p32"]["tgraph"].decode_ms
-        lines.append(f"tgraph decode ms/step p1024 / p32 = {r:.2f} (issue 9: <= 1.3: {verdict(r <= 1.3)})")
+        g, g4 = row.get("genai"), row.get("genai-int4")
+        for key, spec in specs.items():
+            t = row.get(key)
+            if t is None:
+                continue
+            if not spec.int4 and g:
+                r = t.tokens_per_s / g.tokens_per_s
+                lines.append(f"{p.name}: {key} decode tokens/s {r:.2f}x genai fp32 (issue 9, >= 1.2x: "
+                             f"{verdict(r >= 1.2)}); prefill {t.prefill_ms:.0f} vs {g.prefill_ms:.0f} ms "
+                             f"(no slower: {verdict(t.prefill_ms <= g.prefill_ms)})")
+            if spec.int4:
+                if g4:
+                    r = t.tokens_per_s / g4.tokens_per_s
+                    lines.append(f"{p.name}: {key} {r:.2f}x genai int4 (issue 10, >= 1x: {verdict(r >= 1)})")
+                fp32 = row.get("tgraph" + (f"@{spec.tag}" if spec.tag else ""))
+                if fp32:
+                    r = t.tokens_per_s / fp32.tokens_per_s
+                    lines.append(f"{p.name}: {key} {r:.2f}x its fp32 (issue 10, >= 3.5x: {verdict(r >= 3.5)})")
+    names = {p.name for p in points}
+    if {"p32", "p1024"} <= names:
+        for key, spec in specs.items():
+            short, long = table["p32"].get(key), table["p1024"].get(key)
+            if short and long and not spec.int4:
+                r = long.decode_ms / short.decode_ms
+                lines.append(f"{key}: decode ms/step p1024 / p32 = {r:.2f} (issue 9, <= 1.3: {verdict(r <= 1.3)})")
     return lines
 
 
@@ -718,11 +789,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="plumbing check: 1 repeat, 16 new tokens")
     parser.add_argument("--seed", type=int, default=0, help="weights and prompt seed")
     parser.add_argument("--workdir", default="/tmp/tgraph-bench-generate", help="cache of checkpoint and exports")
-    parser.add_argument("--tgraph-python", default=sys.executable, help="python whose tgraph is measured")
+    parser.add_argument("--tgraph-python", action="append", metavar="[TAG=]PATH",
+                        help="python whose tgraph is measured (default: this one); TAG=PATH adds one that "
+                             "contenders name as tgraph@TAG, e.g. tgraph@h6=/work/wt/h6-gen/.venv/bin/python")
     parser.add_argument("--tgraph-mode", choices=["auto", "checkpoint", "gendir"], default="auto",
                         help="auto: a generation dir when the CLI has --task, else the checkpoint")
     parser.add_argument("--tgraph-level", type=int, default=None, help="-O of the `tgraph` contender "
                         "(default: Generator's / export's own default)")
+    parser.add_argument("--tgraph-option", action="append", metavar="KEY=VALUE",
+                        help="extra tgraph.generate.Generator keyword argument (e.g. kv_cache=dynamic)")
     parser.add_argument("--genai-python", default=GENAI_PYTHON)
     parser.add_argument("--optimum-python", default=OPTIMUM_PYTHON)
     parser.add_argument("--timeout", type=float, default=1800, help="seconds a runner may take per request")
@@ -744,11 +819,13 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}; {args.threads} threads; "
           f"repeats {args.repeats}, {args.new} new tokens; workdir {workdir}")
     ckpt = ensure_checkpoint(workdir, args.seed)
-    caps = tgraph_capabilities(args.tgraph_python, env) if any(k.startswith("tgraph") for k in keys) else {}
-    if caps:
-        offered = [o for o in ("task", "quantize", "block_size", "max_length") if caps[o]]
-        print(f"tgraph under test: {caps['package']} (export options of the new engine present: "
-              f"{', '.join(offered) or 'none'})")
+    pythons = parse_pythons(args.tgraph_python, sys.executable)
+    tags = {spec.tag for spec in map(parse_tgraph_key, keys) if spec is not None}
+    caps = {tag: tgraph_capabilities(pythons[tag], env) for tag in sorted(tags) if tag in pythons}
+    for tag, cap in caps.items():
+        offered = [o for o in ("task", "quantize", "block_size", "max_length") if cap[o]]
+        print(f"tgraph{' [' + tag + ']' if tag else ''} under test: {cap['package']} (new-engine export "
+              f"options present: {', '.join(offered) or 'none'})")
     max_length = max(p.prompt + p.new for p in points)
     contenders = [prepare(k, args, ckpt, caps, env, workdir, max_length) for k in keys]
     bandwidth = Bandwidth(args.threads)

@@ -195,3 +195,39 @@ def test_runner_protocol_keeps_replies_clean_of_library_output():
     assert replies[2] == {"ok": False, "error": "ValueError: bad new"}
     assert replies[3] == {"ok": True}
     assert "library noise" in done.stderr and "more noise" in done.stderr
+
+
+def test_tgraph_options_are_json_or_text():
+    assert bench.parse_options(["kv_cache=dynamic", "max_length=1152", "x=true"]) == {
+        "kv_cache": "dynamic", "max_length": 1152, "x": True}
+    assert bench.parse_options(None) == {}
+    with pytest.raises(SystemExit):
+        bench.parse_options(["no-equals"])
+
+
+def test_tgraph_keys_and_pythons():
+    assert bench.parse_tgraph_key("tgraph") == bench.TgraphSpec(None, False, "")
+    assert bench.parse_tgraph_key("tgraph-O2@h6") == bench.TgraphSpec(2, False, "h6")
+    assert bench.parse_tgraph_key("tgraph-int4@h7") == bench.TgraphSpec(None, True, "h7")
+    assert bench.parse_tgraph_key("genai") is None and bench.parse_tgraph_key("tgraph-int8") is None
+    assert bench.parse_pythons(["h6=/a/python", "/b/python"], "/default") == {"": "/b/python", "h6": "/a/python"}
+    with pytest.raises(SystemExit):
+        bench.parse_pythons(["bad tag=/x"], "/d")
+
+
+def test_targets_compare_each_tgraph_with_genai():
+    def s(decode_ms, prefill_ms=100.0, batch=1):
+        return bench.Summary(prefill_ms, decode_ms, batch * 1000 / decode_ms, 0.0, 0.0, (decode_ms, decode_ms))
+
+    points = bench.parse_points("p32,p1024", new=4)
+    table = {"p32": {"tgraph": s(30), "tgraph@h6": s(20), "genai": s(25), "genai-int4": s(6),
+                     "tgraph-int4@h6": s(5)},
+             "p1024": {"tgraph": s(45), "tgraph@h6": s(22), "genai": s(28)}}
+    lines = bench.check_targets(points, table)
+    text = "\n".join(lines)
+    assert "p32: tgraph decode tokens/s 0.83x genai fp32 (issue 9, >= 1.2x: NOT met)" in text
+    assert "p32: tgraph@h6 decode tokens/s 1.25x genai fp32 (issue 9, >= 1.2x: met)" in text
+    assert "p32: tgraph-int4@h6 1.20x genai int4 (issue 10, >= 1x: met)" in text
+    assert "p32: tgraph-int4@h6 4.00x its fp32 (issue 10, >= 3.5x: met)" in text
+    assert "tgraph: decode ms/step p1024 / p32 = 1.50 (issue 9, <= 1.3: NOT met)" in text
+    assert "tgraph@h6: decode ms/step p1024 / p32 = 1.10 (issue 9, <= 1.3: met)" in text

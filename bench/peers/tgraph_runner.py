@@ -11,16 +11,18 @@ import os
 import protocol
 
 
-def load(source: str, threads: int, level=None):
+def load(source: str, threads: int, level=None, options=None):
+    """`options`: extra Generator keyword arguments from --tgraph-option."""
     import tgraph
     from tgraph.generate import Generator
 
-    options = {"provider": "cpu", "threads": threads, "eos_token_id": None, "pad_token_id": 0}
+    kwargs = {"provider": "cpu", "threads": threads, "eos_token_id": None, "pad_token_id": 0}
     if level is not None:
-        options["level"] = int(level)
-    gen = Generator(source, **options)
+        kwargs["level"] = int(level)
+    kwargs.update(options or {})
+    gen = Generator(source, **kwargs)
     return gen, {"tgraph": os.path.dirname(tgraph.__file__), "provider": str(getattr(gen, "provider", "")),
-                 "build_seconds": getattr(gen, "build_seconds", None)}
+                 "build_seconds": getattr(gen, "build_seconds", None), "options": options or {}}
 
 
 def run(gen, prompts, new: int):
