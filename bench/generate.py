@@ -36,7 +36,7 @@ by Gather: one row per token) plus the valid part of the KV cache (fp32, the mea
 decode steps). Bytes are counted from each contender's own ONNX file (its initializers and their
 consumers) or, for the checkpoint-run contenders, from the safetensors header. Divided by the
 best memory bandwidth measured in this run (NumPy sum, NumPy copy counting read + write, torch
-sum with the benchmark's threads, over a 1 GiB array; measured before the points and after every
+sum with the benchmark's threads, over a 512 MiB array; measured before the points and after every
 round), it is the floor each contender's decode ms/step is compared with.
 
 Exports are cached in --workdir (keyed by checkpoint, tool version and options; tgraph's by a hash
@@ -270,7 +270,7 @@ class Bandwidth:
     best of all: the strictest (lowest) floor.
     """
 
-    def __init__(self, threads: int, gib: float = 1.0):
+    def __init__(self, threads: int, gib: float = 0.5):
         self.a = np.arange(int(gib * 2**30) // 4, dtype=np.float32)     # distinct pages
         self.b = np.empty_like(self.a)
         nbytes = self.a.nbytes
@@ -855,7 +855,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             raw[p.name] = {k: {"runs": [r.__dict__ for r in v["runs"]], "error": v["error"]}
                            for k, v in results.items()}
         gbps = bandwidth.gbps
-        print(f"\nmemory bandwidth, best over the run (1 GiB array): "
+        print(f"\nmemory bandwidth, best over the run (512 MiB arrays): "
               + "; ".join(f"{k} {v:.1f}" for k, v in bandwidth.best.items()) + f" GB/s -> floor uses {gbps:.1f} GB/s")
         for c in contenders:
             if c.weights:
