@@ -444,14 +444,15 @@ class Contender:
     quantized: bool = False
 
 
-def tgraph_capabilities(python: str, env: dict) -> Dict[str, object]:
-    """What this tgraph offers: its package dir and which `export` options its CLI has."""
+def tgraph_capabilities(python: str, env: dict, cwd: Path) -> Dict[str, object]:
+    """What this tgraph offers: its package dir and which `export` options its CLI has. `cwd`
+    must be where the runners run (the workdir): `python -c` imports from its cwd first."""
     where = subprocess.run([python, "-c", "import os, tgraph; print(os.path.dirname(tgraph.__file__))"],
-                           capture_output=True, text=True, env=env)
+                           capture_output=True, text=True, env=env, cwd=cwd)
     if where.returncode != 0:
         raise SystemExit(f"--tgraph-python {python}: cannot import tgraph ({where.stderr.strip().splitlines()[-1:]})")
     helptext = subprocess.run([python, "-m", "tgraph.cli", "export", "--help"], capture_output=True, text=True,
-                              env=env).stdout
+                              env=env, cwd=cwd).stdout
     return {"python": python, "package": where.stdout.strip(), "help": helptext, **export_options(helptext)}
 
 
@@ -821,7 +822,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ckpt = ensure_checkpoint(workdir, args.seed)
     pythons = parse_pythons(args.tgraph_python, sys.executable)
     tags = {spec.tag for spec in map(parse_tgraph_key, keys) if spec is not None}
-    caps = {tag: tgraph_capabilities(pythons[tag], env) for tag in sorted(tags) if tag in pythons}
+    caps = {tag: tgraph_capabilities(pythons[tag], env, workdir) for tag in sorted(tags) if tag in pythons}
     for tag, cap in caps.items():
         offered = [o for o in ("task", "quantize", "block_size", "max_length") if cap[o]]
         print(f"tgraph{' [' + tag + ']' if tag else ''} under test: {cap['package']} (new-engine export "
