@@ -157,3 +157,19 @@ def test_onnxruntime_genai_runs_the_directory_with_the_same_greedy_ids(llama_dir
     theirs = json.loads(done.stdout.strip().splitlines()[-1])
     ours = Generator(str(out), provider="cpu").generate([prompt], max_new_tokens=NEW).ids[0]
     assert theirs == ours
+
+
+def test_quantized_directory_records_its_scheme_and_generates(llama_dir, tmp_path):
+    """`--task generate --quantize int8`: every linear layer (LM head too) is MatMulNBits, tgraph.json
+    says so, and the directory generates what the float one does (int8 logits stay within ~1e-3)."""
+    _, ckpt, out = llama_dir
+    q = tmp_path / "q8"
+    assert main(["export", str(ckpt), "--task", "generate", "-o", str(q), "--max-length", "96",
+                 "--quantize", "int8", "--block-size", "16"]) == 0
+    scheme = read_manifest(q)["quantization"]
+    assert scheme["scheme"] == "int8" and scheme["block_size"] == 16 and scheme["lm_head_quantized"]
+    ops = [n.op_type for n in onnx.load(str(q / "model.onnx"), load_external_data=False).graph.node]
+    assert ops.count("MatMulNBits") == scheme["quantized_matmuls"] and "MatMul" not in ops
+    assert read_manifest(out)["quantization"] is None
+    ours = Generator(str(q), provider="cpu").generate(PROMPTS[:1], max_new_tokens=4).ids[0]
+    assert ours == Generator(str(out), provider="cpu").generate(PROMPTS[:1], max_new_tokens=4).ids[0]

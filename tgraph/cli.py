@@ -181,11 +181,16 @@ def _export_generation_dir(args) -> int:
     from .export_dir import export_generation_dir
 
     start = time.perf_counter()
+    from .quantize_report import options_from_args
+
     manifest = export_generation_dir(args.model, args.output, overrides=_parse_sets(args.sets), seed=args.seed,
                                      level=3 if args.level is None else args.level, dtype=args.dtype,
-                                     target=args.target, max_length=args.max_length)
+                                     target=args.target, max_length=args.max_length,
+                                     quantize=options_from_args(args))
     print(f"wrote generation directory {args.output} ({manifest['family']}, max_length {manifest['max_length']}, "
-          f"{manifest['dtype']}, target {manifest['target']}, {time.perf_counter() - start:.2f}s)")
+          f"{manifest['dtype']}, target {manifest['target']}"
+          + (f", {manifest['quantization']['scheme']}" if manifest["quantization"] else "")
+          + f", {time.perf_counter() - start:.2f}s)")
     return 0
 
 

@@ -134,8 +134,11 @@ def genai_config(facts: Mapping[str, int], max_length: int, special: Mapping[str
 
 def export_generation_dir(model: str, out_dir, *, overrides: Optional[Mapping[str, str]] = None, level: int = 3,
                           dtype: str = "float32", target: str = "cpu", max_length: Optional[int] = None,
-                          seed: int = 0) -> Dict[str, Any]:
-    """Export `model` into the generation directory `out_dir`; returns the manifest."""
+                          seed: int = 0, quantize=None) -> Dict[str, Any]:
+    """Export `model` into the generation directory `out_dir`; returns the manifest.
+
+    `quantize` (`tgraph.passes.quantize.QuantizeOptions`, from `--quantize`): the decoder's
+    linear layers become MatMulNBits; tgraph.json records the scheme under "quantization"."""
     from .api import build
     from .codegen.onnx import save_onnx
     from .generate import GENERATION_KEYS, _config_class, _fields
@@ -170,6 +173,13 @@ def export_generation_dir(model: str, out_dir, *, overrides: Optional[Mapping[st
     limit = next((int(getattr(config, k)) for k in POSITION_LIMITS if hasattr(config, k)), None)
     capacity = cache_length(config, limit)
     graph = build(loaded, seed=seed, level=level, dtype=dtype).graph
+    quantization = None
+    if quantize is not None:
+        from .quantize_report import quantize_graph, report_dict
+        from .tokens import find_tokenizer
+
+        tokenizer = find_tokenizer(model) if quantize.calibration else None
+        quantization = report_dict(quantize, quantize_graph(graph, quantize, tokenizer))
     logits_to_float32(graph)
     facts = _graph_facts(graph)
     checkpoint = checkpoint_special_ids(model) if os.path.isdir(model) else {}
@@ -180,7 +190,7 @@ def export_generation_dir(model: str, out_dir, *, overrides: Optional[Mapping[st
         "config_class": type(config).__name__, "config": dataclasses.asdict(config), "source": str(model),
         "level": level, "dtype": dtype, "target": target, "cache_layout": "static", "max_length": capacity,
         "attention": plan["attention"], "logits_dtype": plan["logits_dtype"], "seed": seed,
-        "special_ids": special_ids, "model_file": MODEL_FILE,
+        "special_ids": special_ids, "model_file": MODEL_FILE, "quantization": quantization,
     }
     family_type = manifest["family"]
     out.parent.mkdir(parents=True, exist_ok=True)
