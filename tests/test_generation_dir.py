@@ -93,6 +93,8 @@ def test_directory_settings_are_fixed(llama_dir):
     (["t5"], "encoder-decoders"),
     (["llama", "--set", "kv_cache=dynamic"], "sets it itself"),
     (["llama", "--dtype", "bfloat16"], "needs --target cuda"),
+    (["llama", "--opset", "24"], "--opset does not apply to --task generate"),
+    (["llama", "--external-data"], "--external-data does not apply to --task generate"),
 ])
 def test_export_errors_are_one_line_and_leave_nothing(tmp_path, capsys, argv, message):
     out = tmp_path / "dir"
@@ -173,3 +175,11 @@ def test_quantized_directory_records_its_scheme_and_generates(llama_dir, tmp_pat
     assert read_manifest(out)["quantization"] is None
     ours = Generator(str(q), provider="cpu").generate(PROMPTS[:1], max_new_tokens=4).ids[0]
     assert ours == Generator(str(out), provider="cpu").generate(PROMPTS[:1], max_new_tokens=4).ids[0]
+
+
+@pytest.mark.parametrize("flags", [["--max-length", "64"], ["--target", "cpu"]])
+def test_generation_options_without_the_task_are_refused(tmp_path, capsys, flags):
+    out = tmp_path / "m.onnx"
+    assert main(["export", "llama", "-o", str(out), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{flags[0]} needs --task generate" in err and "\n" not in err and not out.exists()

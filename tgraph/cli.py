@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=["graph", "generate"], default="graph",
                    help="generate: write a generation directory (-o DIR; see tgraph.export_dir)")
     p.add_argument("--max-length", type=int, default=None, help="--task generate: KV-cache capacity in positions")
-    p.add_argument("--target", choices=["cpu", "cuda"], default="cpu", help="--task generate: the provider to tune for")
+    p.add_argument("--target", choices=["cpu", "cuda"], default=None, help="--task generate: the provider to tune for "
+                   "(default cpu)")
     add_quantize_options(p)
 
     p = sub.add_parser("codegen", help="generate code for a backend")
@@ -148,6 +149,7 @@ def _level(args) -> int:
 def cmd_export(args) -> int:
     from .api import export_onnx
 
+    _check_task_options(args)
     if args.task == "generate":
         return _export_generation_dir(args)
     out = Path(args.output)
@@ -177,15 +179,27 @@ def _written_counts(path: Path) -> tuple:
     return onnx_counts(onnx.load(str(path), load_external_data=False))
 
 
+def _check_task_options(args) -> None:
+    """Options that belong to the other kind of export are refused, never silently ignored."""
+    if args.task == "generate":
+        for flag, given in (("--opset", args.opset is not None), ("--external-data", args.external_data)):
+            if given:
+                raise ConfigError(f"{flag} does not apply to --task generate (a generation directory is written "
+                                  "at the default opset, with its weights in model.onnx.data)")
+    else:
+        for flag, given in (("--max-length", args.max_length is not None), ("--target", args.target is not None)):
+            if given:
+                raise ConfigError(f"{flag} needs --task generate")
+
+
 def _export_generation_dir(args) -> int:
     from .export_dir import export_generation_dir
-
-    start = time.perf_counter()
     from .quantize_report import options_from_args
 
+    start = time.perf_counter()
     manifest = export_generation_dir(args.model, args.output, overrides=_parse_sets(args.sets), seed=args.seed,
                                      level=3 if args.level is None else args.level, dtype=args.dtype,
-                                     target=args.target, max_length=args.max_length,
+                                     target=args.target or "cpu", max_length=args.max_length,
                                      quantize=options_from_args(args))
     print(f"wrote generation directory {args.output} ({manifest['family']}, max_length {manifest['max_length']}, "
           f"{manifest['dtype']}, target {manifest['target']}"
