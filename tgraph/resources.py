@@ -8,22 +8,20 @@ tgraph builds the family at 1 and 2 of each `repeated` field (layers, groups; se
 (exact for stacks of identical blocks, and for products such as ALBERT's groups x layers per group).
 
 Needed memory = the float32 weights (the export materialises them) + a measured per-module
-overhead for the modules, traced nodes and ONNX protos they become. Available memory =
-MemAvailable + SwapFree from /proc/meminfo (os.sysconf elsewhere), capped by a cgroup limit or
-RLIMIT_AS when one is set.
+overhead for the modules, traced nodes and ONNX protos they become; available memory is
+`tgraph.system_memory.available_memory`.
 """
 from __future__ import annotations
 
 import copy
 import itertools
 import math
-import os
-import resource
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 from .errors import ConfigError
 from .models.config_checks import repeated_fields
+from .system_memory import available_memory
 
 # Measured on GPT-2 blocks (build + trace + -O2 + to_onnx): ~18 KiB of Python objects per module.
 BYTES_PER_MODULE = 16 * 1024
@@ -76,46 +74,6 @@ def estimate(build, config: Any) -> Estimate:
         totals = [t + d * steps for t, d in zip(totals, delta)]
     largest = max(p[2] for p in probes.values())
     return Estimate(max(totals[0], 0), max(totals[1], 0), largest)
-
-
-def _meminfo() -> Dict[str, int]:
-    try:
-        with open("/proc/meminfo") as f:
-            return {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()[1:2]}
-    except (OSError, ValueError, IndexError):
-        return {}
-
-
-def _cgroup_room() -> Optional[int]:
-    """Bytes left under a cgroup v2 memory limit, if this process runs under one."""
-    try:
-        with open("/sys/fs/cgroup/memory.max") as f:
-            limit = f.read().strip()
-        if limit == "max":
-            return None
-        with open("/sys/fs/cgroup/memory.current") as f:
-            return max(int(limit) - int(f.read().strip()), 0)
-    except (OSError, ValueError):
-        return None
-
-
-def available_memory() -> Optional[int]:
-    """Bytes this process can still allocate (None: unknown, no check)."""
-    info = _meminfo()
-    if "MemAvailable" in info:
-        room: Optional[int] = info["MemAvailable"] + info.get("SwapFree", 0)
-    else:
-        try:
-            room = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            room = None
-    limits = [r for r in (_cgroup_room(),) if r is not None]
-    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-    if soft != resource.RLIM_INFINITY:
-        limits.append(soft)
-    if room is not None:
-        limits.append(room)
-    return min(limits) if limits else None
 
 
 def gib(n: int) -> str:

@@ -23,6 +23,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..errors import ResourceError
+from ..system_memory import available_memory
 
 Shape = Tuple[int, ...]
 ArrayLike = Union[np.ndarray, "LazyTensor"]
@@ -46,32 +47,6 @@ def _produced(tensor: "LazyTensor", array: np.ndarray) -> np.ndarray:
     for hook in list(_hooks):
         hook(tensor, array)
     return array
-
-
-def available_memory() -> Optional[int]:
-    """Bytes that can still be allocated: MemAvailable, or less under a cgroup v2 memory limit
-    (its page cache counted as reclaimable). None where neither can be read."""
-    found: List[int] = []
-    try:
-        with open("/proc/meminfo", "rb") as f:
-            for line in f:
-                if line.startswith(b"MemAvailable:"):
-                    found.append(int(line.split()[1]) * 1024)
-        with open("/proc/self/cgroup", "r") as f:
-            rel = next((line.strip()[3:] for line in f if line.startswith("0::")), None)
-        if rel is not None:
-            base = os.path.join("/sys/fs/cgroup", rel.lstrip("/"))
-            with open(os.path.join(base, "memory.max")) as f:
-                limit = f.read().strip()
-            if limit != "max":
-                with open(os.path.join(base, "memory.current")) as f:
-                    current = int(f.read())
-                with open(os.path.join(base, "memory.stat")) as f:
-                    cache = next((int(line.split()[1]) for line in f if line.startswith("file ")), 0)
-                found.append(int(limit) - current + cache)
-    except (OSError, ValueError, IndexError):
-        pass
-    return min(found) if found else None
 
 
 def out_of_memory(what: str, nbytes: int) -> ResourceError:
