@@ -517,11 +517,6 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         print(f"tgraph: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
         return EXIT_USER_ERROR
-    except MemoryError as e:   # the machine's limit, not a bug: one line, like any user error
-        if args.debug:
-            raise
-        print(f"tgraph: error: out of memory{f' ({e})' if str(e) else ''}", file=sys.stderr)
-        return EXIT_USER_ERROR
     except Exception as e:  # a bug in tgraph, still reported in one line
         if args.debug:
             raise
