@@ -146,6 +146,7 @@ class PassManager:
         for p in self.passes:
             done = ", ".join(result.passes) or "none"
             before = len(graph.nodes)
+            existing = {id(n): n for n in graph.nodes}     # (kept alive: a freed id can be reused)
             t0 = time.perf_counter()
             try:
                 changes = p.run(graph)
@@ -162,6 +163,7 @@ class PassManager:
             if not all(isinstance(m, NearMiss) for m in misses):
                 raise PassError(f"pass {p.name!r} recorded near misses that are not pattern.NearMiss")
             record = PassRecord(p.name, dict(changes), before, len(graph.nodes), seconds, near_misses=misses)
+            _mark_created(graph, existing, p.name)
             if self.verify:
                 t1 = time.perf_counter()
                 try:
@@ -178,6 +180,14 @@ class PassManager:
         return result
 
     __call__ = run
+
+
+def _mark_created(graph: Graph, existing: dict, pass_name: str) -> None:
+    """Record on each node a pass created its name (``meta["created_by"]``), for `tgraph view`
+    and `inspect`: which fusion made this Attention. A node keeps the first pass that made it."""
+    for n in graph.nodes:
+        if id(n) not in existing:
+            n.meta.setdefault("created_by", pass_name)
 
 
 def resolve_pipeline(level: Optional[int] = None,

@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_generate import add_parser as add_generate_parser
 
     add_generate_parser(sub)
+    from .cli_view import add_parser as add_view_parser
+
+    add_view_parser(sub)
     return parser
 
 
@@ -446,8 +449,14 @@ def cmd_generate(args) -> int:
     return run_generate(args)
 
 
+def cmd_view(args) -> int:
+    from .cli_view import cmd_view as run_view
+
+    return run_view(args)
+
+
 COMMANDS = {"export": cmd_export, "optimize": cmd_optimize, "codegen": cmd_codegen, "run": cmd_run, "inspect": cmd_inspect,
-            "generate": cmd_generate}
+            "generate": cmd_generate, "view": cmd_view}
 
 
 class Terminated(KeyboardInterrupt):
