@@ -234,3 +234,34 @@ def test_netron_serves_the_onnx_file_on_localhost_until_interrupted(tmp_path):
         out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert f"http://127.0.0.1:{port}" in out and "Traceback" not in err
+
+
+def test_an_imported_graph_is_clustered_by_the_module_path_in_its_node_names(tmp_path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
+    nodes = [helper.make_node("Relu", ["x"], ["h"], name="/model/layers.0/mlp/Relu"),
+             helper.make_node("Neg", ["h"], ["y"], name="/model/layers.1/Neg_1")]
+    src = tmp_path / "torch_style.onnx"
+    onnx.save(helper.make_model(helper.make_graph(nodes, "g", [x], [y]), opset_imports=[helper.make_opsetid("", 18)]),
+              str(src))
+    out = tmp_path / "t.svg"
+    assert main(["view", str(src), "-o", str(out), "-O", "0"]) == 0
+    clusters = {g.get("id") for g in _svg_groups(out, "cluster")}
+    assert clusters == {"cluster-model", "cluster-model.layers.0", "cluster-model.layers.0.mlp", "cluster-model.layers.1"}
+
+
+def test_the_readme_picture_is_what_tgraph_view_draws(tmp_path):
+    """README's picture is generated: drawing it again gives the same vertices and clusters."""
+    committed = Path(__file__).resolve().parents[1] / "examples" / "pictures" / "gpt2-1layer-O2.svg"
+    readme = (committed.parents[2] / "README.md").read_text()
+    command = readme[readme.index("tgraph view gpt2 -o examples/pictures/"):].split("```")[0]
+    argv = command.replace("\\\n", " ").split()[1:]
+    out = tmp_path / "again.svg"
+    argv[argv.index("-o") + 1] = str(out)
+    assert main(argv) == 0
+
+    def shape(path):
+        return sorted((g.get("id"), g.get("class")) for g in ET.parse(path).getroot().iter(f"{SVG}g")
+                      if (g.get("class") or "").split()[:1] in (["node"], ["cluster"]))
+
+    assert shape(out) == shape(committed)

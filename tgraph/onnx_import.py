@@ -270,7 +270,7 @@ class _Importer:
         unknown = set(attrs) - set(opdef.attrs)
         if unknown:
             self._fail(node, f"attribute(s) {sorted(unknown)} are not supported")
-        self.b.scope = []
+        self.b.scope = _scope_of(node.name)
         hint = node.output[0] if node.output and node.output[0] else op.lower()
         try:
             outs = self.b.op(op, *ins, hint=hint, domain=domain, **attrs)
@@ -291,6 +291,13 @@ class _Importer:
 
     def _fail(self, node, why: str):
         raise OnnxImportError(f"{self.where(node)}: {why}")
+
+
+def _scope_of(node_name: str) -> List[str]:
+    """The module path in a torch.onnx node name (``/h.0/attn/MatMul_1`` -> ``["h.0", "attn"]``),
+    kept as the node's scope so pictures and errors group imported nodes by module."""
+    parts = [p for p in (node_name or "").split("/")[:-1] if p]
+    return parts if (node_name or "").startswith("/") else []
 
 
 def import_onnx(model_or_path: Union[str, os.PathLike, "onnx.ModelProto"]) -> Graph:

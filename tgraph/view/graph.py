@@ -22,8 +22,6 @@ FUSED_OPS = frozenset({"Attention", "LayerNormalization", "RMSNormalization", "G
                        "MultiHeadAttention", "FastGelu", "BiasGelu", "MatMulNBits", "SimplifiedLayerNormalization",
                        "EmbedLayerNormalization"})
 
-_ONNX_PATH = re.compile(r"^/(.+)/[^/]+$")        # torch.onnx names: /h.0/attn/MatMul_1
-
 
 def type_label(v: Optional[Value]) -> str:
     """`float32[batch,seq,768]`: the edge label of a value."""
@@ -35,12 +33,8 @@ def type_label(v: Optional[Value]) -> str:
 
 
 def scope_of(node: Node) -> str:
-    """The module path of a node: the DSL's scope, else the path in a torch.onnx node name."""
-    scope = node.meta.get("scope")
-    if scope:
-        return scope
-    m = _ONNX_PATH.match(node.name or "")
-    return m.group(1).replace("/", ".").strip(".") if m else ""
+    """The module path of a node: the DSL's scope (the importer keeps torch.onnx's)."""
+    return node.meta.get("scope") or ""
 
 
 def scope_levels(scope: str) -> Tuple[str, ...]:
