@@ -31,6 +31,7 @@ from tgraph.ir import DType, Graph, TensorType
 from tgraph.ir.core import Node, Value
 
 from .base import Pass, register_pass
+from .pattern import NearMiss
 from .rewrite import replace_value
 
 BITS = (4, 8)
@@ -270,9 +271,10 @@ class QuantizeWeights(Pass):
             raise ConfigError(f"quantize-weights: method must be one of {', '.join(METHODS)}, got {self.method!r}")
         self.act_stats: Optional[Mapping[str, np.ndarray]] = None     # set by callers, or from `calibration`
         self.refused: List[str] = []
+        self.near_misses: List[NearMiss] = []     # the refusals again, for the pass manager's --report
 
     def run(self, graph: Graph) -> Dict[str, int]:
-        self.refused = []
+        self.refused, self.near_misses = [], []
         linears = find_linears(graph)
         stats = self.act_stats
         if stats is None and self.calibration and self.method != "rtn":
@@ -288,12 +290,14 @@ class QuantizeWeights(Pass):
             reason = self._refusal(lin)
             if reason:
                 self.refused.append(f"{lin.matmul.name}: {reason}")
+                self.near_misses.append(NearMiss(self.name, lin.matmul.name, reason))
                 continue
             padded += lin.weight.shape[0] % self.block_size != 0
             self._rewrite(graph, lin, None if stats is None else stats.get(lin.matmul.name), shared)
             done += 1
         graph.remove_unused_constants()
-        return {"quantized": done, "padded": padded, "refused": len(self.refused)}
+        # A refusal is not a change: a second run, refusing the same layer again, changes nothing.
+        return {"quantized": done, "padded": padded}
 
     def _refusal(self, lin: LinearLayer) -> str:
         K, N = lin.weight.shape
