@@ -20,7 +20,7 @@ from model_harness import run_onnx
 from tgraph.api import build
 from tgraph.models import zoo  # noqa: F401  (registers every family)
 from tgraph.models.registry import MODELS, make_config
-from tgraph.passes.base import MAX_LEVEL
+from tgraph.passes.levels import MAX_LEVEL
 
 VOCAB = 67                                  # odd, so no dim accidentally lines up with another
 TOL = 1e-5

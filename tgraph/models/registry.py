@@ -31,8 +31,6 @@ def register_model(name: str, config_cls: type):
 
 
 def get_family(name: str) -> ModelFamily:
-    from . import zoo  # noqa: F401  (imports every family so it registers)
-
     try:
         return MODELS[name]
     except KeyError:

@@ -21,7 +21,6 @@ CPU = "CPUExecutionProvider"
 REQUESTS = ("auto", "cpu", "cuda")
 
 
-
 def requested_providers(request: Union[str, Sequence[str]], available: Sequence[str], *,
                         device_id: int = 0, cuda_error: Optional[str] = None,
                         cuda_options: Optional[dict] = None) -> list:
@@ -71,6 +70,32 @@ def check_active(request: Union[str, Sequence[str]], active: Sequence[str], *,
                f"see onnxruntime's log for details)")
         raise RuntimeBackendError(f"CUDA requested but not active: {why}")
     return "cuda" if on_cuda else "cpu"
+
+
+def describe_providers(active: Sequence[str], device_id: int = 0, *, request="auto",
+                       available: Sequence[str] = (), cuda_error: Optional[str] = None,
+                       verbose: bool = True) -> str:
+    """What a session really runs on, in one line for the user.
+
+    ``"CUDAExecutionProvider (device 0)"``, or the CPU provider with why CUDA is not in
+    use: ``"CPUExecutionProvider: CUDA not available: libcublasLt.so.13: cannot open ..."``.
+    `verbose=False` keeps the line short where CUDA was never asked for by name: the
+    provider, and only the fact that CUDA is not available (`tgraph doctor` says why).
+    """
+    if CUDA in active:
+        return f"{CUDA} (device {int(device_id)})"
+    first = active[0] if active else CPU
+    if request == "cpu" or (not isinstance(request, str) and CUDA not in request):
+        return f"{first}: CPU requested" if verbose else first
+    if not verbose:
+        return f"{first} (CUDA not available; --verbose or `tgraph doctor` says why)"
+    if CUDA not in available:
+        why = f"{CUDA} is not in onnxruntime's available providers (install onnxruntime-gpu)"
+    elif cuda_error:
+        why = f"{CUDA} failed to load: {cuda_error}"
+    else:
+        why = "onnxruntime fell back to the CPU (see its log)"
+    return f"{first}: CUDA not available: {why}"
 
 
 def binding_device(output_device: Optional[str], session_device: str) -> str:
