@@ -95,7 +95,7 @@ BAD_INPUTS = [
     (["export", "no_such_model", "-o", "{out}"], "unknown model 'no_such_model'"),
     (["export", "transformer", "-o", "{out}", "--set", "d_model=30", "--set", "num_heads=4"],
      "not divisible by num_heads"),
-    (["export", "transformer", "-o", "{out}", "--set", "colour=blue"], "unknown config key 'colour'"),
+    (["export", "transformer", "-o", "{out}", "--set", "colour=blue"], "--set colour: TransformerConfig has no such key"),
     (["export", "transformer", "-o", "{out}", "--set", "d_model"], "--set expects key=value"),
     (["export", "missing_file.py:make", "-o", "{out}"], "model file not found"),
     (["export", "{tmp}/nodir/", "-o", "{out}"], "not found or not a model"),
