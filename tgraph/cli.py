@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from . import cli_generate, cli_info
-from .cli_args import TgraphParser, add_global_flags_everywhere
+from .cli_args import TgraphParser, add_global_flags_everywhere, provider_text
 from .cli_args import parse_sets as _parse_sets
 from .errors import ConfigError, InputError, TgraphError
 
@@ -281,7 +281,7 @@ def cmd_run(args) -> int:
         start = time.perf_counter()
         outputs = session.run(inputs)
         took = time.perf_counter() - start
-        print(f"ran {args.model} with onnxruntime on {session.describe(verbose=args.verbose)} in {took * 1e3:.1f} ms")
+        print(f"ran {args.model} with onnxruntime on {provider_text(session, args)} in {took * 1e3:.1f} ms")
         print("\n".join(_summarise(outputs)))
         warn_nonfinite(outputs, args.model)
         return 0
@@ -300,7 +300,7 @@ def cmd_run(args) -> int:
     if session is not None:
         start = time.perf_counter()
         results["ort"] = session.run(inputs)
-        print(f"onnxruntime on {session.describe(verbose=args.verbose)}: {(time.perf_counter() - start) * 1e3:.1f} ms")
+        print(f"onnxruntime on {provider_text(session, args)}: {(time.perf_counter() - start) * 1e3:.1f} ms")
     if args.backend == "numpy" or args.check:
         from .codegen.numpy import load_numpy_module, write_numpy_module
 

@@ -41,6 +41,15 @@ def parse_sets(items: Optional[List[str]]) -> Dict[str, str]:
     return out
 
 
+def provider_text(session, args) -> str:
+    """The provider a command ran on, in a few words, for its result line. Why CUDA is not
+    used is one note on stderr with `--verbose` (and `tgraph doctor` says what is missing)."""
+    reason = session.fallback_reason()
+    if reason and getattr(args, "verbose", False):
+        print(f"tgraph: note: CUDA not used: {reason}", file=sys.stderr)
+    return session.describe(verbose=False, hint="" if getattr(args, "verbose", False) else "--verbose says why")
+
+
 def add_global_flags(parser: argparse.ArgumentParser, top: bool) -> None:
     """The global flags, on the top parser (default False) or a subparser (no default, so a
     flag given before the subcommand is not reset by the subparser). A flag a subcommand
@@ -80,15 +89,28 @@ def _option_candidates(parser: argparse.ArgumentParser) -> Dict[str, str]:
         for s in longs:
             out.setdefault(s[2:], s)
         for choice in action.choices or ():
-            out.setdefault(str(choice), f"{longs[0]} {choice}")
+            if isinstance(choice, str):          # not numbers: `--fp16` is no `--block-size 16`
+                out.setdefault(choice, f"{longs[0]} {choice}")
     return out
+
+
+def _config_key_names() -> set:
+    from .models import MODELS
+
+    import dataclasses
+
+    return {f.name for family in MODELS.values() for f in dataclasses.fields(family.config_cls)}
 
 
 def suggest_flag(word: str, parser: argparse.ArgumentParser) -> str:
     """``" (did you mean --dtype float16?)"`` for an unknown flag such as ``--fp16``, or ``""``."""
-    name = word.split("=", 1)[0].lstrip("-")
+    name, _, value = word.partition("=")
+    name = name.lstrip("-")
     if not name:
         return ""
+    if "--set" in parser._option_string_actions and name.replace("-", "_") in _config_key_names():
+        key = name.replace("-", "_")
+        return f" (did you mean --set {key}={value or 'VALUE'}? `tgraph config MODEL` lists a model's keys)"
     candidates = _option_candidates(parser)
     best = close_matches(name, candidates, n=1, cutoff=0.5)
     return f" (did you mean {candidates[best[0]]}?)" if best else ""
@@ -104,7 +126,7 @@ class TgraphParser(argparse.ArgumentParser):
         m = _INVALID_CHOICE.search(message)
         if m:
             choices = re.findall(r"'([^']*)'", m.group("choices")) or [c.strip() for c in m.group("choices").split(",")]
-            best = close_matches(m.group("word"), choices, n=1)
+            best = close_matches(m.group("word"), choices, n=1, cutoff=0.5)
             if best:
                 message += f"; did you mean {best[0]!r}?"
         command = self.prog.partition(" ")[2]

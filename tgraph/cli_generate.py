@@ -18,7 +18,7 @@ import json
 import sys
 from typing import List
 
-from .cli_args import parse_sets
+from .cli_args import parse_sets, provider_text
 from .errors import ConfigError
 
 
@@ -157,5 +157,5 @@ def cmd_generate(args) -> int:
             print(prefix + (result.text[i] if result.text is not None else " ".join(map(str, ids))))
     count = sum(len(r) for r in result.ids)
     print(f"{count} new tokens in {result.seconds:.3f}s ({result.tokens_per_s:.1f} tokens/s) "
-          f"on {gen.decoder.describe(verbose=args.verbose)}", file=info)
+          f"on {provider_text(gen.decoder, args)}", file=info)
     return 0

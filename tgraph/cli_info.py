@@ -170,11 +170,12 @@ def cmd_passes(args) -> int:
     print("\npasses (run any list with `tgraph optimize --pipeline a,b{option=value}`; "
           "`--print-ir-after-all` shows the IR after each):")
     width = max(len(r["name"]) for r in rows)
+    wheres = {r["name"]: "[" + (" ".join(f"-O{k}" for k in r["levels"]) or "by name") + "]" for r in rows}
+    column = max(map(len, wheres.values()))
     for r in rows:
-        where = " ".join(f"-O{k}" for k in r["levels"]) or "by name"
-        print(f"  {r['name']:<{width}}  [{where}]  {r['about']}")
+        print(f"  {r['name']:<{width}}  {wheres[r['name']]:<{column}}  {r['about']}")
         if r["options"]:
-            print(f"  {'':<{width}}  options: {', '.join(f'{k}={v}' for k, v in r['options'].items())}")
+            print(f"  {'':<{width}}  {'':<{column}}  options: {', '.join(f'{k}={v}' for k, v in r['options'].items())}")
     return 0
 
 
@@ -210,8 +211,9 @@ def cuda_verdict(facts: Dict[str, Any]) -> List[str]:
                 "(install onnxruntime-gpu instead of onnxruntime)"]
     stops = []
     if cuda["missing"]:
-        stops.append(f"the CUDA provider library needs {len(cuda['missing'])} libraries that are not found: "
-                     f"{', '.join(cuda['missing'])}")
+        names = [f"{n} (the NVIDIA driver's)" if n.startswith("libcuda.so") else n for n in cuda["missing"]]
+        stops.append(f"the CUDA provider library needs {len(names)} libraries that are not found: "
+                     f"{', '.join(names)}")
     elif cuda["load_error"]:
         stops.append(f"the CUDA provider library fails to load: {cuda['load_error']}")
     gpu = facts["gpu"]

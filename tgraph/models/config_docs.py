@@ -97,10 +97,10 @@ def _class_field_docs(cls: type) -> Dict[str, str]:
             while line in comments and comments[line][2] and comments[line][0] == trailing[0]:
                 words.append(comments[line][1])
                 line += 1
-        else:
+        else:                       # comment lines just above, indented as the field
             line = node.lineno - 1
             above: List[str] = []
-            while line in comments and comments[line][2]:
+            while line in comments and comments[line][2] and comments[line][0] == node.col_offset:
                 above.insert(0, comments[line][1])
                 line -= 1
             words = above
