@@ -215,6 +215,7 @@ def relu_model():
 @pytest.mark.parametrize("argv, suggestion", [
     (["export", "gtp2", "-o", "x.onnx"], "did you mean 'gpt2'?"),                       # model name
     (["exprot", "gpt2", "-o", "x.onnx"], "did you mean 'export'?"),                     # subcommand
+    (["gtp2"], "looks like the model 'gpt2': give a command first, e.g. `tgraph run gpt2`"),  # model, no command
     (["export", "gpt2", "-o", "x.onnx", "--fp16"], "did you mean --dtype float16?"),     # flag
     (["export", "gpt2", "-o", "x.onnx", "--dtype", "fp16"], "did you mean 'float16'?"),  # a flag's value
     (["generate", "gpt2", "--prompt-ids", "1", "--max-new-tokns", "3"], "did you mean --max-new-tokens?"),
@@ -227,13 +228,11 @@ def test_did_you_mean(tmp_path, capsys, monkeypatch, argv, suggestion):
     if argv[0] == "optimize":
         onnx.save(relu_model(), "in.onnx")
     try:
-        code = main(argv)
-        out, err = capsys.readouterr()
-        assert code == 2 and err.count("\n") == 1 and err.startswith("tgraph: error: "), err
-    except SystemExit:
-        err = ""
-        out, err = capsys.readouterr()
-        assert err.startswith("tgraph: error: ") and err.count("\n") == 1, err
+        code = main(argv)                  # a mistake found by tgraph
+    except SystemExit as e:                # a usage mistake found by the parser
+        code = e.code
+    out, err = capsys.readouterr()
+    assert code == 2 and err.startswith("tgraph: error: ") and err.count("\n") == 1, err
     assert suggestion in err
     assert not (tmp_path / "x.onnx").exists()
 

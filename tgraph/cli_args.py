@@ -94,6 +94,12 @@ def _option_candidates(parser: argparse.ArgumentParser) -> Dict[str, str]:
     return out
 
 
+def _model_names() -> List[str]:
+    from .models import MODELS
+
+    return sorted(MODELS)
+
+
 def _config_key_names() -> set:
     from .models import MODELS
 
@@ -129,6 +135,11 @@ class TgraphParser(argparse.ArgumentParser):
             best = close_matches(m.group("word"), choices, n=1, cutoff=0.5)
             if best:
                 message += f"; did you mean {best[0]!r}?"
+            elif self.prog == "tgraph":                    # `tgraph gtp2`: a model where a command goes
+                model = close_matches(m.group("word"), _model_names(), n=1)
+                if model:
+                    message += f"; {m.group('word')!r} looks like the model {model[0]!r}: give a command first, " \
+                               f"e.g. `tgraph run {model[0]}`"
         command = self.prog.partition(" ")[2]
         where = f"{command}: " if command else ""
         print(f"tgraph: error: {where}{message} (see `{self.prog} --help`)", file=sys.stderr)
