@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = TgraphParser(prog="tgraph", description="Build, optimise and export Transformer graphs.",
                           epilog="`tgraph models` lists the models, `tgraph config MODEL` their --set keys, "
                                  "`tgraph passes` the -O levels, `tgraph doctor` the installation.")
-    parser.add_argument("--version", action="version", version=cli_info.version_line())
+    parser.add_argument("--version", action=cli_info.VersionAction)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("export", help="export a model to ONNX")

@@ -10,6 +10,7 @@ config fields and their comments, passes and the level table), never from a copy
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import sys
@@ -35,6 +36,18 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("doctor", help="versions, onnxruntime wheel and providers, what stops CUDA, GPU visibility")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_doctor)
+
+
+class VersionAction(argparse.Action):
+    """`--version`: the line is made when asked for, not each time the parser is built."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0,
+                         help=help or "print the versions of tgraph, onnx and onnxruntime, and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_line())
+        parser.exit()
 
 
 def version_line() -> str:

@@ -35,6 +35,9 @@ def onnxruntime_wheels() -> List[Dict[str, str]]:
     onnxruntime-gpu, ...). Two at once overwrite each other's files: a broken install."""
     out = []
     for dist in metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower()
+        if not name.startswith(("onnxruntime", "ort")):      # reading every wheel's RECORD is slow
+            continue
         files = dist.files or ()
         if any(str(f).replace("\\", "/") == "onnxruntime/__init__.py" for f in files):
             out.append({"name": dist.metadata["Name"], "version": dist.version})
