@@ -13,6 +13,7 @@ which imports them: so the command line has no import circle.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import sys
 from typing import Dict, List, Optional, Sequence
@@ -103,8 +104,6 @@ def _model_names() -> List[str]:
 def _config_key_names() -> set:
     from .models import MODELS
 
-    import dataclasses
-
     return {f.name for family in MODELS.values() for f in dataclasses.fields(family.config_cls)}
 
 
@@ -122,7 +121,7 @@ def suggest_flag(word: str, parser: argparse.ArgumentParser) -> str:
     return f" (did you mean {candidates[best[0]]}?)" if best else ""
 
 
-_INVALID_CHOICE = re.compile(r"invalid choice: '(?P<word>[^']*)' \(choose from (?P<choices>.*)\)$")
+_INVALID_CHOICE = re.compile(r"invalid choice: '?(?P<word>[^']*?)'? \(choose from (?P<choices>.*)\)$")
 
 
 class TgraphParser(argparse.ArgumentParser):
