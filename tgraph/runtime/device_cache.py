@@ -47,7 +47,7 @@ def cache_pairs(input_names: Sequence[str], output_names: Sequence[str]) -> List
         pairs.append((int(m.group(1)), m.group(2) != "key", name, present))
     if not pairs:
         raise ConfigError("the model has no KV cache inputs (past_key_values.{i}.key/value); "
-                          "export it with use_cache=true")
+                          "export it with --set use_cache=true")
     return [(past, present) for _, _, past, present in sorted(pairs)]
 
 
