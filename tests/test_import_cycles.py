@@ -23,10 +23,7 @@ def module_files() -> Dict[str, Path]:
         for path in folder.rglob("*.py"):
             rel = path.relative_to(folder).with_suffix("")
             parts = [p for p in rel.parts if p != "__init__"]
-            name = ".".join([package, *parts])
-            if name.split(".")[:2] == ["tgraph", "passes"] and package == "tgraph":
-                continue
-            out[name] = path
+            out[".".join([package, *parts])] = path
     return out
 
 
