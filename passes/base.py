@@ -50,9 +50,12 @@ PassLike = Union[str, Pass, Type[Pass]]
 
 PASSES: Dict[str, Type[Pass]] = {}
 
-def register_pass(cls: Optional[Type[Pass]] = None):
+def register_pass(cls: Optional[Type[Pass]] = None, **options: Any):
     """Register a `Pass` subclass by its `name` (``@register_pass``); `tgraph.passes.levels`
     lists the passes each -O level runs."""
+    if options:
+        raise TypeError(f"register_pass takes no {', '.join(options)}: the passes of each -O level are listed "
+                        "in tgraph.passes.levels.LEVEL_TABLE")
 
     def deco(c: Type[Pass]) -> Type[Pass]:
         if not (isinstance(c, type) and issubclass(c, Pass)):

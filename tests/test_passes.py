@@ -99,6 +99,11 @@ def test_register_pass_rejects_bad_names_and_duplicates(registry):
         class Dce2(Pass):
             name = "dce"
 
+    with pytest.raises(TypeError, match="LEVEL_TABLE"):
+        @register_pass(level=2)
+        class Leveled(Pass):
+            name = "leveled-pass"
+
 
 def test_get_pass_unknown_lists_known_passes():
     with pytest.raises(ConfigError) as e:
