@@ -320,7 +320,8 @@ def main() -> None:
     import onnxruntime as ort
     import torch
 
-    from tgraph.passes import LEVEL_PASSES, level_pipeline
+    from tgraph.passes import level_pipeline
+    from tgraph.passes.levels import CLEANUP
 
     torch.set_num_threads(args.threads)
     specs = _hf_models()
@@ -358,7 +359,7 @@ def main() -> None:
             for level in levels:
                 contenders.append(export_tgraph(ckpt, out_dir / f"{mname}_tgraph_O{level}.onnx", f"tgraph -O{level}",
                                                 level, None))
-            cleanup = list(LEVEL_PASSES[1])
+            cleanup = list(CLEANUP)
             for extra in args.extra:
                 label, _, passes = extra.partition("=")
                 pipeline = ",".join(level_pipeline(2) + passes.split(",") + cleanup)

@@ -1,24 +1,18 @@
-"""Graph passes: the registry, the pass manager and the cleanup passes.
+"""Graph passes: the registry, the level table, the pass manager and the passes.
 
 ``optimize(graph, level=2)`` or ``optimize(graph, pipeline="dce,cse")`` mutates a graph in
-place, verifying it after every pass. The import order below is the order of the -O1
-cleanup pipeline: forward no-op nodes, fold what is known, merge duplicates, then
-sweep what became dead.
+place, verifying it after every pass. Importing a pass module registers its passes by
+name; the order of -O levels is `levels.LEVEL_TABLE`, not the import order below.
 """
-from .base import (LEVEL_PASSES, LEVELS, PASSES, Pass, describe_passes, format_pipeline, get_pass,
-                   level_pipeline, parse_pipeline, register_pass)
-from .manager import DEFAULT_LEVEL, PassError, PassManager, PassRecord, PipelineResult, optimize
-from . import eliminate_identity, fold_constants, cse, dce  # noqa: E402,F401  (registers the passes)
-# Fusions (-O2), in pipeline order: elementwise formulas first, then rotary positions, then attention, whose
-# leftover causal masks `causal-mask` makes explicit.
-from . import fuse_elementwise, fuse_rotary, fuse_attention  # noqa: E402,F401
-# onnxruntime-specific fusions (-O3, com.microsoft ops), after the portable ones.
-from . import ort_fusions  # noqa: E402,F401
-# Precision conversion (to-fp16, to-bf16): in no -O level; run it by name or via api.build(dtype=...).
-from . import precision  # noqa: E402,F401
-# Weight-only quantization (quantize-weights, MatMulNBits): in no -O level; run by name or via --quantize.
-from . import quantize  # noqa: E402,F401
+from .base import PASSES, Pass, describe_passes, format_pipeline, get_pass, parse_pipeline, register_pass
+from .levels import LEVEL_TABLE, LEVELS, MAX_LEVEL, level_pipeline, levels_of
+from .manager import DEFAULT_LEVEL, PassError, PassManager, PassRecord, PipelineResult, optimize, print_ir_after_all
+from . import cse, dce, eliminate_identity, fold_constants  # noqa: E402,F401  (register the passes)
+from . import fuse_attention, fuse_elementwise, fuse_rotary, ort_fusions  # noqa: E402,F401
+# Passes in no level: precision conversion (to-fp16, to-bf16; api.build(dtype=...)) and weight-only
+# quantization (quantize-weights; --quantize).
+from . import precision, quantize  # noqa: E402,F401
 
-__all__ = ["DEFAULT_LEVEL", "LEVELS", "LEVEL_PASSES", "PASSES", "Pass", "PassError", "PassManager", "PassRecord",
-           "PipelineResult", "describe_passes", "format_pipeline", "get_pass", "level_pipeline", "optimize", "parse_pipeline",
-           "register_pass"]
+__all__ = ["DEFAULT_LEVEL", "LEVELS", "LEVEL_TABLE", "MAX_LEVEL", "PASSES", "Pass", "PassError", "PassManager",
+           "PassRecord", "PipelineResult", "describe_passes", "format_pipeline", "get_pass", "level_pipeline",
+           "levels_of", "optimize", "parse_pipeline", "print_ir_after_all", "register_pass"]

@@ -2,18 +2,17 @@
 
 After xDSL: a pass is a small dataclass with a kebab-case `name`; its dataclass fields
 are its options; a pipeline is a string such as ``"dce,cse,fold-constants{max-elements=4096}"``.
-Levels are lists that passes register themselves into (``register_pass(level=2)``), so
-a new fusion joins ``-O2`` by declaring it, not by editing a special case here.
+Which passes each -O level runs is not declared here but in one table, `tgraph.passes.levels`.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
-from typing import Any, ClassVar, Dict, Iterator, List, Optional, Sequence, Type, Union
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Type, Union
 
 from tgraph.errors import ConfigError
 from tgraph.ir import Graph
+from tgraph.suggest import did_you_mean
 
 _KEBAB = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 
@@ -51,16 +50,12 @@ PassLike = Union[str, Pass, Type[Pass]]
 
 PASSES: Dict[str, Type[Pass]] = {}
 
-#: The passes each level adds, in order; filled by `register_pass(level=...)`.
-LEVEL_PASSES: Dict[int, List[str]] = {0: [], 1: [], 2: [], 3: []}
-MAX_LEVEL = max(LEVEL_PASSES)
-
-
-def register_pass(cls: Optional[Type[Pass]] = None, *, level: Optional[int] = None):
-    """Register a `Pass` subclass by its `name`; `level=k` also adds it to -Ok and above.
-
-    Usable bare (``@register_pass``) or with a level (``@register_pass(level=2)``).
-    """
+def register_pass(cls: Optional[Type[Pass]] = None, **options: Any):
+    """Register a `Pass` subclass by its `name` (``@register_pass``); `tgraph.passes.levels`
+    lists the passes each -O level runs."""
+    if options:
+        raise TypeError(f"register_pass takes no {', '.join(options)}: the passes of each -O level are listed "
+                        "in tgraph.passes.levels.LEVEL_TABLE")
 
     def deco(c: Type[Pass]) -> Type[Pass]:
         if not (isinstance(c, type) and issubclass(c, Pass)):
@@ -73,11 +68,6 @@ def register_pass(cls: Optional[Type[Pass]] = None, *, level: Optional[int] = No
         if name in PASSES and PASSES[name].__qualname__ != c.__qualname__:
             raise ValueError(f"pass name {name!r} is already registered by {PASSES[name].__qualname__}")
         PASSES[name] = c
-        if level is not None:
-            if level not in LEVEL_PASSES or level == 0:
-                raise ValueError(f"level must be one of 1..{MAX_LEVEL}, got {level!r} (-O0 runs no pass)")
-            if name not in LEVEL_PASSES[level]:
-                LEVEL_PASSES[level].append(name)
         return c
 
     return deco if cls is None else deco(cls)
@@ -92,50 +82,14 @@ def get_pass(name: str) -> Type[Pass]:
     try:
         return PASSES[name]
     except KeyError:
-        raise ConfigError(f"unknown pass {name!r}; known passes: {_known()}") from None
+        raise ConfigError(f"unknown pass {name!r}{did_you_mean(name, PASSES)}; known passes: {_known()} "
+                          "(`tgraph passes` describes them)") from None
 
 
 def describe_passes() -> Dict[str, str]:
-    """``{name: first line of its docstring}`` for every registered pass (for ``--list-passes``)."""
+    """``{name: first line of its docstring}`` for every registered pass (for `tgraph passes`)."""
     return {name: (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
             for name, cls in sorted(PASSES.items())}
-
-
-def level_pipeline(level: int) -> List[str]:
-    """The pass names run at -O`level`.
-
-    -O0 runs nothing (the graph as built); -O1 runs the cleanup passes; -O2 and -O3 add
-    their own passes (fusions) after cleanup and then clean up once more, since rewrites
-    leave dead nodes and duplicate constants behind.
-    """
-    if isinstance(level, bool) or level not in LEVEL_PASSES:
-        raise ConfigError(f"unknown optimization level {level!r}; levels are 0..{MAX_LEVEL}")
-    if level == 0:
-        return []
-    cleanup = list(LEVEL_PASSES[1])
-    extra = [n for k in range(2, level + 1) for n in LEVEL_PASSES[k]]
-    return cleanup + extra + (cleanup if extra else [])
-
-
-class _Levels(Mapping):
-    """``LEVELS[k]``: the pipeline of -Ok, computed from the registry when read."""
-
-    def __getitem__(self, level: int) -> List[str]:
-        if level not in LEVEL_PASSES:
-            raise KeyError(level)
-        return level_pipeline(level)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(sorted(LEVEL_PASSES))
-
-    def __len__(self) -> int:
-        return len(LEVEL_PASSES)
-
-    def __repr__(self) -> str:
-        return repr(dict(self))
-
-
-LEVELS: Mapping = _Levels()
 
 
 # ------------------------------------------------------------------ pipeline strings

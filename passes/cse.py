@@ -123,7 +123,7 @@ def merge_constants(graph: Graph) -> int:
     return merged
 
 
-@register_pass(level=1)
+@register_pass
 class CommonSubexpressionElimination(Pass):
     """Merge identical constants and nodes that compute the same value."""
 

@@ -25,7 +25,7 @@ from tgraph.ir import Graph
 from .base import Pass, register_pass
 
 
-@register_pass(level=1)
+@register_pass
 class DeadCodeElimination(Pass):
     """Remove nodes that do not feed a graph output, then unused constants."""
 

@@ -52,7 +52,7 @@ IDENTITY_RULES: Dict[str, Callable[[Node], bool]] = {
 }
 
 
-@register_pass(level=1)
+@register_pass
 class EliminateIdentity(Pass):
     """Forward the input of no-op nodes (Identity, same-dtype Cast, identity Transpose/Reshape...)."""
 

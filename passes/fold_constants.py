@@ -43,7 +43,7 @@ from tgraph.ir.evaluate import run_node
 from .base import Pass, register_pass
 
 
-@register_pass(level=1)
+@register_pass
 class FoldConstants(Pass):
     """Replace nodes computable at compile time by constants."""
 

@@ -403,7 +403,7 @@ class AttentionRule(Rule):
         return y
 
 
-@register_pass(level=2)
+@register_pass
 class FuseAttention(RewritePass):
     """Scaled dot-product attention -> Attention-23 (grouped heads, masks and causality kept).
 
@@ -486,7 +486,7 @@ class MergedHeadsRule(Rule):
 
 
 # ------------------------------------------------------------------------------ causal-mask
-@register_pass(level=2)
+@register_pass
 class CausalMaskPass(RewritePass):
     """Make the causal masks that fusion did not absorb explicit.
 

@@ -60,7 +60,7 @@ class SoftmaxRule(Rule):
         return b.op("Softmax", m.x, axis=int(m.axes[0]))
 
 
-@register_pass(level=2)
+@register_pass
 class FuseSoftmax(RewritePass):
     """exp/sum/div (with or without max-subtraction) -> Softmax.
 
@@ -119,7 +119,7 @@ class LayerNormRule(Rule):
         return b.op("LayerNormalization", *ins, axis=-1, epsilon=_scalar(m, "eps"))
 
 
-@register_pass(level=2)
+@register_pass
 class FuseLayerNorm(RewritePass):
     """Mean/variance arithmetic -> LayerNormalization-17.
 
@@ -169,7 +169,7 @@ class RMSNormRule(Rule):
         return b.op("RMSNormalization", m.x, m.gamma, axis=-1, epsilon=_scalar(m, "eps"))
 
 
-@register_pass(level=2)
+@register_pass
 class FuseRMSNorm(RewritePass):
     """Root-mean-square normalisation -> RMSNormalization-23.
 
@@ -228,7 +228,7 @@ class GeluRule(Rule):
         return b.op("Gelu", m.x, approximate=approximate)
 
 
-@register_pass(level=2)
+@register_pass
 class FuseGelu(RewritePass):
     """The erf and tanh GELU formulas -> Gelu-20.
 

@@ -238,7 +238,7 @@ def _halves_equal(v: Value, depth: int = 12) -> bool:
     return all(i is not None and _halves_equal(i, depth - 1) for i in node.inputs)
 
 
-@register_pass(level=2)
+@register_pass
 class FuseRotary(RewritePass):
     """Rotary position embeddings (rotate_half form, full or partial) -> RotaryEmbedding-23.
 

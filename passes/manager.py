@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, TextIO, Union
+from typing import Dict, Iterator, List, Optional, Sequence, TextIO, Union
 
 from tgraph.errors import ConfigError, TgraphError, VerifyError
 from tgraph.ir import Graph
 
-from .base import Pass, PassLike, level_pipeline, parse_pipeline
+from .base import Pass, PassLike, parse_pipeline
+from .levels import level_pipeline
 from .pattern import NearMiss
 
 #: The level `optimize(graph)` uses when given neither a level nor a pipeline.
@@ -114,19 +116,38 @@ class PipelineResult:
         return "\n".join(lines)
 
 
+_PRINT_IR_TO: List[TextIO] = []          # the streams of the active `print_ir_after_all` blocks
+
+
+@contextmanager
+def print_ir_after_all(out: Optional[TextIO] = None) -> Iterator[None]:
+    """Inside this block every `PassManager` not told otherwise prints the IR before its
+    first pass and after each pass to `out` (default stderr), like MLIR's
+    ``-mlir-print-ir-after-all``: the CLI's ``--print-ir-after-all`` reaches the passes of
+    any command this way, without a flag threaded through every API in between."""
+    _PRINT_IR_TO.append(out if out is not None else sys.stderr)
+    try:
+        yield
+    finally:
+        _PRINT_IR_TO.pop()
+
+
 class PassManager:
     """Runs passes in order on one graph (mutating it).
 
     verify: call `graph.verify()` on the input and after every pass.
     print_ir: print the IR before the first pass and after each pass, to `out`
-        (default stdout), like xDSL's ``--print-between-passes``.
+        (default stdout), like xDSL's ``--print-between-passes``; None (the default):
+        only inside a `print_ir_after_all` block, to its stream.
     """
 
     def __init__(self, passes: Union[str, Sequence[PassLike]], *, verify: bool = True,
-                 print_ir: bool = False, out: Optional[TextIO] = None):
+                 print_ir: Optional[bool] = None, out: Optional[TextIO] = None):
         self.passes: List[Pass] = parse_pipeline(passes)
         self.verify = verify
-        self.print_ir = print_ir
+        if print_ir is None and _PRINT_IR_TO:
+            print_ir, out = True, out if out is not None else _PRINT_IR_TO[-1]
+        self.print_ir = bool(print_ir)
         self.out = out
 
     def _print(self, graph: Graph, header: str) -> None:
@@ -201,7 +222,7 @@ def resolve_pipeline(level: Optional[int] = None,
 
 
 def optimize(graph: Graph, level: Optional[int] = None, pipeline: Union[str, Sequence[PassLike], None] = None,
-             *, verify: bool = True, print_ir: bool = False, out: Optional[TextIO] = None) -> PipelineResult:
+             *, verify: bool = True, print_ir: Optional[bool] = None, out: Optional[TextIO] = None) -> PipelineResult:
     """Optimize `graph` in place at -O`level` (default `DEFAULT_LEVEL`) or with an explicit pipeline."""
     passes = resolve_pipeline(level, pipeline)
     return PassManager(passes, verify=verify, print_ir=print_ir, out=out).run(graph)

@@ -193,7 +193,7 @@ def _packed_constant(graph: Graph, parts: List[Value], array: np.ndarray, kind: 
         return graph.add_constant(array, hint=name, is_param=True)
 
 
-@register_pass(level=3)
+@register_pass
 class FusePackedQKV(Pass):
     """Sibling projections of one activation -> one MatMul on concatenated weights + Split.
 

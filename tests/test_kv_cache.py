@@ -183,9 +183,9 @@ def test_t5_decoder_padding_mask_covers_past_and_new_tokens():
 
 
 def test_cache_options_are_checked():
-    with pytest.raises(ConfigError, match="use_position_ids=True needs use_cache=True"):
+    with pytest.raises(ConfigError, match="--set use_position_ids=true needs --set use_cache=true"):
         build("gpt2", _set(DECODERS["gpt2"][0], use_position_ids=True))
-    with pytest.raises(ConfigError, match="use_cache=True needs part='decoder'"):
+    with pytest.raises(ConfigError, match="--set use_cache=true needs --set part=decoder"):
         build("t5", _set(SEQ2SEQ["t5"][0], use_cache=True))
     with pytest.raises(ConfigError, match="part must be one of"):
         build("transformer", _set(SEQ2SEQ["transformer"][0], part="middle"))

@@ -20,7 +20,7 @@ from model_harness import run_onnx
 from tgraph.api import build
 from tgraph.models import zoo  # noqa: F401  (registers every family)
 from tgraph.models.registry import MODELS, make_config
-from tgraph.passes.base import MAX_LEVEL
+from tgraph.passes.levels import MAX_LEVEL
 
 VOCAB = 67                                  # odd, so no dim accidentally lines up with another
 TOL = 1e-5
@@ -138,3 +138,40 @@ def test_O0_keeps_the_formulas():
     hist = build("llama", overrides("llama"), level=0).graph.op_histogram()
     assert not any(op in hist for op in ATTENTION_OPS + NORM_OPS + ROTARY_OPS)
     assert hist.get("ReduceMean") == 5 and hist.get("Neg") == 4
+
+
+# ---------------------------------------------------------------- the level table (issue 11, item 3)
+def test_every_name_in_the_level_table_is_a_registered_pass():
+    from tgraph.passes import PASSES
+    from tgraph.passes.levels import LEVEL_TABLE
+
+    unknown = {level: [n for n in names if n not in PASSES] for level, names in LEVEL_TABLE.items()}
+    assert not any(unknown.values()), f"level table names unregistered passes: {unknown}"
+    assert LEVEL_TABLE[0] == () and sorted(LEVEL_TABLE) == list(range(MAX_LEVEL + 1))
+
+
+def test_canonicalize_runs_first_at_O2_once_it_exists():
+    """The `canonicalize` pass normalises formulas for the fusions, so it must open -O2 and -O3."""
+    from tgraph.passes import PASSES
+    from tgraph.passes.levels import LEVEL_TABLE
+
+    if "canonicalize" in PASSES:
+        assert LEVEL_TABLE[2][0] == LEVEL_TABLE[3][0] == "canonicalize", "put it in levels.CANONICALIZE"
+    else:
+        assert all("canonicalize" not in names for names in LEVEL_TABLE.values())
+
+
+def test_the_order_of_the_table_matters_causal_mask_after_attention():
+    """`causal-mask` makes explicit the masks fusion did not absorb: run before `fuse-attention`
+    it would take every mask, and no attention block would fuse."""
+    from tgraph.passes import level_pipeline, optimize
+    from tgraph.passes.levels import CLEANUP, FUSIONS
+
+    ov = overrides("llama")
+    as_listed = build("llama", ov, level=2).graph.op_histogram()
+    assert as_listed.get("Attention") == 2 and level_pipeline(2).index("causal-mask") > \
+        level_pipeline(2).index("fuse-attention")
+    moved = ("causal-mask",) + tuple(n for n in FUSIONS if n != "causal-mask")
+    graph = build("llama", ov, level=0).graph
+    optimize(graph, pipeline=list(CLEANUP + moved + CLEANUP))
+    assert "Attention" not in graph.op_histogram()

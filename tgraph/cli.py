@@ -6,9 +6,15 @@
     tgraph inspect MODEL_OR_ONNX [--json]
     tgraph optimize IN.onnx -o OUT.onnx [-O N | --pipeline P] [--report]
     tgraph generate MODEL (--prompt TEXT | --prompt-ids 1,2,3) [--max-new-tokens N] [--json] [--stream]
+    tgraph models | config MODEL | passes | doctor          (tgraph.cli_info)
 
-Every user mistake is one line on stderr and a non-zero exit; `--debug` shows the
-traceback. Writers are atomic, so a failed command leaves no file behind.
+Every user mistake is one line on stderr and a non-zero exit; `--debug` (anywhere on the
+line, like `--verbose`, `--quiet` and `--print-ir-after-all`) shows the traceback. Writers
+are atomic, so a failed command leaves no file behind.
+
+A subcommand lives in its own module when it is more than a few lines: the module has
+`add_parsers(sub)`, and each parser it adds names its handler with
+``p.set_defaults(handler=cmd_x)``; `build_parser` calls it (see SUBCOMMAND_MODULES).
 """
 from __future__ import annotations
 
@@ -24,6 +30,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from . import cli_generate, cli_info, cli_view
+from .cli_args import TgraphParser, add_global_flags_everywhere, provider_text
+from .cli_args import parse_sets as _parse_sets
 from .errors import ConfigError, InputError, TgraphError
 
 EXIT_USER_ERROR = 2
@@ -31,16 +40,6 @@ EXIT_INTERNAL = 3
 
 
 # ---------------------------------------------------------------- argument parsing
-def _parse_sets(items: Optional[List[str]]) -> Dict[str, str]:
-    out: Dict[str, str] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        out[key.strip()] = value.strip()
-    return out
-
-
 def _parse_dims(text: Optional[str]) -> Dict[str, int]:
     dims = {"batch": 1, "seq": 8, "decoder_seq": 8}
     for item in (text or "").split(","):
@@ -79,18 +78,25 @@ def _add_model_options(p: argparse.ArgumentParser, output: bool = True) -> None:
         p.add_argument("-o", "--output", required=True, help="file to write")
     p.add_argument("-O", dest="level", type=int, choices=[0, 1, 2, 3], default=None,
                    help="optimization level (0 = as built; default 2)")
-    p.add_argument("--set", dest="sets", action="append", metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--set", dest="sets", action="append", metavar="KEY=VALUE",
+                   help="override a config key (`tgraph config MODEL` lists them)")
     p.add_argument("--seed", type=int, default=0, help="seed for random weight initialisation")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="weights and compute dtype (float16/bfloat16 keep norms, softmax and reductions in float32)")
 
 
+#: Modules that add their own subcommands (see the module docstring).
+SUBCOMMAND_MODULES = (cli_generate, cli_info, cli_view)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .quantize_report import add_quantize_options
 
-    parser = argparse.ArgumentParser(prog="tgraph", description="Build, optimise and export Transformer graphs.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = TgraphParser(prog="tgraph", description="Build, optimise and export Transformer graphs.",
+                          epilog="`tgraph models` lists the models, `tgraph config MODEL` their --set keys, "
+                                 "`tgraph passes` the -O levels, `tgraph doctor` the installation.")
+    parser.add_argument("--version", action=cli_info.VersionAction)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("export", help="export a model to ONNX")
     _add_model_options(p)
@@ -133,12 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p, output=False)
     p.add_argument("--json", action="store_true")
 
-    from .cli_generate import add_parser as add_generate_parser
-
-    add_generate_parser(sub)
-    from .cli_view import add_parser as add_view_parser
-
-    add_view_parser(sub)
+    for module in SUBCOMMAND_MODULES:
+        module.add_parsers(sub)
+    add_global_flags_everywhere(parser)
     return parser
 
 
@@ -278,7 +281,7 @@ def cmd_run(args) -> int:
         start = time.perf_counter()
         outputs = session.run(inputs)
         took = time.perf_counter() - start
-        print(f"ran {args.model} with onnxruntime on {', '.join(session.providers)} in {took * 1e3:.1f} ms")
+        print(f"ran {args.model} with onnxruntime on {provider_text(session, args)} in {took * 1e3:.1f} ms")
         print("\n".join(_summarise(outputs)))
         warn_nonfinite(outputs, args.model)
         return 0
@@ -297,7 +300,7 @@ def cmd_run(args) -> int:
     if session is not None:
         start = time.perf_counter()
         results["ort"] = session.run(inputs)
-        print(f"onnxruntime ({', '.join(session.providers)}): {(time.perf_counter() - start) * 1e3:.1f} ms")
+        print(f"onnxruntime on {provider_text(session, args)}: {(time.perf_counter() - start) * 1e3:.1f} ms")
     if args.backend == "numpy" or args.check:
         from .codegen.numpy import load_numpy_module, write_numpy_module
 
@@ -443,20 +446,7 @@ def cmd_optimize(args) -> int:
     return 0
 
 
-def cmd_generate(args) -> int:
-    from .cli_generate import cmd_generate as run_generate
-
-    return run_generate(args)
-
-
-def cmd_view(args) -> int:
-    from .cli_view import cmd_view as run_view
-
-    return run_view(args)
-
-
-COMMANDS = {"export": cmd_export, "optimize": cmd_optimize, "codegen": cmd_codegen, "run": cmd_run, "inspect": cmd_inspect,
-            "generate": cmd_generate, "view": cmd_view}
+COMMANDS = {"export": cmd_export, "optimize": cmd_optimize, "codegen": cmd_codegen, "run": cmd_run, "inspect": cmd_inspect}
 
 
 class Terminated(KeyboardInterrupt):
@@ -481,6 +471,18 @@ def _sigterm_unwinds():
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextmanager
+def _ir_printing(args):
+    """`--print-ir-after-all`: every pass pipeline the command runs prints its IR (to stderr)."""
+    if not getattr(args, "print_ir_after_all", False):
+        yield
+        return
+    from .passes import print_ir_after_all
+
+    with print_ir_after_all(sys.stderr):
+        yield
+
+
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"tgraph: warning: {message}", file=sys.stderr)
 
@@ -499,9 +501,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         _check_seeds(args)
-        with _sigterm_unwinds(), warnings.catch_warnings():
+        handler = getattr(args, "handler", None) or COMMANDS[args.command]
+        with _sigterm_unwinds(), warnings.catch_warnings(), _ir_printing(args):
             warnings.showwarning = _one_line_warning
-            code = COMMANDS[args.command](args)
+            code = handler(args)
         sys.stdout.flush()             # a reader that left shows here, inside these handlers
         return code
     except BrokenPipeError:            # `tgraph inspect ... | head`: the reader left; stop quietly

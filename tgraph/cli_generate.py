@@ -18,11 +18,13 @@ import json
 import sys
 from typing import List
 
+from .cli_args import parse_sets, provider_text
 from .errors import ConfigError
 
 
-def add_parser(sub) -> None:
+def add_parsers(sub) -> None:
     p = sub.add_parser("generate", help="generate tokens with a KV-cached decoder")
+    p.set_defaults(handler=cmd_generate)
     p.add_argument("model", metavar="MODEL", help="registered name, path/to/file.py:factory, or checkpoint dir")
     p.add_argument("--prompt", action="append", metavar="TEXT", help="a text prompt (needs tokenizer.json); repeat "
                    "for a batch")
@@ -41,7 +43,8 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("-O", dest="level", type=int, choices=[0, 1, 2, 3], default=None,
                    help="optimization level (default 3)")
-    p.add_argument("--set", dest="sets", action="append", metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--set", dest="sets", action="append", metavar="KEY=VALUE",
+                   help="override a config key (`tgraph config MODEL` lists them)")
     p.add_argument("--init-seed", type=int, default=0, help="seed for random weight initialisation")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     p.add_argument("--json", action="store_true", help='print {"ids", "text", "tokens_per_s"} (a list for a batch)')
@@ -103,7 +106,7 @@ class _Printer:
             print(file=self.out, flush=True)
 
 
-def _cap_new_tokens(gen, prompts, wanted: int) -> int:
+def _cap_new_tokens(gen, prompts, wanted: int, quiet: bool = False) -> int:
     """`wanted`, or fewer where the model's positions end first (with a note on stderr):
     a decoder-only row needs len(prompt) + new - 1 positions, an encoder-decoder's decoder `new`."""
     from .generate import POSITION_LIMITS
@@ -116,13 +119,13 @@ def _cap_new_tokens(gen, prompts, wanted: int) -> int:
     if room < 1 or wanted <= room:
         return wanted                       # fits, or the prompt alone is too long: generate says so
     where = "" if gen.encoder_decoder else f", {longest} taken by the longest prompt"
-    print(f"tgraph: note: --max-new-tokens {wanted} capped to {room} (the model has {limit} positions{where})",
-          file=sys.stderr)
+    if not quiet:
+        print(f"tgraph: note: --max-new-tokens {wanted} capped to {room} (the model has {limit} positions{where})",
+              file=sys.stderr)
     return room
 
 
 def cmd_generate(args) -> int:
-    from .cli import _parse_sets
     from .generate import DEFAULT_GENERATE_LEVEL, Generator
 
     if args.prompt and args.prompt_ids:
@@ -133,7 +136,7 @@ def cmd_generate(args) -> int:
     sampling = _sampling(args)
     special = {k: v for k, v in (("eos_token_id", args.eos_id), ("pad_token_id", args.pad_id),
                                   ("bos_token_id", args.bos_id)) if v is not None}
-    gen = Generator(args.model, overrides=_parse_sets(args.sets), level=DEFAULT_GENERATE_LEVEL if args.level is None
+    gen = Generator(args.model, overrides=parse_sets(args.sets), level=DEFAULT_GENERATE_LEVEL if args.level is None
                     else args.level, provider=args.provider, threads=args.threads, seed=args.init_seed,
                     dtype=args.dtype, **special)
     if args.prompt and gen.tokenizer is None:
@@ -141,7 +144,7 @@ def cmd_generate(args) -> int:
                           "(give --prompt-ids instead)")
     info = sys.stderr if args.json else sys.stdout
     printer = _Printer(gen, len(prompts), info if args.json else sys.stdout) if args.stream else None
-    max_new = _cap_new_tokens(gen, prompts, args.max_new_tokens)
+    max_new = _cap_new_tokens(gen, prompts, args.max_new_tokens, args.quiet)
     result = gen.generate(prompts, max_new, callback=printer, **sampling)
     if printer is not None:
         printer.close()
@@ -154,5 +157,5 @@ def cmd_generate(args) -> int:
             print(prefix + (result.text[i] if result.text is not None else " ".join(map(str, ids))))
     count = sum(len(r) for r in result.ids)
     print(f"{count} new tokens in {result.seconds:.3f}s ({result.tokens_per_s:.1f} tokens/s) "
-          f"on {result.provider}", file=info)
+          f"on {provider_text(gen.decoder, args)}", file=info)
     return 0

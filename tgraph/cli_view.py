@@ -15,11 +15,12 @@ from .errors import ConfigError
 NETRON_PORT = 8080
 
 
-def add_parser(sub) -> None:
+def add_parsers(sub) -> None:
     p = sub.add_parser("view", help="draw a model's graph (SVG/HTML), or open an .onnx file in Netron",
                        description="Draw the IR after -O N with modules as nested clusters, fused ops highlighted "
                                    "(with the pass that made them) and shapes on edges. Needs Graphviz's `dot` "
                                    "(apt-get install graphviz).")
+    p.set_defaults(handler=cmd_view)
     p.add_argument("model", metavar="MODEL_OR_ONNX", help="registered name, file.py:factory, checkpoint dir, or .onnx")
     p.add_argument("-o", "--output", default=None, help="picture to write: .svg or .html")
     p.add_argument("-O", dest="level", type=int, choices=[0, 1, 2, 3], default=None,
@@ -34,11 +35,11 @@ def add_parser(sub) -> None:
 
 
 def cmd_view(args) -> int:
-    from .cli import _parse_sets
+    from .cli_args import parse_sets
     from .passes.manager import DEFAULT_LEVEL
 
     level = DEFAULT_LEVEL if args.level is None else args.level
-    overrides = _parse_sets(args.sets)
+    overrides = parse_sets(args.sets)
     if args.netron:
         if args.output or args.before_after:
             raise ConfigError("--netron shows the ONNX file itself: it takes no -o or --before-after")

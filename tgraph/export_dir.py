@@ -74,7 +74,8 @@ def logits_to_float32(graph: Graph) -> bool:
 def _family_name(model: str) -> str:
     """The registered family behind MODEL ("custom" for file.py:factory)."""
     if os.path.isdir(model):
-        from .checkpoints import adapter_for, read_config
+        from .checkpoints import read_config
+        from .sources import adapter_for
 
         return adapter_for(read_config(Path(model)), Path(model)).family
     head, sep, _ = model.rpartition(":")

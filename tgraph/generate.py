@@ -71,7 +71,8 @@ def _config_class(model: str):
     from .models import get_family
 
     if os.path.isdir(model):
-        from .checkpoints import adapter_for, read_config
+        from .checkpoints import read_config
+        from .sources import adapter_for
 
         return get_family(adapter_for(read_config(Path(model)), Path(model)).family).config_cls
     head, sep, _ = model.rpartition(":")

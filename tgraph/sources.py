@@ -13,9 +13,10 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
-from .errors import ConfigError, TgraphError
+from .checkpoints import HF_ADAPTERS, HFAdapter, SafetensorsWeights, convert_weights, read_config
+from .errors import CheckpointError, ConfigError, TgraphError
 
 
 @dataclass
@@ -81,8 +82,6 @@ def load_model(spec: str, overrides: Optional[Mapping[str, str]] = None) -> Load
     """MODEL -> module. Errors are one line and name the offending file, key or model."""
     overrides = dict(overrides or {})
     if os.path.isdir(spec):
-        from .checkpoints import load_checkpoint_model
-
         return load_checkpoint_model(spec, overrides)
     head, sep, _ = spec.rpartition(":")
     if sep and head.endswith(".py"):
@@ -98,3 +97,61 @@ def load_model(spec: str, overrides: Optional[Mapping[str, str]] = None) -> Load
     check_fits(family, config, spec)
     model = family.build(config)
     return LoadedModel(model, spec, "registered", config, getattr(config, "vocab_size", None))
+
+
+# ---------------------------------------------------------------- checkpoint directories
+def adapter_for(config: Dict[str, Any], directory: Path) -> HFAdapter:
+    from . import models  # noqa: F401  (importing the package registers every family's adapter)
+
+    model_type = config.get("model_type")
+    if not model_type:
+        raise CheckpointError(f"{directory / 'config.json'}: no model_type")
+    if not isinstance(model_type, str):
+        raise CheckpointError(f"{directory / 'config.json'}: model_type must be a string, got {model_type!r}"[:200])
+    adapter = HF_ADAPTERS.get(model_type)
+    if adapter is None:
+        raise ConfigError(f"{directory / 'config.json'}: model_type {model_type!r} is not supported "
+                          f"(supported: {', '.join(sorted(HF_ADAPTERS))})")
+    if adapter.accepts is not None:
+        reason = adapter.accepts(config)
+        if reason:
+            raise ConfigError(f"{directory / 'config.json'}: {reason}")
+    return adapter
+
+
+def load_checkpoint_model(directory, overrides: Optional[Mapping[str, str]] = None):
+    """A checkpoint directory -> `LoadedModel` with its weights assigned."""
+    from .models import get_family, make_config
+    from .resources import check_fits
+
+    directory = Path(directory)
+    hf = read_config(directory)
+    adapter = adapter_for(hf, directory)
+    try:
+        config = adapter.config_from_hf(hf)
+    except ConfigError as e:
+        raise ConfigError(f"{directory / 'config.json'}: {e}") from None
+    source = SafetensorsWeights(directory)
+    source.strip_prefixes(adapter.base_prefixes)
+    source.rename(adapter.renames)
+    if adapter.refine is not None:
+        config = adapter.refine(config, source)
+    if overrides:
+        config = make_config(type(config), overrides, base=config)
+    family = get_family(adapter.family)
+    check_fits(family, config, str(directory))
+    model = family.build(config)
+    rules = adapter.weight_map(config)
+    weights = convert_weights(source, rules, adapter.ignore, label=str(directory))
+    ours = dict(model.named_parameters())
+    not_mapped = [n for n in ours if n not in weights]
+    if not_mapped:
+        raise CheckpointError(f"{directory}: no checkpoint tensor maps to parameter {not_mapped[0]!r}")
+    for name, array in weights.items():
+        if name not in ours:
+            raise CheckpointError(f"{directory}: weight map names unknown parameter {name!r}")
+        if tuple(array.shape) != ours[name].shape:
+            raise CheckpointError(f"{directory}: tensor {source.original(rules[name][0][0])!r} gives shape "
+                                  f"{tuple(array.shape)} but {name} needs {ours[name].shape}")
+        ours[name].assign(array, name=f"{directory.name}: {name}")
+    return LoadedModel(model, str(directory), "checkpoint", config, getattr(config, "vocab_size", None))

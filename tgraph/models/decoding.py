@@ -39,7 +39,7 @@ def cache_length(config: Any, position_limit: Any = None) -> int:
     limit = int(position_limit) if position_limit else None
     asked = int(getattr(config, "cache_length", 0) or 0)
     if asked and limit and asked > limit:
-        raise ConfigError(f"cache_length={asked} exceeds the model's {limit} positions")
+        raise ConfigError(f"--set cache_length={asked} exceeds the model's {limit} positions")
     return asked or min(limit or DEFAULT_CACHE_LENGTH, DEFAULT_CACHE_LENGTH)
 
 
@@ -50,16 +50,16 @@ def check_cache_options(config: Any, family: str, encoder_decoder: bool = False)
     if int(getattr(config, "cache_length", 0) or 0) < 0:
         raise ConfigError(f"{family}: cache_length must be >= 0, got {config.cache_length}")
     if layout == "static" and getattr(config, "use_position_ids", None):
-        raise ConfigError(f"{family}: kv_cache='static' computes positions from attention_mask; "
-                          "use_position_ids=True is for the dynamic cache")
+        raise ConfigError(f"{family}: --set kv_cache=static computes positions from attention_mask; "
+                          "--set use_position_ids=true is for the dynamic cache")
     if getattr(config, "use_position_ids", None) and not config.use_cache:
-        raise ConfigError(f"{family}: use_position_ids=True needs use_cache=True")
+        raise ConfigError(f"{family}: --set use_position_ids=true needs --set use_cache=true")
     if encoder_decoder:
         if config.part not in PARTS:
             raise ConfigError(f"{family}: part must be one of {', '.join(PARTS)}, got {config.part!r}")
         if config.use_cache and config.part != "decoder":
-            raise ConfigError(f"{family}: use_cache=True needs part='decoder' (export the encoder once with "
-                              "part='encoder'; the cached decoder reads its encoder_hidden_states)")
+            raise ConfigError(f"{family}: --set use_cache=true needs --set part=decoder (export the encoder once "
+                              "with --set part=encoder; the cached decoder reads its encoder_hidden_states)")
 
 
 def wants_position_ids(config: Any) -> bool:

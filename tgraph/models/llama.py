@@ -35,7 +35,7 @@ class LlamaConfig:
     head_dim: Optional[int] = None         # None: d_model // num_heads
     d_ff: int = 1536                       # LLaMA: 2/3 · 4·d_model, rounded up to a multiple of 256
     hidden_act: str = "silu"               # SwiGLU
-    rms_norm_eps: float = epsilon(1e-6)
+    rms_norm_eps: float = epsilon(1e-6)    # RMSNorm epsilon
     rope_theta: float = positive(10000.0)
     attention_bias: bool = False           # biases on q/k/v projections (Qwen2)
     attention_out_bias: bool = False       # bias on the output projection (HF llama attention_bias sets both)

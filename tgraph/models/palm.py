@@ -40,11 +40,11 @@ class PaLMConfig:
     num_kv_heads: int = 1                  # multi-query attention; = num_heads for GPT-NeoX
     head_dim: Optional[int] = None         # None: d_model // num_heads
     d_ff: int = 2048                       # 4 · d_model
-    hidden_act: str = "silu"
+    hidden_act: str = "silu"               # MLP activation, a tgraph.dsl name (GPT-NeoX: gelu)
     gated_mlp: bool = True                 # SwiGLU; False: act(x W_up) W_down (GPT-NeoX)
     shared_norm: bool = True               # one LayerNorm feeds both branches; False: GPT-NeoX's two
-    norm_bias: bool = False
-    attention_bias: bool = False
+    norm_bias: bool = False                # the LayerNorms have a bias (GPT-NeoX)
+    attention_bias: bool = False           # biases on the attention projections (GPT-NeoX)
     mlp_bias: bool = False
     layer_norm_eps: float = epsilon(1e-5)
     rotary_pct: float = fraction(1.0)      # fraction of each head's dims that rotate (GPT-NeoX: 0.25)

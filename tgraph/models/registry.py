@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional
 
 from ..errors import ConfigError
+from ..suggest import did_you_mean
 
 
 @dataclass(frozen=True)
@@ -31,13 +32,12 @@ def register_model(name: str, config_cls: type):
 
 
 def get_family(name: str) -> ModelFamily:
-    from . import zoo  # noqa: F401  (imports every family so it registers)
-
     try:
         return MODELS[name]
     except KeyError:
-        raise ConfigError(f"unknown model {name!r} (registered: {', '.join(sorted(MODELS))}; "
-                          "or give path/to/file.py:factory or a checkpoint directory)") from None
+        raise ConfigError(f"unknown model {name!r}{did_you_mean(name, MODELS)}; registered: "
+                          f"{', '.join(sorted(MODELS))} (`tgraph models`), or give path/to/file.py:factory "
+                          "or a checkpoint directory") from None
 
 
 def parse_value(text: str, annotation: Any, key: str) -> Any:
@@ -73,8 +73,10 @@ def make_config(config_cls: type, overrides: Optional[Mapping[str, Any]] = None,
     fields = {f.name for f in dataclasses.fields(config_cls)}
     unknown = [k for k in overrides if k not in fields]
     if unknown:
-        raise ConfigError(f"unknown config key {unknown[0]!r} for {config_cls.__name__} "
-                          f"(fields: {', '.join(sorted(fields))})")
+        family = next((m.name for m in MODELS.values() if m.config_cls is config_cls), None)
+        listing = f"`tgraph config {family}` lists them" if family else f"keys: {', '.join(sorted(fields))}"
+        raise ConfigError(f"--set {unknown[0]}: {config_cls.__name__} has no such key"
+                          f"{did_you_mean(unknown[0], fields)}; {listing}")
     values = {k: parse_value(v, hints[k], k) if isinstance(v, str) and hints[k] is not str else v
               for k, v in overrides.items()}
     if base is not None:

@@ -61,8 +61,8 @@ class T5Config:
     num_heads: int = 8
     num_layers: int = repeated(6)                       # encoder blocks
     num_decoder_layers: Optional[int] = repeated(None)  # None: = num_layers
-    relative_attention_num_buckets: int = 32
-    relative_attention_max_distance: int = 128
+    relative_attention_num_buckets: int = 32           # buckets of the relative-position attention bias
+    relative_attention_max_distance: int = 128         # distance from which positions share the last bucket
     layer_norm_epsilon: float = epsilon(1e-6)
     feed_forward_proj: str = "relu"            # one of FEED_FORWARD: "relu" (v1.0), "gated-gelu" (v1.1) ...
     tie_word_embeddings: bool = True           # LM head = shared embedding (else its own lm_head)

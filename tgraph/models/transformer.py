@@ -26,9 +26,9 @@ class TransformerConfig:
     d_model: int = 512
     num_heads: int = 8
     d_ff: int = 2048
-    num_encoder_layers: int = repeated(6)
+    num_encoder_layers: int = repeated(6)  # encoder blocks
     num_decoder_layers: int = repeated(6)
-    max_len: int = 1024
+    max_len: int = 1024              # positions of the sinusoidal table: the longest sequence
     layer_norm_eps: float = epsilon(1e-5)
     use_attention_mask: bool = True  # adds the `attention_mask` input (source padding)
     part: str = "full"               # "encoder" | "decoder": export one half (generation runs the encoder once)

@@ -8,7 +8,7 @@ binding allocated on the device and binds them as the next step's ``past`` as th
 Only the outputs the caller asks for (the logits) come to the host.
 
 Every decision is a pure function (`cache_pairs`, `empty_past_shape`, `cache_element_type`,
-`describe_providers`), so the CUDA path is the CPU path with another device string
+and `providers.describe_providers`), so the CUDA path is the CPU path with another device string
 and is tested on machines without a GPU.
 """
 from __future__ import annotations
@@ -47,7 +47,7 @@ def cache_pairs(input_names: Sequence[str], output_names: Sequence[str]) -> List
         pairs.append((int(m.group(1)), m.group(2) != "key", name, present))
     if not pairs:
         raise ConfigError("the model has no KV cache inputs (past_key_values.{i}.key/value); "
-                          "export it with use_cache=true")
+                          "export it with --set use_cache=true")
     return [(past, present) for _, _, past, present in sorted(pairs)]
 
 
@@ -82,27 +82,6 @@ def cache_element_type(spec: TensorSpec) -> int:
     if name not in table:
         raise ConfigError(f"cache input '{spec.name}' has dtype {name}; expected a float type")
     return table[name]
-
-
-def describe_providers(active: Sequence[str], device_id: int = 0, *, request="auto",
-                       available: Sequence[str] = (), cuda_error: Optional[str] = None) -> str:
-    """What a session really runs on, in one line for the user.
-
-    ``"CUDAExecutionProvider (device 0)"``, or the CPU provider with why CUDA is not in
-    use: ``"CPUExecutionProvider: CUDA not available: libcublasLt.so.13: cannot open ..."``.
-    """
-    if _prov.CUDA in active:
-        return f"{_prov.CUDA} (device {int(device_id)})"
-    first = active[0] if active else _prov.CPU
-    if request == "cpu" or (not isinstance(request, str) and _prov.CUDA not in request):
-        return f"{first}: CPU requested"
-    if _prov.CUDA not in available:
-        why = f"{_prov.CUDA} is not in onnxruntime's available providers (install onnxruntime-gpu)"
-    elif cuda_error:
-        why = f"{_prov.CUDA} failed to load: {cuda_error}"
-    else:
-        why = "onnxruntime fell back to the CPU (see its log)"
-    return f"{first}: CUDA not available: {why}"
 
 
 class DeviceKVCache:

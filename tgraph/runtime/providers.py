@@ -21,7 +21,6 @@ CPU = "CPUExecutionProvider"
 REQUESTS = ("auto", "cpu", "cuda")
 
 
-
 def requested_providers(request: Union[str, Sequence[str]], available: Sequence[str], *,
                         device_id: int = 0, cuda_error: Optional[str] = None,
                         cuda_options: Optional[dict] = None) -> list:
@@ -71,6 +70,40 @@ def check_active(request: Union[str, Sequence[str]], active: Sequence[str], *,
                f"see onnxruntime's log for details)")
         raise RuntimeBackendError(f"CUDA requested but not active: {why}")
     return "cuda" if on_cuda else "cpu"
+
+
+def fallback_reason(active: Sequence[str], *, request="auto", available: Sequence[str] = (),
+                    cuda_error: Optional[str] = None) -> Optional[str]:
+    """Why a session that was not told to use the CPU runs without CUDA; None when it runs on
+    CUDA or the CPU was asked for."""
+    if CUDA in active or request == "cpu" or (not isinstance(request, str) and CUDA not in request):
+        return None
+    if CUDA not in available:
+        return f"{CUDA} is not in onnxruntime's available providers (install onnxruntime-gpu)"
+    if cuda_error:
+        return f"{CUDA} failed to load: {cuda_error}"
+    return "onnxruntime fell back to the CPU (see its log)"
+
+
+def describe_providers(active: Sequence[str], device_id: int = 0, *, request="auto",
+                       available: Sequence[str] = (), cuda_error: Optional[str] = None,
+                       verbose: bool = True, hint: str = "") -> str:
+    """What a session really runs on, in one line for the user.
+
+    ``"CUDAExecutionProvider (device 0)"``, or the CPU provider with why CUDA is not in
+    use: ``"CPUExecutionProvider: CUDA not available: libcublasLt.so.13: cannot open ..."``.
+    `verbose=False` keeps it short: the provider, and only the fact that CUDA is not
+    available (``"CPUExecutionProvider (CUDA not available; <hint>)"``), not the reason.
+    """
+    if CUDA in active:
+        return f"{CUDA} (device {int(device_id)})"
+    first = active[0] if active else CPU
+    why = fallback_reason(active, request=request, available=available, cuda_error=cuda_error)
+    if why is None:
+        return f"{first}: CPU requested" if verbose else first
+    if not verbose:
+        return f"{first} (CUDA not available{'; ' + hint if hint else ''})"
+    return f"{first}: CUDA not available: {why}"
 
 
 def binding_device(output_device: Optional[str], session_device: str) -> str:

@@ -222,14 +222,17 @@ class Session:
         """The underlying ``onnxruntime.InferenceSession``."""
         return self._sess
 
-    def describe(self) -> str:
+    def describe(self, verbose: bool = True, hint: str = "") -> str:
         """The provider really in use, e.g. ``"CUDAExecutionProvider (device 0)"`` or
-        ``"CPUExecutionProvider: CUDA not available: <reason>"``."""
-        from .device_cache import describe_providers
-
+        ``"CPUExecutionProvider: CUDA not available: <reason>"`` (the reason only when `verbose`)."""
         request, available, cuda_error = self._provider_context
-        return describe_providers(self.providers, self.device_id, request=request, available=available,
-                                  cuda_error=cuda_error)
+        return _prov.describe_providers(self.providers, self.device_id, request=request, available=available,
+                                        cuda_error=cuda_error, verbose=verbose, hint=hint)
+
+    def fallback_reason(self) -> Optional[str]:
+        """Why this session runs without CUDA although the CPU was not asked for, else None."""
+        request, available, cuda_error = self._provider_context
+        return _prov.fallback_reason(self.providers, request=request, available=available, cuda_error=cuda_error)
 
     def __repr__(self) -> str:
         return (f"Session({self._label}, device={self.device!r}, providers={self.providers}, "
