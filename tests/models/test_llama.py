@@ -185,6 +185,9 @@ def test_sliding_windows_are_read(checkpoints, tmp_path):
     off = config_from_hf({"model_type": "qwen2", "use_sliding_window": False, "sliding_window": 8,
                           "hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 8})
     assert off.sliding_window == 0
+    llama = config_from_hf({"model_type": "llama", "sliding_window": 8, "hidden_size": 32, "num_attention_heads": 4,
+                            "intermediate_size": 8})
+    assert llama.sliding_window == 0                    # HF's llama ignores the key
 
 
 def test_legacy_rope_keys_are_read():

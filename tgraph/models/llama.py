@@ -188,6 +188,8 @@ def _sliding_window_from_hf(hf: Dict[str, Any], mt: str):
     elif "sliding_attention" in types:
         raise ConfigError(f"{mt}: config option layer_types containing 'sliding_attention' is not supported "
                           "(llama has no sliding window; only full_attention layers)")
+    else:
+        window = None                                        # HF's llama reads no sliding_window
     max_pos = hf.get("max_position_embeddings")
     if window is None or (isinstance(max_pos, int) and window >= max_pos) or \
             (types and "sliding_attention" not in types):
