@@ -298,19 +298,22 @@ def hf_generate(model, prompts, new):
     return out.numpy()[:, longest:]
 
 
-@pytest.mark.parametrize("kv_cache", ["static", "dynamic"])
-def test_greedy_generation_matches_hf_generate(checkpoints, kv_cache):
+@pytest.mark.parametrize("name,kv_cache,windows", [("mistral", "static", [WINDOW, WINDOW]), ("mistral", "dynamic", None),
+                                                   ("qwen2", "static", [-1, 4, 4])])
+def test_greedy_generation_matches_hf_generate(checkpoints, name, kv_cache, windows):
     from tgraph.generate import Generator
 
-    path, model = checkpoints["mistral"]
+    path, model = checkpoints[name]
     ref = hf_generate(model, PROMPTS, NEW)
     gen = Generator(path, provider="cpu", kv_cache=kv_cache)
     assert gen.static == (kv_cache == "static")
     np.testing.assert_array_equal(gen.generate(PROMPTS, max_new_tokens=NEW).tokens, ref)
-    if kv_cache == "static":                          # the window is the op's local_window_size
+    if kv_cache == "static":                          # the window is the op's local_window_size (-1: none)
         g = build(load_model(path, {"use_cache": "true", "kv_cache": "static", "cache_length": "32"}), 3)
         gqa = [n for n in g.nodes if n.op == "GroupQueryAttention"]
-        assert [n.attrs.get("local_window_size") for n in gqa] == [WINDOW, WINDOW]
+        assert [n.attrs.get("local_window_size") for n in gqa] == windows
+    if name != "mistral":
+        return
     full = _hf_model(_mistral(), state=model.state_dict())
     full.config.sliding_window = None
     assert (hf_generate(full, PROMPTS, NEW) != ref).any()     # the window decides some tokens
