@@ -159,6 +159,7 @@ class AttentionMatch:
     v: Value
     scale: float = 1.0
     causal: bool = False
+    window: int = 0                # tgraph.CausalMask's window (0: none): never `is_causal`, an explicit mask
     keep: Optional[Value] = None   # bool, True = attend
     bias: Optional[Value] = None   # additive float
     k_perm: Optional[List[int]] = None
@@ -250,7 +251,7 @@ class AttentionRule(Rule):
             if n is None:
                 raise NoMatch(f"scores {s.name} are not computed from a matmul")
             if n.domain == "tgraph" and n.op == "CausalMask" and not am.causal:
-                am.causal = True
+                am.causal, am.window = True, int(n.attrs.get("window", 0) or 0)
             elif n.op == "Where" and am.keep is None and (_scalar_const(n.inputs[2]) or 0) <= MASK_FILL_LIMIT:
                 am.keep = n.inputs[0]
             elif n.op == "Add" and am.bias is None and _scalar_const(n.inputs[1]) is None \
@@ -384,8 +385,8 @@ class AttentionRule(Rule):
         # is_causal is upper-left aligned; where Tq may differ from Tk (a KV cache's past), the
         # end-aligned causal mask is written out and joins the padding mask.
         square = am.q.shape[2] is not None and am.q.shape[2] == k.shape[2]
-        if am.causal and not square:
-            causal = causal_keep(b, b.op("Shape", am.q, start=2, end=3), b.op("Shape", k, start=2, end=3))
+        if am.causal and (not square or am.window):
+            causal = causal_keep(b, b.op("Shape", am.q, start=2, end=3), b.op("Shape", k, start=2, end=3), am.window)
             keep = causal if keep is None else b.op("And", keep, causal)          # (B, 1, Tq, Tk)
         mask = None
         if bias is not None and keep is not None:
@@ -396,7 +397,7 @@ class AttentionRule(Rule):
         else:
             mask = bias if bias is not None else keep
         ins = [am.q, k, am.v] + ([mask] if mask is not None else [])
-        y = b.op("Attention", *ins, is_causal=int(am.causal and square), scale=float(am.scale))
+        y = b.op("Attention", *ins, is_causal=int(am.causal and square and not am.window), scale=float(am.scale))
         if am.nan_to_zero:      # a row of NaN probabilities gives a NaN output row: zero that instead
             zero = b.const(np.array(0, y.type.dtype.numpy), hint="zero")
             y = b.op("Where", b.op("IsNaN", y), zero, y)
@@ -514,7 +515,7 @@ class ExplicitCausalRule(Rule):
 
     def match(self, graph, node, patterns, reasons):
         if node.domain == "tgraph" and node.op == "CausalMask":
-            return Match(node, {"scores": node.inputs[0]}, [node]), 0
+            return Match(node, {"scores": node.inputs[0], "window": int(node.attrs.get("window", 0) or 0)}, [node]), 0
         return None
 
     def rewrite(self, b: Builder, m: Match):
@@ -522,20 +523,21 @@ class ExplicitCausalRule(Rule):
         rank = s.type.rank
         tq = b.op("Shape", s, start=rank - 2, end=rank - 1)
         tk = b.op("Shape", s, start=rank - 1)
-        tq0, tk0 = b.op("Squeeze", tq, axes=[0]), b.op("Squeeze", tk, axes=[0])
-        zero, one = b.const(np.array(0, np.int64)), b.const(np.array(1, np.int64))
-        rows = b.op("Unsqueeze", b.op("Range", b.op("Sub", tk0, tq0), tk0, one), axes=[1])   # (Tq, 1)
-        cols = b.op("Range", zero, tk0, one)                                                  # (Tk,)
-        keep = b.op("Not", b.op("Greater", cols, rows))                                      # (Tq, Tk)
+        keep = causal_keep(b, tq, tk, m.window)                                            # (Tq, Tk)
         lowest = b.const(np.array(np.finfo(s.type.dtype.numpy).min, s.type.dtype.numpy), hint="mask_fill")
         return b.op("Where", keep, s, lowest)
 
 
-def causal_keep(b: Builder, tq: Value, tk: Value) -> Value:
+def causal_keep(b: Builder, tq: Value, tk: Value, window: int = 0) -> Value:
     """bool (Tq, Tk), True where key j <= i + (Tk - Tq): causality aligned to the end of the key
-    axis, so the new queries after a KV cache's past see the whole past. tq, tk: int64 [1]."""
+    axis, so the new queries after a KV cache's past see the whole past. tq, tk: int64 [1].
+    With `window` W > 0 also j > i + (Tk - Tq) - W (a local layer's last W keys)."""
     tq0, tk0 = b.op("Squeeze", tq, axes=[0]), b.op("Squeeze", tk, axes=[0])
     zero, one = b.const(np.array(0, np.int64)), b.const(np.array(1, np.int64))
     rows = b.op("Unsqueeze", b.op("Range", b.op("Sub", tk0, tq0), tk0, one), axes=[1])   # (Tq, 1)
     cols = b.op("Range", zero, tk0, one)                                                  # (Tk,)
-    return b.op("Not", b.op("Greater", cols, rows))                                      # (Tq, Tk)
+    keep = b.op("Not", b.op("Greater", cols, rows))                                      # (Tq, Tk)
+    if window > 0:
+        first = b.op("Sub", rows, b.const(np.array(window - 1, np.int64), hint="window_reach"))
+        keep = b.op("And", keep, b.op("Not", b.op("Less", cols, first)))                 # (Tq, Tk)
+    return keep

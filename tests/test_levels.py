@@ -63,6 +63,8 @@ FAMILIES: Dict[str, tuple] = {
             lambda c: Expect(c.n_layer, 2 * c.n_layer, gelu=c.n_layer * _gelu(c.activation))),
     "gpt2": (dict(n_positions=64, n_embd=32, n_layer=2, n_head=4),
              lambda c: Expect(c.n_layer, 2 * c.n_layer + 1, gelu=c.n_layer * _gelu(c.activation))),
+    "gpt_neo": (dict(max_position_embeddings=64, hidden_size=32, num_layers=2, num_heads=4, window_size=3),
+                lambda c: Expect(c.num_layers, 2 * c.num_layers + 1, gelu=c.num_layers * _gelu(c.activation))),
     "bert": (dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=48, max_position_embeddings=64,
                   head="pretraining"), _bert_like),
     "roberta": (dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=48, max_position_embeddings=64,

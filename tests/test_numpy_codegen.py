@@ -120,6 +120,7 @@ CASES = [
     ("range_float", "Range", [np.array(0.5, np.float32), In(np.array(2.0, np.float32)),
                               np.array(0.25, np.float32)], {}),
     ("causal_mask", "CausalMask", [In(f32(2, 3, 5))], {}),
+    ("causal_mask_window", "CausalMask", [In(f32(2, 6, 8))], {"window": 3}),
     ("cumsum_int", "CumSum", [In(i64(1, 0, 1, 1, 0, 1).reshape(2, 3))], {"axis": 1}),
     ("cumsum_exclusive_reverse", "CumSum", [In(f32(2, 3, 4))], {"axis": -1, "exclusive": 1, "reverse": 1}),
     ("layer_norm", "LayerNormalization", [In(f32(2, 3, 8)), param(f32(8)), param(f32(8))], {"epsilon": 1e-6}),

@@ -226,6 +226,10 @@ CASES = [
     C("tgraph.CausalMask", f32(2, 3, 4).astype(np.float16), tol=1e-3, name="fp16"),
     C("tgraph.CausalMask", f32(2, 2, 3, 6), sym={0: ("batch", "heads", "q", "k")}, opsets=ALL_OPSETS,
       name="symbolic"),
+    C("tgraph.CausalMask", f32(2, 3, 4, 9), window=3, name="window-past"),
+    C("tgraph.CausalMask", f32(1, 2, 7, 7), window=1, name="window-1"),
+    C("tgraph.CausalMask", f32(2, 2, 5, 8), sym={0: ("batch", "heads", "q", "k")}, opsets=ALL_OPSETS, window=4,
+      name="window-symbolic"),
 ]
 
 

@@ -242,7 +242,8 @@ def lower_causal_mask(ctx: LoweringContext, node: Node) -> None:
     """scores[..., i, j] stays where j <= i + (Tk - Tq), else the dtype's lowest value.
 
     Built from Shape/Range so Tq and Tk are read at run time: row i may see keys up to
-    ``last[i] = (Tk - Tq) + i``, i.e. ``last = Range(Tk - Tq, Tk)``.
+    ``last[i] = (Tk - Tq) + i``, i.e. ``last = Range(Tk - Tq, Tk)``; with `window` W > 0 also
+    hidden are the keys j < last[i] - (W - 1).
     """
     (scores,), (out,) = node.inputs, node.outputs
     dtype = scores.dtype
@@ -260,6 +261,12 @@ def lower_causal_mask(ctx: LoweringContext, node: Node) -> None:
     (last,) = ctx.emit("Range", [past0, tk0, one], [ctx.fresh("last")])                   # [Tq]
     (last_col,) = ctx.emit("Unsqueeze", [last, ctx.ints([1], "axes")], [ctx.fresh("last_col")])  # [Tq, 1]
     (hidden,) = ctx.emit("Greater", [cols, last_col], [ctx.fresh("hidden")])              # [Tq, Tk]
+    window = int(node.attrs.get("window", 0) or 0)
+    if window > 0:
+        reach = ctx.const(np.array(window - 1, dtype=np.int64), "window_reach")
+        (first_col,) = ctx.emit("Sub", [last_col, reach], [ctx.fresh("first_col")])           # [Tq, 1]
+        (old,) = ctx.emit("Less", [cols, first_col], [ctx.fresh("outside_window")])         # [Tq, Tk]
+        (hidden,) = ctx.emit("Or", [hidden, old], [ctx.fresh("hidden")])
     fill = ctx.const(np.array(finfo_min(dtype), dtype=dtype.numpy), f"{dtype.name}_min")
     ctx.emit("Where", [hidden, fill, scores.name], [out.name])
 

@@ -171,16 +171,23 @@ def test_unsupported_llama_options_are_refused(checkpoints, tmp_path, changes, m
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
-def test_sliding_windows_are_refused(checkpoints, tmp_path):
-    path = _patched(checkpoints["mistral-full-attention"][0], tmp_path, {"sliding_window": 16})
-    with pytest.raises(ConfigError, match=r"mistral: config option sliding_window=16 is not supported"):
-        load_model(path)
-    # a window at least as wide as every position the model accepts is full attention
-    ok = config_from_hf({"model_type": "mistral", "hidden_size": 32, "num_attention_heads": 4,
-                         "sliding_window": 64, "max_position_embeddings": 64, "intermediate_size": 8})
-    assert ok.d_model == 32
-    with pytest.raises(ConfigError, match=r"qwen2: config option use_sliding_window=True"):
-        config_from_hf({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 8})
+def test_sliding_windows_are_read(checkpoints, tmp_path):
+    """Windows are implemented (tests/test_sliding_window.py checks their numbers); here: how
+    config.json maps. A window at least as wide as every position is full attention."""
+    c = load_model(_patched(checkpoints["mistral-full-attention"][0], tmp_path, {"sliding_window": 16})).config
+    assert (c.sliding_window, c.window(0), c.window(1)) == (16, 16, 16)
+    wide = config_from_hf({"model_type": "mistral", "hidden_size": 32, "num_attention_heads": 4,
+                           "sliding_window": 64, "max_position_embeddings": 64, "intermediate_size": 8})
+    assert wide.sliding_window == 0
+    q = config_from_hf({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 8, "num_hidden_layers": 4,
+                        "max_window_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 8})
+    assert [q.window(i) for i in range(4)] == [0, 0, 8, 8]
+    off = config_from_hf({"model_type": "qwen2", "use_sliding_window": False, "sliding_window": 8,
+                          "hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 8})
+    assert off.sliding_window == 0
+    llama = config_from_hf({"model_type": "llama", "sliding_window": 8, "hidden_size": 32, "num_attention_heads": 4,
+                            "intermediate_size": 8})
+    assert llama.sliding_window == 0                    # HF's llama ignores the key
 
 
 def test_legacy_rope_keys_are_read():

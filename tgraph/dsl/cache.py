@@ -9,7 +9,8 @@ far and returns them with the new tokens' appended:
 
 Prefill feeds an empty past (past_seq = 0); each decode step feeds the previous step's
 presents. Everything that depends on where the new tokens sit follows the past length:
-`tgraph.CausalMask` is aligned to the end of the key axis (query i sees keys j <= i + past),
+`tgraph.CausalMask` is aligned to the end of the key axis (query i sees keys j <= i + past;
+a local layer's `window` W keeps only j > i + past - W, so the window slides over the past),
 the padding mask covers past + new tokens ([batch, past_seq + seq]), and positions start at
 past_seq unless the model takes explicit `position_ids` (left-padded batches need them:
 position_ids = cumsum(attention_mask) - 1, as Hugging Face computes them in `generate`).
@@ -29,7 +30,10 @@ Rows are right-aligned in the buffer (row b's tokens at 0..L_b - 1, L_b the row 
 mask); on the first prompt (seq == total_sequence_length) the new tokens sit at 0..seq-1,
 afterwards at L_b - seq .. L_b - 1. Positions follow (HF's cumsum(mask) - 1 of a left-padded
 batch is the same numbers), and `logits` holds only each row's last real token [batch, 1, V].
-This is onnxruntime-genai's decoder interface, so its runtime runs the same graph.
+This is onnxruntime-genai's decoder interface, so its runtime runs the same graph. A local
+(sliding-window) layer keeps the whole buffer and sets GroupQueryAttention's
+`local_window_size` = W: query at position p sees buffer positions p - W < j <= p (the same
+W keys as `tgraph.CausalMask`'s window; onnxruntime's CPU kernel measured to agree).
 """
 from __future__ import annotations
 
@@ -144,15 +148,17 @@ class StaticLayerCache:
     present_value: Optional[Tensor] = None
 
     def attend(self, q: TensorOps, k: TensorOps, v: TensorOps, num_heads: int, kv_heads: int, scale: float,
-               rotary_tables=None) -> Tensor:
-        """q [B, S, Hq*D], k/v [B, S, Hkv*D] -> [B, S, Hq*D]: causal over the row's valid keys.
+               rotary_tables=None, window: int = 0) -> Tensor:
+        """q [B, S, Hq*D], k/v [B, S, Hkv*D] -> [B, S, Hq*D]: causal over the row's valid keys
+        (only the last `window` of them when window > 0: `local_window_size`).
         `rotary_tables` (cos, sin [max_positions, R/2]) rotates q and k inside the op."""
         o = self.owner
         extra = [as_value(t) for t in rotary_tables] if rotary_tables is not None else []
         y, pk, pv = _op("GroupQueryAttention", as_value(q), as_value(k), as_value(v), as_value(self.past_key),
                         as_value(self.past_value), as_value(o.seqlens_k), as_value(o.total32), *extra,
                         domain="com.microsoft", num_heads=num_heads, kv_num_heads=kv_heads, scale=float(scale),
-                        do_rotary=int(rotary_tables is not None))
+                        do_rotary=int(rotary_tables is not None),
+                        **({"local_window_size": int(window)} if window > 0 else {}))
         self.present_key, self.present_value = Tensor(pk), Tensor(pv)
         return Tensor(y)
 

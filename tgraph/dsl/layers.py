@@ -139,14 +139,18 @@ class MultiHeadAttention(Module):
     `num_kv_heads < num_heads` gives grouped-query attention (1 = multi-query): queries
     are viewed as [B, H_kv, G, T, D] and broadcast against [B, H_kv, 1, T, D] keys, so no
     repeated K/V is ever materialised. `rotary` is a callable applied to (q, k) in
-    [B, H, T, D] layout. `scale=None` means 1/√head_dim; T5 passes 1.0.
+    [B, H, T, D] layout. `scale=None` means 1/√head_dim; T5 passes 1.0. `window` W > 0
+    (with `causal`) makes the layer local: each query sees only the last W keys up to itself
+    (Mistral's sliding window, GPT-Neo's local layers), also across a KV cache's past.
     """
 
     def __init__(self, d_model: int, num_heads: int, num_kv_heads: Optional[int] = None,
                  head_dim: Optional[int] = None, bias: bool = True, out_bias: Optional[bool] = None,
                  causal: bool = False, scale: Optional[float] = None, kv_dim: Optional[int] = None,
-                 std: float = 0.02):
+                 std: float = 0.02, window: int = 0):
         super().__init__()
+        if window < 0 or (window and not causal):
+            raise ConfigError(f"attention window must be >= 0 and needs causal=True, got window={window}")
         num_kv_heads = num_kv_heads or num_heads
         if head_dim is None:
             if d_model % num_heads:
@@ -155,7 +159,7 @@ class MultiHeadAttention(Module):
         if num_heads % num_kv_heads:
             raise ConfigError(f"num_heads ({num_heads}) is not a multiple of num_kv_heads ({num_kv_heads})")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.causal = causal
+        self.causal, self.window = causal, int(window)
         self.scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
         kv_dim = kv_dim or d_model
         self.q_proj = Linear(d_model, num_heads * head_dim, bias=bias, std=std)
@@ -181,7 +185,8 @@ class MultiHeadAttention(Module):
             q, k = rotary(q, k)
         if cache is not None:
             k, v = cache.update(k, v)                                          # (B, Hkv, P + Tk, D)
-        context = attention(q, k, v, scale=self.scale, causal=self.causal, keep_mask=keep_mask, bias=bias)
+        context = attention(q, k, v, scale=self.scale, causal=self.causal, keep_mask=keep_mask, bias=bias,
+                            window=self.window)
         merged = context.transpose(0, 2, 1, 3).reshape(0, 0, self.num_heads * self.head_dim)  # (B, Tq, H*D)
         return self.o_proj(merged)
 
@@ -197,12 +202,13 @@ class MultiHeadAttention(Module):
             qh, kh = rotary(self.split_heads(q, self.num_heads), self.split_heads(k, self.num_kv_heads))
             q = qh.transpose(0, 2, 1, 3).reshape(0, 0, self.num_heads * self.head_dim)
             k = kh.transpose(0, 2, 1, 3).reshape(0, 0, self.num_kv_heads * self.head_dim)
-        return cache.attend(q, k, v, self.num_heads, self.num_kv_heads, self.scale, tables)
+        return cache.attend(q, k, v, self.num_heads, self.num_kv_heads, self.scale, tables, window=self.window)
 
 
 def attention(q: TensorOps, k: TensorOps, v: TensorOps, scale: float, causal: bool = False,
-              keep_mask: Optional[TensorOps] = None, bias: Optional[TensorOps] = None) -> Tensor:
+              keep_mask: Optional[TensorOps] = None, bias: Optional[TensorOps] = None, window: int = 0) -> Tensor:
     """Scaled dot-product attention on [B, H, Tq, D] queries and [B, Hkv, Tk, D] keys/values.
+    `window` W > 0 (causal only): query i sees keys i + past - W < j <= i + past.
 
     keep_mask: bool, broadcastable to [B, 1, 1, Tk] (True = attend). bias: additive,
     broadcastable to [B, H, Tq, Tk] (T5's relative position bias).
@@ -220,7 +226,7 @@ def attention(q: TensorOps, k: TensorOps, v: TensorOps, scale: float, causal: bo
             bias = bias.reshape(0, kv_heads, group, -1, bias.shape[-1]) if bias.shape[1] != 1 else bias.unsqueeze(2)
         scores = scores + bias
     if causal:
-        scores = causal_mask(scores)
+        scores = causal_mask(scores, window)
     if keep_mask is not None:
         if grouped:
             keep_mask = keep_mask.unsqueeze(1)                                 # (B, 1, 1, 1, Tk)

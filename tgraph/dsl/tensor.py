@@ -191,10 +191,12 @@ def concat(tensors: Sequence, axis: int) -> Tensor:
     return Tensor(_op("Concat", *[as_value(t) for t in tensors], axis=axis))
 
 
-def causal_mask(scores: TensorOps) -> Tensor:
+def causal_mask(scores: TensorOps, window: int = 0) -> Tensor:
     """Mark attention scores as causal; see `tgraph.CausalMask` (a pass may later turn this
-    into `is_causal` on a fused attention op or an explicit mask)."""
-    return Tensor(_op("CausalMask", scores._value(), domain="tgraph"))
+    into `is_causal` on a fused attention op or an explicit mask). `window` W > 0 makes it
+    local: each query sees only the last W keys up to itself (sliding-window attention)."""
+    attrs = {"window": int(window)} if window else {}
+    return Tensor(_op("CausalMask", scores._value(), domain="tgraph", **attrs))
 
 
 def arange(start, end, dtype=DType.int64) -> Tensor:

@@ -188,9 +188,13 @@ def cast(x, to):
     return x.astype(getattr(to, "numpy", to))  # `to` is a tgraph DType (or a NumPy dtype)
 
 
-def causal_mask(scores):
+def causal_mask(scores, window=0):
     # Query i (of the last Tq) may see key j when j <= i + (Tk - Tq): the key axis
-    # holds past positions first, so the mask follows the past length.
+    # holds past positions first, so the mask follows the past length. A window W > 0
+    # also hides keys more than W - 1 behind the query: it sees the W keys
+    # i + past - W < j <= i + past (itself included), as Mistral's and GPT-Neo's local layers do.
     tq, tk = scores.shape[-2], scores.shape[-1]
     keep = np.tril(np.ones((tq, tk), dtype=bool), tk - tq)
+    if window > 0:
+        keep &= ~np.tril(np.ones((tq, tk), dtype=bool), tk - tq - window)
     return np.where(keep, scores, np.array(np.finfo(scores.dtype).min, dtype=scores.dtype))

@@ -543,6 +543,9 @@ def infer_gather_nd(ins, attrs, consts):
 def infer_causal_mask(ins, attrs, consts):
     if len(_need_rank(ins[0], "CausalMask")) < 2:
         raise ShapeError("CausalMask: scores must have rank >= 2")
+    window = attrs.get("window", 0)
+    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 0:
+        raise ShapeError(f"CausalMask: window must be an integer >= 0 (0: no window), got {window!r}")
     return infer_float_unary(ins, attrs, consts)
 
 
@@ -663,5 +666,6 @@ _def("Range", infer_range, kernels.range_, (3, 3))
 _def("CumSum", infer_cumsum, kernels.cumsum, attrs={"axis": REQUIRED, "exclusive": 0, "reverse": 0},
      onnx=OnnxInterface((AttrInput("axis", 1, since=11, rank=0),)),
      doc="Running sum along `axis` (an attribute here; an input in ONNX).")
-_def("CausalMask", infer_causal_mask, kernels.causal_mask, domain="tgraph",
-     doc="Keep scores[..., i, j] where j <= i + (Tk - Tq), else the dtype's lowest value.")
+_def("CausalMask", infer_causal_mask, kernels.causal_mask, domain="tgraph", attrs={"window": 0},
+     doc="Keep scores[..., i, j] where j <= i + (Tk - Tq) (and, with window W > 0, j > i + (Tk - Tq) - W), "
+         "else the dtype's lowest value.")

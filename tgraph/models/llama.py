@@ -5,7 +5,8 @@
 
 No biases (Qwen2 adds q/k/v biases, `attention_bias`), an untied LM head unless
 `tie_word_embeddings`. The same code reads Hugging Face "llama" checkpoints and the
-LLaMA-shaped "mistral" (full attention only) and "qwen2" (q/k/v biases, no sliding window).
+LLaMA-shaped "mistral" and "qwen2" (q/k/v biases), with their sliding windows (`sliding_window`,
+Qwen2's `max_window_layers` / `layer_types`: see `tgraph.models.windows`).
 Default sizes are small so a bare `tgraph build llama` is quick; LLaMA-7B is
 d_model=4096, num_layers=32, num_heads=32, d_ff=11008, vocab_size=32000.
 """
@@ -21,8 +22,11 @@ from ..errors import ConfigError
 from .hf_options import activation_from_hf, rope_from_hf
 from .decoding import (check_cache_options, decoder_input_specs, decoder_state, last_tokens, lm_logits, rotary_for,
                        token_positions)
-from .config_checks import check_fields, epsilon, positive, repeated
+from .config_checks import bounded, check_fields, epsilon, positive, repeated
 from .registry import register_model
+from .windows import layer_windows, parse_pattern, shortest_pattern
+
+LAYER_KINDS = ("full_attention", "sliding_attention")     # HF's layer_types names
 
 
 @dataclass
@@ -45,9 +49,12 @@ class LlamaConfig:
     use_position_ids: Optional[bool] = None   # explicit position_ids input; None: = use_cache
     kv_cache: str = "dynamic"              # with use_cache: "dynamic" (Concat) or "static" (buffers written in place)
     cache_length: int = 0                  # positions of a static cache (0: models.decoding.DEFAULT_CACHE_LENGTH)
+    sliding_window: int = bounded(0, ge=0)  # keys a local layer's query sees, itself included (0: full attention)
+    layer_types: str = "sliding_attention"  # with sliding_window: full_attention / sliding_attention, repeating
 
     def __post_init__(self):
         check_fields(self, "llama")
+        parse_pattern(self.layer_types, LAYER_KINDS, "llama: layer_types")
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"llama: {name} must be positive, got {getattr(self, name)}")
@@ -69,17 +76,23 @@ class LlamaConfig:
     def kv_heads(self) -> int:
         return self.num_kv_heads or self.num_heads
 
+    def window(self, layer: int) -> int:
+        """Layer `layer`'s attention window (0: full attention)."""
+        return layer_windows(parse_pattern(self.layer_types, LAYER_KINDS, "llama: layer_types"), LAYER_KINDS[1],
+                             self.sliding_window, layer + 1)[layer]
+
     @property
     def head_size(self) -> int:
         return self.head_dim if self.head_dim is not None else self.d_model // self.num_heads
 
 
 class DecoderLayer(Module):
-    def __init__(self, c: LlamaConfig):
+    def __init__(self, c: LlamaConfig, window: int = 0):
         super().__init__()
         self.input_norm = RMSNorm(c.d_model, c.rms_norm_eps)
         self.self_attn = MultiHeadAttention(c.d_model, c.num_heads, num_kv_heads=c.kv_heads, head_dim=c.head_size,
-                                            bias=c.attention_bias, out_bias=c.attention_out_bias, causal=True)
+                                            bias=c.attention_bias, out_bias=c.attention_out_bias, causal=True,
+                                            window=window)
         self.post_attention_norm = RMSNorm(c.d_model, c.rms_norm_eps)
         self.mlp = FeedForward(c.d_model, c.d_ff, act=c.hidden_act, gated=True, bias=c.mlp_bias)
 
@@ -93,7 +106,7 @@ class Llama(Module):
         super().__init__()
         c = self.config = config
         self.embed_tokens = Embedding(c.vocab_size, c.d_model)
-        self.layers = ModuleList([DecoderLayer(c) for _ in range(c.num_layers)])
+        self.layers = ModuleList([DecoderLayer(c, c.window(i)) for i in range(c.num_layers)])
         self.norm = RMSNorm(c.d_model, c.rms_norm_eps)
         if not c.tie_word_embeddings:
             self.lm_head = Linear(c.d_model, c.vocab_size, bias=False)
@@ -126,18 +139,7 @@ def config_from_hf(hf: Dict[str, Any]) -> LlamaConfig:
     """HF llama / mistral / qwen2 config.json -> LlamaConfig, refusing what we do not implement."""
     mt = hf.get("model_type", "llama")
     rope = rope_from_hf(hf, mt)          # llama's default RoPE ignores partial_rotary_factor, as HF does
-    max_pos = hf.get("max_position_embeddings")
-    window = hf.get("sliding_window")
-    if mt == "qwen2" and hf.get("use_sliding_window"):
-        raise ConfigError(f"{mt}: config option use_sliding_window=True is not supported (sliding-window attention)")
-    if mt == "mistral" and window is not None and (max_pos is None or window < max_pos):
-        raise ConfigError(f"{mt}: config option sliding_window={window!r} is not supported (sliding-window attention "
-                          f"narrower than max_position_embeddings={max_pos!r}); only full attention is implemented")
-    layer_types = hf.get("layer_types") or []
-    other = [t for t in layer_types if t != "full_attention"]
-    if other:
-        raise ConfigError(f"{mt}: config option layer_types containing {other[0]!r} is not supported "
-                          "(only full_attention layers)")
+    window, layer_types = _sliding_window_from_hf(hf, mt)
     qkv_bias = bool(hf.get("attention_bias", False)) or mt == "qwen2"
     out_bias = bool(hf.get("attention_bias", False)) and mt != "qwen2"
     heads = hf_get(hf, "num_attention_heads", 32)
@@ -156,7 +158,43 @@ def config_from_hf(hf: Dict[str, Any]) -> LlamaConfig:
         attention_out_bias=out_bias,
         mlp_bias=hf_get(hf, "mlp_bias", False),
         tie_word_embeddings=hf_get(hf, "tie_word_embeddings", False),
+        sliding_window=window,
+        layer_types=layer_types,
     )
+
+
+def _sliding_window_from_hf(hf: Dict[str, Any], mt: str):
+    """(window, layer_types) as HF's modeling reads them: Mistral slides every layer when
+    `sliding_window` is set; Qwen2 the layers `layer_types` marks (transformers derives them from
+    `use_sliding_window` and `max_window_layers`); llama has no windows. A window that covers
+    every position (>= max_position_embeddings) is full attention."""
+    window = hf.get("sliding_window")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):
+        raise ConfigError(f"{mt}: config option sliding_window={window!r} must be a positive integer or null")
+    types = hf.get("layer_types") or []
+    if not isinstance(types, list) or any(t not in LAYER_KINDS for t in types):
+        bad = next((t for t in types if t not in LAYER_KINDS), types) if isinstance(types, list) else types
+        raise ConfigError(f"{mt}: config option layer_types containing {bad!r} is not supported "
+                          f"(only {' / '.join(LAYER_KINDS)})")
+    if mt == "mistral":
+        types = []                                           # HF's Mistral ignores layer_types
+    elif mt == "qwen2":
+        if not hf.get("use_sliding_window"):
+            window = None
+        elif not types:                                      # older configs: derived as transformers does
+            n = hf_get(hf, "num_hidden_layers", 32)
+            first = hf_get(hf, "max_window_layers", 28)
+            types = [LAYER_KINDS[int(i >= first)] for i in range(n)]
+    elif "sliding_attention" in types:
+        raise ConfigError(f"{mt}: config option layer_types containing 'sliding_attention' is not supported "
+                          "(llama has no sliding window; only full_attention layers)")
+    else:
+        window = None                                        # HF's llama reads no sliding_window
+    max_pos = hf.get("max_position_embeddings")
+    if window is None or (isinstance(max_pos, int) and window >= max_pos) or \
+            (types and "sliding_attention" not in types):
+        return 0, LAYER_KINDS[1]
+    return window, shortest_pattern(types) if types else LAYER_KINDS[1]
 
 
 def weight_map(c: LlamaConfig) -> Dict[str, WeightRule]:
