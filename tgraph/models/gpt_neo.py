@@ -42,11 +42,11 @@ class GPTNeoConfig:
     activation: str = "gelu_tanh"                # HF "gelu_new"
     layer_norm_epsilon: float = epsilon(1e-5)
     tie_word_embeddings: bool = True
-    use_attention_mask: bool = True
-    use_cache: bool = False
-    use_position_ids: Optional[bool] = None
-    kv_cache: str = "dynamic"
-    cache_length: int = 0
+    use_attention_mask: bool = True         # adds the `attention_mask` input (padding)
+    use_cache: bool = False                 # KV-cache inputs/outputs (tgraph.dsl.cache): past_key_values.*, present.*
+    use_position_ids: Optional[bool] = None  # explicit position_ids input; None: = use_cache
+    kv_cache: str = "dynamic"               # with use_cache: "dynamic" (Concat) or "static" (buffers written in place)
+    cache_length: int = 0                   # positions of a static cache (0: the model's, capped at 4096)
 
     def __post_init__(self):
         check_fields(self, "gpt_neo")
