@@ -5,7 +5,9 @@
     result.ids, result.text, result.tokens_per_s, result.provider
 
 The model is traced with `use_cache=true` (an encoder-decoder as two graphs, `part=encoder`
-and `part=decoder`), optimised (-O3 by default), exported to ONNX in memory and run by
+and `part=decoder`; the encoder runs once per batch, and where the decoder reads cached
+cross-attention keys/values (BART) the encoder computes them, so no step re-projects the
+encoder states), optimised (-O3 by default), exported to ONNX in memory and run by
 `tgraph.runtime.Session`. Decoder-only families use the static KV cache (`kv_cache="static"`,
 see `tgraph.dsl.cache`), run by `tgraph.runtime.static_cache.StaticDecoder` on fixed buffers;
 `kv_cache="dynamic"` (and the encoder-decoders) keep the Concat cache on the session's device
@@ -39,6 +41,8 @@ DEFAULT_GENERATE_LEVEL = 3
 POSITION_LIMITS = ("n_positions", "max_position_embeddings", "max_len")   # learned/sinusoidal tables
 GENERATION_KEYS = ("use_cache", "part", "kv_cache", "cache_length")
 BUFFER_QUANTUM = 256        # static buffers grow in steps of this many positions
+ENCODER_OUTPUTS = {"last_hidden_state": "encoder_hidden_states"}   # encoder output -> decoder input
+CROSS_PREFIX = "cross_attention."     # cached cross-attention K/V (`tgraph.dsl.cache.CROSS`)
 
 
 @dataclass
@@ -128,7 +132,7 @@ class Generator:
         cls = _config_class(model)
         if cls is not None and "use_cache" not in _fields(cls):
             raise ConfigError(f"{model}: {cls.__name__} has no KV-cache decoder, so it cannot generate "
-                              "(generation needs a decoder: gpt, gpt2, llama, palm, t5, transformer)")
+                              "(generation needs a decoder: gpt, gpt2, llama, palm, t5, bart, transformer)")
         self.encoder_decoder = cls is not None and "part" in _fields(cls)
         if kv_cache not in ("auto", "static", "dynamic"):
             raise ConfigError(f"kv_cache must be 'auto', 'static' or 'dynamic', got {kv_cache!r}")
@@ -154,10 +158,13 @@ class Generator:
         self.static = getattr(self.config, "kv_cache", "dynamic") == "static"
         self.vocab_size = decoder.vocab_size
         sessions = {"decoder": decoder}
-        if self.encoder_decoder:
-            sessions["encoder"] = load_model(model, {**overrides, "part": "encoder"})
+        if self.encoder_decoder:          # filled in once the decoder's inputs are known
+            sessions["encoder"] = None
         self.sessions = {}
         for part, loaded in sessions.items():
+            if part == "encoder":         # with use_cache it also returns the cross-attention K/V the decoder reads
+                cross = any(n.startswith(CROSS_PREFIX) for n in self.sessions["decoder"].input_names)
+                loaded = load_model(model, {**overrides, "part": "encoder", **({"use_cache": "true"} if cross else {})})
             graph = built.get(part) or build(loaded, seed=seed, level=level, dtype=dtype).graph
             if self.static and part == "decoder":
                 from .export_dir import logits_to_float32
@@ -314,11 +321,14 @@ class Generator:
             self._check_length(max_new_tokens, f"max_new_tokens={max_new_tokens}")
             enc_feeds = {k: v for k, v in (("input_ids", src), ("attention_mask", src_mask))
                          if k in self.encoder.input_names}
-            states = self.encoder.run_with_binding(enc_feeds, outputs=["last_hidden_state"])["last_hidden_state"]
-            if self.encoder.device != self.decoder.device:
-                states = states.numpy()
-            static = {"encoder_hidden_states": states,
-                      "encoder_attention_mask": self._on_device(self.decoder, src_mask)}
+            # The encoder runs once; its states (or the cross-attention K/V computed from them)
+            # stay bound for every decoder step.
+            wanted = {ENCODER_OUTPUTS.get(n, n): n for n in self.encoder.output_names
+                      if ENCODER_OUTPUTS.get(n, n) in inputs}
+            outs = self.encoder.run_with_binding(enc_feeds, outputs=list(wanted.values()))
+            static = {name: outs[out] if self.encoder.device == self.decoder.device else outs[out].numpy()
+                      for name, out in wanted.items()}
+            static["encoder_attention_mask"] = self._on_device(self.decoder, src_mask)
             ids = np.full((batch, 1), self.special.decoder_start, np.int64)
             mask = np.ones((batch, 1), np.int64)
             positions = np.zeros((batch, 1), np.int64)

@@ -43,7 +43,9 @@ def cache_length(config: Any, position_limit: Any = None) -> int:
     return asked or min(limit or DEFAULT_CACHE_LENGTH, DEFAULT_CACHE_LENGTH)
 
 
-def check_cache_options(config: Any, family: str, encoder_decoder: bool = False) -> None:
+def check_cache_options(config: Any, family: str, encoder_decoder: bool = False, cross_cache: bool = False) -> None:
+    """`cross_cache`: the family's cached decoder reads the cross-attention keys/values
+    (`tgraph.dsl.cache.CROSS`), which its part='encoder' computes when use_cache is set."""
     layout = getattr(config, "kv_cache", "dynamic")
     if layout not in LAYOUTS:
         raise ConfigError(f"{family}: kv_cache must be one of {', '.join(LAYOUTS)}, got {layout!r}")
@@ -57,7 +59,10 @@ def check_cache_options(config: Any, family: str, encoder_decoder: bool = False)
     if encoder_decoder:
         if config.part not in PARTS:
             raise ConfigError(f"{family}: part must be one of {', '.join(PARTS)}, got {config.part!r}")
-        if config.use_cache and config.part != "decoder":
+        if config.use_cache and cross_cache and config.part == "full":
+            raise ConfigError(f"{family}: use_cache=True needs part='decoder' or part='encoder' (the encoder "
+                              "then also returns each decoder layer's cross-attention keys/values)")
+        if config.use_cache and config.part != "decoder" and not cross_cache:
             raise ConfigError(f"{family}: use_cache=True needs part='decoder' (export the encoder once with "
                               "part='encoder'; the cached decoder reads its encoder_hidden_states)")
 
@@ -87,9 +92,10 @@ def decoder_input_specs(config: Any, num_layers: int, kv_heads: int, head_dim: i
     return specs
 
 
-def encoder_states_specs(d_model: int, mask: bool = True) -> Dict[str, InputSpec]:
-    """What a split decoder (part='decoder') reads from the encoder's run."""
-    specs = {"encoder_hidden_states": InputSpec(DType.float32, ("batch", "encoder_seq", d_model))}
+def encoder_states_specs(d_model: int, mask: bool = True, states: bool = True) -> Dict[str, InputSpec]:
+    """What a split decoder (part='decoder') reads from the encoder's run; `states=False` for
+    one that reads the cross-attention keys/values instead (`tgraph.dsl.cache.CROSS`)."""
+    specs = {"encoder_hidden_states": InputSpec(DType.float32, ("batch", "encoder_seq", d_model))} if states else {}
     if mask:
         specs["encoder_attention_mask"] = InputSpec(DType.int64, ("batch", "encoder_seq"))
     return specs
