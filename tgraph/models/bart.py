@@ -83,7 +83,7 @@ class BartConfig:
         if self.activation_function not in set(HF_ACTIVATIONS.values()):
             raise ConfigError(f"bart: activation_function {self.activation_function!r} is not supported "
                               f"(supported: {', '.join(sorted(set(HF_ACTIVATIONS.values())))})")
-        check_cache_options(self, "bart", encoder_decoder=True, cross_cache=True)
+        check_cache_options(self, "bart", encoder_decoder=True)
 
     @property
     def decoder_head_dim(self) -> int:

@@ -1,7 +1,9 @@
 """Config options shared by every decoder that can export a KV cache (see `tgraph.dsl.cache`).
 
 Each such config has `use_cache: bool = False` and `use_position_ids: Optional[bool] = None`;
-encoder-decoders also have `part` ("full" | "encoder" | "decoder"). These helpers check
+encoder-decoders also have `part` ("full" | "encoder" | "decoder"): with use_cache, the
+encoder also returns `cross_attention.{i}.key/value` [batch, heads, encoder_seq, head_dim]
+and the decoder reads them (with encoder_attention_mask) instead of encoder_hidden_states. These helpers check
 them and build the decoder's input specs, so every family names its inputs alike:
 
     input_ids         [batch, seq]
@@ -43,9 +45,9 @@ def cache_length(config: Any, position_limit: Any = None) -> int:
     return asked or min(limit or DEFAULT_CACHE_LENGTH, DEFAULT_CACHE_LENGTH)
 
 
-def check_cache_options(config: Any, family: str, encoder_decoder: bool = False, cross_cache: bool = False) -> None:
-    """`cross_cache`: the family's cached decoder reads the cross-attention keys/values
-    (`tgraph.dsl.cache.CROSS`), which its part='encoder' computes when use_cache is set."""
+def check_cache_options(config: Any, family: str, encoder_decoder: bool = False) -> None:
+    """An encoder-decoder's use_cache applies to a half: the cached decoder reads the
+    cross-attention keys/values (`tgraph.dsl.cache.CROSS`) that its part='encoder' computes."""
     layout = getattr(config, "kv_cache", "dynamic")
     if layout not in LAYOUTS:
         raise ConfigError(f"{family}: kv_cache must be one of {', '.join(LAYOUTS)}, got {layout!r}")
@@ -59,12 +61,10 @@ def check_cache_options(config: Any, family: str, encoder_decoder: bool = False,
     if encoder_decoder:
         if config.part not in PARTS:
             raise ConfigError(f"{family}: part must be one of {', '.join(PARTS)}, got {config.part!r}")
-        if config.use_cache and cross_cache and config.part == "full":
+        if config.use_cache and config.part == "full":
             raise ConfigError(f"{family}: use_cache=True needs part='decoder' or part='encoder' (the encoder "
-                              "then also returns each decoder layer's cross-attention keys/values)")
-        if config.use_cache and config.part != "decoder" and not cross_cache:
-            raise ConfigError(f"{family}: use_cache=True needs part='decoder' (export the encoder once with "
-                              "part='encoder'; the cached decoder reads its encoder_hidden_states)")
+                              "then also returns each decoder layer's cross-attention keys/values, which the "
+                              "cached decoder reads)")
 
 
 def wants_position_ids(config: Any) -> bool:
