@@ -3,8 +3,9 @@
 Each such config has `use_cache: bool = False` and `use_position_ids: Optional[bool] = None`;
 encoder-decoders also have `part` ("full" | "encoder" | "decoder"): with use_cache, the
 encoder also returns `cross_attention.{i}.key/value` [batch, heads, encoder_seq, head_dim]
-and the decoder reads them (with encoder_attention_mask) instead of encoder_hidden_states. These helpers check
-them and build the decoder's input specs, so every family names its inputs alike:
+and the decoder reads them (with encoder_attention_mask) instead of encoder_hidden_states.
+These helpers check them and build the decoder's input specs, so every family names its
+inputs alike:
 
     input_ids         [batch, seq]
     attention_mask    [batch, seq], or [batch, past_seq + seq] with a cache (past + new tokens)
