@@ -88,6 +88,43 @@ def _fields(config_or_cls) -> set:
     return {f.name for f in dataclasses.fields(config_or_cls)} if dataclasses.is_dataclass(config_or_cls) else set()
 
 
+@dataclass(frozen=True)
+class ForcedTokens:
+    """Hugging Face's `forced_bos_token_id` / `forced_eos_token_id` (BART's configs set
+    forced_eos 2): an encoder-decoder's first new token is the forced bos, the last one allowed
+    by max_new_tokens a forced eos, as `generate`'s ForcedBOS/EOSTokenLogitsProcessor make them."""
+
+    bos: Optional[int] = None
+    eos: tuple = ()
+
+    @classmethod
+    def of_checkpoint(cls, directory: str, encoder_decoder: bool) -> "ForcedTokens":
+        from .checkpoints import checkpoint_file, read_json_file
+        from .tokens import _ids_of
+
+        found: dict = {}
+        for name in ("config.json", "generation_config.json"):      # generation_config wins
+            path = checkpoint_file(Path(directory), name)
+            data = read_json_file(path) if path.is_file() else None
+            if isinstance(data, dict):
+                found.update({k: data[k] for k in ("forced_bos_token_id", "forced_eos_token_id") if k in data})
+        bos = _ids_of(found.get("forced_bos_token_id"), "forced_bos_token_id", f"{directory}: checkpoint config")
+        eos = _ids_of(found.get("forced_eos_token_id"), "forced_eos_token_id", f"{directory}: checkpoint config")
+        return cls(bos=bos[0] if bos and encoder_decoder else None, eos=eos)
+
+    def apply(self, logits: np.ndarray, step: int, max_new_tokens: int) -> np.ndarray:
+        """logits [batch, vocab] with everything but the forced token(s) at -inf at their step."""
+        forced = (self.bos,) if step == 0 and self.bos is not None else \
+            self.eos if step == max_new_tokens - 1 else ()
+        if not forced:
+            return logits
+        if max(forced) >= logits.shape[-1]:
+            raise ConfigError(f"forced token id {max(forced)} is outside the vocabulary ({logits.shape[-1]} ids)")
+        out = np.full_like(logits, -np.inf)
+        out[:, list(forced)] = 0.0
+        return out
+
+
 class Generator:
     """A model ready to generate: its cached decoder (and encoder) sessions and special ids.
 
@@ -209,6 +246,7 @@ class Generator:
             if given[key] is UNSET and value is not None:
                 given[key] = value
         self.special = resolve_special_tokens(given, {}, None)
+        self.forced = ForcedTokens()
         self.tokenizer = find_tokenizer(str(path)) if tokenizer is UNSET else (
             tokenizer if tokenizer is None or isinstance(tokenizer, TextTokenizer) else TextTokenizer(tokenizer))
         self.model = str(path)
@@ -239,6 +277,8 @@ class Generator:
                  "decoder_start_token_id": decoder_start_token_id}
         checkpoint = checkpoint_special_ids(model) if os.path.isdir(model) else {}
         self.special: SpecialTokens = resolve_special_tokens(given, checkpoint, self.config)
+        self.forced = ForcedTokens.of_checkpoint(model, self.encoder_decoder) if os.path.isdir(model) \
+            else ForcedTokens()
         if tokenizer is UNSET:
             self.tokenizer = find_tokenizer(model)
         else:
@@ -351,6 +391,7 @@ class Generator:
             feeds = self._feeds({"input_ids": ids, "attention_mask": mask, "position_ids": positions, **static})
             logits = cache.step(feeds, fetch=["logits"])["logits"][:, -1, :]
             warned = warned or warn_nonfinite({"logits": logits}, f"{self.model}: generation step {step}") is not None
+            logits = self.forced.apply(logits, step, max_new_tokens)
             tokens = np.where(finished, pad, next_tokens(logits, sampling, rng)).astype(np.int64)
             yield Step(step, tokens, ~finished)
             finished = finished | np.isin(tokens, eos)
@@ -377,6 +418,7 @@ class Generator:
         finished = np.zeros(batch, bool)
         eos = np.array(self.special.eos, np.int64)
         for step in range(max_new_tokens):
+            logits = self.forced.apply(logits, step, max_new_tokens)
             tokens = np.where(finished, pad, next_tokens(logits, sampling, rng)).astype(np.int64)
             yield Step(step, tokens, ~finished)
             finished = finished | np.isin(tokens, eos)

@@ -233,29 +233,38 @@ def test_cached_decoding_matches_the_full_model(checkpoints, name):
 GENERATION = {"bart-untied-relu": dict(std=1.0), "mbart": dict(std=0.5)}
 
 
+def _hf_greedy(model, prompts, new, **kw):
+    ids = np.ones((len(prompts), max(map(len, prompts))), np.int64)       # right-padded with pad id 1
+    mask = np.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, :len(p)], mask[i, :len(p)] = p, 1
+    with torch.no_grad():
+        return model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False,
+                              num_beams=1, max_new_tokens=new, min_length=0, **kw).numpy()[:, 1:]
+
+
 @pytest.mark.parametrize("name", list(GENERATION))
 def test_greedy_matches_hf_generate(tmp_path, name):
     from tgraph.generate import Generator
 
     model = _make(name, tmp_path / name, **GENERATION[name])
-    prompts = [[0, 5, 17, 33, 44, 9, 28, 13, 2], [0, 31, 60, 2]]     # row 1 right-padded
-    ids = np.ones((2, 9), np.int64)
-    mask = np.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, :len(p)], mask[i, :len(p)] = p, 1
-    new = 12
-    with torch.no_grad():       # eos off: HF would force eos 2 at the last position (forced_eos_token_id)
-        ref = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False,
-                             num_beams=1, max_new_tokens=new, eos_token_id=None, forced_eos_token_id=None,
-                             min_length=0).numpy()[:, 1:]
+    prompts = [[0, 5, 17, 33, 44, 9, 28, 13, 2], [0, 31, 60, 2]]
+    # eos off: only the last position is the forced eos (the checkpoint's forced_eos_token_id=2)
+    ref = _hf_greedy(model, prompts, 12, eos_token_id=None)
     gen = Generator(str(tmp_path / name), provider="cpu", eos_token_id=None)
     assert any(n.startswith("cross_attention.") for n in gen.encoder.output_names)
     assert "encoder_hidden_states" not in gen.decoder.input_names       # cross K/V come from the encoder, once
-    got = gen.generate(prompts, max_new_tokens=new)
-    assert ref.shape == (2, new) and ref[0, 0] != 0
+    got = gen.generate(prompts, max_new_tokens=12)
+    assert ref.shape == (2, 12)
     np.testing.assert_array_equal(got.tokens, ref)
+    assert (got.tokens[:, -1] == 2).all()
     for row in got.ids:                          # the argmax moves: not one token forever
-        assert len(set(row)) >= 2, row
+        assert len(set(row[:-1])) >= 2, row
+    # the checkpoint's own special ids: eos 2 ends a row, and the last allowed token is forced to 2
+    ref = _hf_greedy(model, prompts, 5)
+    got = Generator(str(tmp_path / name), provider="cpu").generate(prompts, max_new_tokens=5)
+    np.testing.assert_array_equal(got.tokens, ref)
+    assert [row[-1] for row in got.ids] == [2, 2] and got.ids[0][:4] == got.tokens[0, :4].tolist()
 
 
 # ---------------------------------------------------------------- strict loading and refusals
