@@ -327,3 +327,18 @@ def test_registered_families_build():
         shapes = {v.name: v.type.shape for v in graph.outputs}
         assert shapes == {"logits": ("batch", "decoder_seq", 53), "encoder_last_hidden_state": ("batch", "seq", 16)}
         assert graph.op_histogram()["LayerNormalization"] == layer_norms, family
+
+
+def test_float16_matches_hf_float32(checkpoints):
+    """--dtype float16: half weights and compute (norm statistics and softmax in float32)."""
+    directory, hf_model = checkpoints["mbart"]
+    loaded = load_model(str(directory))
+    feed = _inputs(101)
+    ref = _reference(hf_model, feed)["logits"]
+    from tgraph.api import build as api_build
+
+    graph = api_build(loaded, level=2, dtype="float16").graph
+    assert graph.op_histogram().get("Attention") == 6
+    for backend in (run_onnx, run_numpy):
+        got = backend(graph, feed)["logits"]
+        assert got.dtype == np.float16 and rel_err(got, ref) < 1e-2, backend.__name__
