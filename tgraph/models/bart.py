@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, ClassVar, Dict, Mapping, Optional
 
 import numpy as np
 
@@ -69,21 +69,22 @@ class BartConfig:
     use_decoder_attention_mask: bool = False   # adds `decoder_attention_mask` (only needed for left-padded targets)
     part: str = "full"                         # "encoder" | "decoder": export one half (generation runs the encoder once)
     use_cache: bool = False                    # decoder: self-attention KV cache, cross K/V as inputs; encoder: cross K/V out
+    family: ClassVar[str] = "bart"             # the name in messages
 
     def __post_init__(self):
-        check_fields(self, "bart")
+        check_fields(self, self.family)
         for name in ("vocab_size", "d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads",
                      "decoder_attention_heads", "encoder_ffn_dim", "decoder_ffn_dim", "max_position_embeddings"):
             if getattr(self, name) <= 0:
-                raise ConfigError(f"bart: {name} must be positive, got {getattr(self, name)}")
+                raise ConfigError(f"{self.family}: {name} must be positive, got {getattr(self, name)}")
         for heads in ("encoder_attention_heads", "decoder_attention_heads"):
             if self.d_model % getattr(self, heads):
-                raise ConfigError(f"bart: d_model ({self.d_model}) is not divisible by {heads} "
+                raise ConfigError(f"{self.family}: d_model ({self.d_model}) is not divisible by {heads} "
                                   f"({getattr(self, heads)})")
         if self.activation_function not in set(HF_ACTIVATIONS.values()):
-            raise ConfigError(f"bart: activation_function {self.activation_function!r} is not supported "
+            raise ConfigError(f"{self.family}: activation_function {self.activation_function!r} is not supported "
                               f"(supported: {', '.join(sorted(set(HF_ACTIVATIONS.values())))})")
-        check_cache_options(self, "bart", encoder_decoder=True)
+        check_cache_options(self, self.family, encoder_decoder=True)
 
     @property
     def decoder_head_dim(self) -> int:
@@ -239,6 +240,7 @@ class MBartConfig(BartConfig):
 
     normalize_before: bool = True
     scale_embedding: bool = True
+    family: ClassVar[str] = "mbart"
 
 
 @register_model("mbart", MBartConfig)
@@ -290,7 +292,8 @@ def config_from_hf(hf: Dict[str, Any]) -> BartConfig:
         value = hf.get(key)
         return getattr(defaults, key) if value is None else value
     tie = hf.get("tie_word_embeddings", True)
-    return BartConfig(
+    cls = MBartConfig if model_type == "mbart" else BartConfig      # (HF's defaults are the same for both)
+    return cls(
         vocab_size=get("vocab_size"), d_model=get("d_model"),
         encoder_layers=get("encoder_layers"), decoder_layers=get("decoder_layers"),
         encoder_attention_heads=get("encoder_attention_heads"), decoder_attention_heads=get("decoder_attention_heads"),
