@@ -271,7 +271,8 @@ def test_greedy_matches_hf_generate(tmp_path, name):
 @pytest.mark.parametrize("edit,needle", [
     (lambda w: w.pop("model.decoder.layers.1.encoder_attn.k_proj.bias"), "decoder.layers.1.encoder_attn.k_proj.bias"),
     (lambda w: w.pop("model.encoder.layernorm_embedding.weight"), "encoder.layernorm_embedding.weight"),
-    (lambda w: w.__setitem__("model.encoder.layer_norm.weight", np.ones(32, np.float32)), "model.encoder.layer_norm.weight"),
+    (lambda w: w.__setitem__("model.encoder.layer_norm.weight", np.ones(32, np.float32)),
+     "model.encoder.layer_norm.weight"),
     (lambda w: w.__setitem__("model.encoder.embed_positions.weight", np.zeros((40, 32), np.float32)),
      "model.encoder.embed_positions.weight"),
 ], ids=["missing", "missing-embedding-norm", "unexpected-final-norm", "positions-without-offset"])

@@ -34,7 +34,7 @@ import numpy as np
 
 from ..checkpoints import HFAdapter, WeightRule, linear, register_adapter, rule, transposed
 from ..dsl import (Embedding, FeedForward, InputSpec, LayerNorm, LearnedPositions, Linear, Module, ModuleList,
-                   MultiHeadAttention, Parameter, arange, padding_keep_mask)
+                   MultiHeadAttention, Parameter, padding_keep_mask)
 from ..dsl.cache import (KVCache, cross_attention_caches, cross_attention_outputs, cross_attention_specs,
                          layer_caches, positions)
 from ..errors import CheckpointError, ConfigError
@@ -67,8 +67,8 @@ class BartConfig:
     final_logits_bias: bool = True             # the head adds a learned [1, vocab] bias
     lm_head: bool = True                       # False: BartModel, outputs the decoder's last_hidden_state
     use_decoder_attention_mask: bool = False   # adds `decoder_attention_mask` (only needed for left-padded targets)
-    part: str = "full"                         # "encoder" | "decoder": export one half (generation runs the encoder once)
-    use_cache: bool = False                    # decoder: self-attention KV cache, cross K/V as inputs; encoder: cross K/V out
+    part: str = "full"                         # "encoder" | "decoder": one half (generation runs the encoder once)
+    use_cache: bool = False                    # decoder: self-attn KV cache, reads cross K/V; encoder: returns cross K/V
     family: ClassVar[str] = "bart"             # the name in messages
 
     def __post_init__(self):

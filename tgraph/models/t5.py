@@ -73,7 +73,7 @@ class T5Config:
     lm_head: bool = True                       # False: T5Model, outputs the decoder's last_hidden_state
     use_decoder_attention_mask: bool = False   # adds `decoder_attention_mask` (only needed for left-padded targets)
     part: str = "full"                         # "encoder" | "decoder": export one half (generation runs the encoder once)
-    use_cache: bool = False                    # decoder: self-attention KV cache, cross K/V as inputs; encoder: cross K/V out
+    use_cache: bool = False                    # decoder: self-attn KV cache, reads cross K/V; encoder: returns cross K/V
 
     def __post_init__(self):
         check_fields(self, "t5")
@@ -183,7 +183,8 @@ class T5Block(Module):
         self.ffn_norm = RMSNorm(c.d_model, c.layer_norm_epsilon)
         self.ffn = FeedForward(c.d_model, c.d_ff, act=act, gated=gated, bias=False, std=std)
 
-    def forward(self, x, keep, bias, memory=None, memory_keep=None, cache=None, cross=None):   # x: (B, T, C), bias: (1, H, T, P+T)
+    def forward(self, x, keep, bias, memory=None, memory_keep=None, cache=None, cross=None):
+        """x: (B, T, C), bias: (1, H, T, P+T), memory: (B, S, C) or `cross` (the cached cross K/V)."""
         x = x + self.self_attn(self.self_attn_norm(x), keep_mask=keep, bias=bias, cache=cache)
         if self.decoder:                                                   # memory: (B, S, C), or cross K/V
             x = x + self.cross_attn(self.cross_attn_norm(x), kv=memory, keep_mask=memory_keep, cache=cross)
