@@ -283,6 +283,29 @@ def test_strict_loading_names_the_tensor(checkpoints, tmp_path, edit, needle):
     assert needle in str(info.value) and "\n" not in str(info.value)
 
 
+def test_stack_copies_of_the_shared_table_are_accepted(checkpoints, tmp_path):
+    """Older checkpoints store the tied table three times (shared, encoder, decoder)."""
+    directory, hf_model = checkpoints["bart-tied"]
+
+    def copies(w):
+        for stack in ("encoder", "decoder"):
+            w[f"model.{stack}.embed_tokens.weight"] = w["model.shared.weight"].copy()
+    loaded = load_model(str(_copy(directory, tmp_path / "copies", edit_weights=copies)))
+    assert loaded.config.shared_embeddings and loaded.config.tie_word_embeddings
+    feed = _inputs(97)
+    check_all_backends(loaded, feed, _reference(hf_model, feed), levels=(0,), numpy_level=None)
+
+
+def test_stack_tables_with_a_head_tied_to_a_third_table_are_refused(checkpoints, tmp_path):
+    directory, _ = checkpoints["bart-tied"]
+
+    def own_tables(w):
+        w["model.encoder.embed_tokens.weight"] = w["model.shared.weight"] + 1
+        w["model.decoder.embed_tokens.weight"] = w["model.shared.weight"] - 1
+    with pytest.raises(CheckpointError, match="their own token tables but the head is tied"):
+        load_model(str(_copy(directory, tmp_path / "three", edit_weights=own_tables)))
+
+
 def test_missing_final_logits_bias_means_none(checkpoints, tmp_path):
     directory, hf_model = checkpoints["bart-tied"]
     loaded = load_model(str(_copy(directory, tmp_path / "nobias", edit_weights=lambda w: w.pop("final_logits_bias"))))

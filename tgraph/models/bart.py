@@ -326,6 +326,10 @@ def refine(config: BartConfig, source) -> BartConfig:
         changes["shared_embeddings"] = False
     if config.lm_head and config.tie_word_embeddings and "lm_head.weight" in source:
         changes["tie_word_embeddings"] = False
+    if changes.get("shared_embeddings") is False and config.lm_head and \
+            changes.get("tie_word_embeddings", config.tie_word_embeddings):
+        raise CheckpointError(f"{source.directory}: the stacks have their own token tables but the head is tied to "
+                              "'shared.weight', a third table (not supported; store lm_head.weight)")
     if config.lm_head and "final_logits_bias" not in source:
         changes["final_logits_bias"] = False
     return dataclasses.replace(config, **changes) if changes else config
