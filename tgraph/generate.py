@@ -5,9 +5,9 @@
     result.ids, result.text, result.tokens_per_s, result.provider
 
 The model is traced with `use_cache=true` (an encoder-decoder as two graphs, `part=encoder`
-and `part=decoder`; the encoder runs once per batch, and where the decoder reads cached
-cross-attention keys/values (BART) the encoder computes them, so no step re-projects the
-encoder states), optimised (-O3 by default), exported to ONNX in memory and run by
+and `part=decoder`; the encoder runs once per batch and also returns each decoder layer's
+cross-attention keys/values, which every decoder step reads as they are: no step re-projects
+the encoder states), optimised (-O3 by default), exported to ONNX in memory and run by
 `tgraph.runtime.Session`. Decoder-only families use the static KV cache (`kv_cache="static"`,
 see `tgraph.dsl.cache`), run by `tgraph.runtime.static_cache.StaticDecoder` on fixed buffers;
 `kv_cache="dynamic"` (and the encoder-decoders) keep the Concat cache on the session's device
@@ -195,11 +195,11 @@ class Generator:
         self.static = getattr(self.config, "kv_cache", "dynamic") == "static"
         self.vocab_size = decoder.vocab_size
         sessions = {"decoder": decoder}
-        if self.encoder_decoder:          # filled in once the decoder's inputs are known
+        if self.encoder_decoder:          # loaded below, once the decoder's inputs are known
             sessions["encoder"] = None
         self.sessions = {}
         for part, loaded in sessions.items():
-            if part == "encoder":         # with use_cache it also returns the cross-attention K/V the decoder reads
+            if part == "encoder":         # use_cache: it also returns the cross-attention K/V the decoder reads
                 cross = any(n.startswith(CROSS_PREFIX) for n in self.sessions["decoder"].input_names)
                 loaded = load_model(model, {**overrides, "part": "encoder", **({"use_cache": "true"} if cross else {})})
             graph = built.get(part) or build(loaded, seed=seed, level=level, dtype=dtype).graph
