@@ -179,11 +179,10 @@ class Bart(Module):
         if c.part == "decoder":
             specs = decoder_input_specs(c, c.decoder_layers, c.decoder_attention_heads, c.decoder_head_dim,
                                         mask=c.use_decoder_attention_mask, positions=False)
-            if c.use_cache:               # the encoder's cross-attention K/V, computed once per source
-                return {**specs, **cross_attention_specs(c.decoder_layers, c.decoder_attention_heads,
-                                                         c.decoder_head_dim),
-                        **encoder_states_specs(c.d_model, states=False)}
-            return {**specs, **encoder_states_specs(c.d_model)}
+            # with a cache, the encoder's cross-attention K/V (computed once per source) instead of its states
+            cross = cross_attention_specs(c.decoder_layers, c.decoder_attention_heads, c.decoder_head_dim) \
+                if c.use_cache else {}
+            return {**specs, **cross, **encoder_states_specs(c.d_model, states=not c.use_cache)}
         tgt = InputSpec(DType.int64, ("batch", "decoder_seq"))
         specs = {"input_ids": src, "attention_mask": src, "decoder_input_ids": tgt}
         if c.use_decoder_attention_mask:
