@@ -1,7 +1,8 @@
 """KV-cache export: prefill + step-by-step decoding with the cache gives the logits of one full run.
 
 For every decoder (gpt, gpt2, llama with grouped KV heads, palm with one KV head, the
-Transformer's and T5's decoders, split from their encoders) the reference is the model's own
+Transformer's, T5's and BART's decoders, split from their encoders, which compute the
+cross-attention keys/values once) the reference is the model's own
 graph without a cache run on the whole sequence; the cached graph is run on the first k tokens
 with an empty past (past_seq = 0), then one token at a time, feeding each step's `present.*`
 back as `past_key_values.*`. Checked on onnxruntime at -O0 and -O2 (where every layer's
@@ -32,6 +33,8 @@ SEQ2SEQ = {
                          vocab_size=VOCAB, max_len=64), 2, 4, 8),
     "t5": (dict(num_layers=2, d_model=32, d_kv=8, num_heads=4, d_ff=48, vocab_size=VOCAB,
                 relative_attention_num_buckets=8, relative_attention_max_distance=6), 2, 4, 8),
+    "bart": (dict(encoder_layers=1, decoder_layers=2, d_model=32, encoder_attention_heads=2, decoder_attention_heads=4,
+                  encoder_ffn_dim=48, decoder_ffn_dim=40, vocab_size=VOCAB, max_position_embeddings=64), 2, 4, 8),
 }
 
 
@@ -158,19 +161,26 @@ def test_split_encoder_decoder_with_cache_matches_the_full_model(family):
     src_mask[1, 3:] = 0                                             # a right-padded source row
     full = onnx_runner(build(family, _set(cfg), level=0).graph)
     ref = full(dict(input_ids=src, attention_mask=src_mask, decoder_input_ids=tgt))["logits"]
-    memory = onnx_runner(build(family, _set(cfg, part="encoder"), level=2).graph)(
-        dict(input_ids=src, attention_mask=src_mask))["last_hidden_state"]
-    extra = dict(encoder_hidden_states=memory, encoder_attention_mask=src_mask)
+    # the encoder runs once and returns each decoder layer's cross-attention K/V with its states
+    encoded = onnx_runner(build(family, _set(cfg, part="encoder", use_cache=True), level=2).graph)(
+        dict(input_ids=src, attention_mask=src_mask))
+    cross = {k: v for k, v in encoded.items() if k.startswith("cross_attention.")}
+    assert sorted(cross) == sorted(f"cross_attention.{i}.{k}" for i in range(layers) for k in ("key", "value"))
+    assert cross["cross_attention.0.key"].shape == (2, kv_heads, src.shape[1], head_dim)
+    uncached = build(family, _set(cfg, part="decoder"), level=2).graph
     for backend, (level, runner) in RUNNERS.items():
         graph = build(family, _set(cfg, part="decoder", use_cache=True), level=level).graph
-        if level == 2:      # self- and cross-attention of every layer fused
+        assert "encoder_hidden_states" not in {v.name for v in graph.inputs}
+        if level == 2:      # self- and cross-attention of every layer fused; no step re-projects the states
             assert graph.op_histogram().get("Attention") == 2 * layers, backend
-        got, last = decode(runner(graph), graph, tgt, np.ones_like(tgt), prefill=2, extra=extra)
+            assert graph.op_histogram()["MatMul"] == uncached.op_histogram()["MatMul"] - 2 * layers
+        got, last = decode(runner(graph), graph, tgt, np.ones_like(tgt), prefill=2,
+                           extra=dict(cross, encoder_attention_mask=src_mask))
         assert rel_err(got, ref) <= TOL, (backend, rel_err(got, ref))
         assert last["present.1.value"].shape == (2, kv_heads, tgt.shape[1], head_dim)
     # the decoder alone, without a cache, is the full model's decoder too
-    graph = build(family, _set(cfg, part="decoder"), level=2).graph
-    got = onnx_runner(graph)(dict(input_ids=tgt, **extra))["logits"]
+    extra = dict(encoder_hidden_states=encoded["last_hidden_state"], encoder_attention_mask=src_mask)
+    got = onnx_runner(uncached)(dict(input_ids=tgt, **extra))["logits"]
     assert rel_err(got, ref) <= TOL
 
 
@@ -179,7 +189,8 @@ def test_t5_decoder_padding_mask_covers_past_and_new_tokens():
     graph = build("t5", _set(cfg, part="decoder", use_cache=True, use_decoder_attention_mask=True), level=0).graph
     shapes = {v.name: v.type.shape for v in graph.inputs}
     assert shapes["attention_mask"] == ("batch", "past_seq + seq")
-    assert shapes["encoder_hidden_states"] == ("batch", "encoder_seq", 32)
+    assert shapes["cross_attention.1.value"] == ("batch", 4, "encoder_seq", 8)
+    assert shapes["encoder_attention_mask"] == ("batch", "encoder_seq") and "encoder_hidden_states" not in shapes
 
 
 def test_cache_options_are_checked():

@@ -54,6 +54,17 @@ def _bert_like(c) -> Expect:
                   gelu=(c.num_layers + mlm) * _gelu(c.activation), tanh=int(c.head != "mlm"))
 
 
+def _bart_like(c) -> Expect:
+    """Each stack's layernorm_embedding, 2 (encoder) or 3 (decoder) norms a layer, mBART's final norms."""
+    layers = c.encoder_layers + c.decoder_layers
+    return Expect(attention=c.encoder_layers + 2 * c.decoder_layers,
+                  norms=2 + 2 * c.encoder_layers + 3 * c.decoder_layers + 2 * c.normalize_before,
+                  gelu=layers * _gelu(c.activation_function))
+
+
+BART = dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=2,
+            encoder_ffn_dim=48, decoder_ffn_dim=40, max_position_embeddings=64)
+
 # family -> (tiny config overrides, expected fused counts from the config)
 FAMILIES: Dict[str, tuple] = {
     "transformer": (dict(d_model=32, num_heads=4, d_ff=48, num_encoder_layers=2, num_decoder_layers=2, max_len=64),
@@ -74,6 +85,8 @@ FAMILIES: Dict[str, tuple] = {
     "t5": (dict(d_model=32, d_kv=8, d_ff=48, num_heads=4, num_layers=2, num_decoder_layers=2,
                 relative_attention_num_buckets=8, relative_attention_max_distance=16),
            lambda c: Expect(c.num_layers + 2 * c.decoder_layers, 2 * c.num_layers + 1 + 3 * c.decoder_layers + 1)),
+    "bart": (BART, _bart_like),
+    "mbart": (BART, _bart_like),
     "llama": (dict(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=48),
               lambda c: Expect(c.num_layers, 2 * c.num_layers + 1, rotary=2 * c.num_layers)),
     "palm": (dict(d_model=32, num_layers=2, num_heads=4, num_kv_heads=1, d_ff=48, rotary_pct=0.5),

@@ -5,7 +5,9 @@
     result.ids, result.text, result.tokens_per_s, result.provider
 
 The model is traced with `use_cache=true` (an encoder-decoder as two graphs, `part=encoder`
-and `part=decoder`), optimised (-O3 by default), exported to ONNX in memory and run by
+and `part=decoder`; the encoder runs once per batch and also returns each decoder layer's
+cross-attention keys/values, which every decoder step reads as they are: no step re-projects
+the encoder states), optimised (-O3 by default), exported to ONNX in memory and run by
 `tgraph.runtime.Session`. Decoder-only families use the static KV cache (`kv_cache="static"`,
 see `tgraph.dsl.cache`), run by `tgraph.runtime.static_cache.StaticDecoder` on fixed buffers;
 `kv_cache="dynamic"` (and the encoder-decoders) keep the Concat cache on the session's device
@@ -39,6 +41,8 @@ DEFAULT_GENERATE_LEVEL = 3
 POSITION_LIMITS = ("n_positions", "max_position_embeddings", "max_len")   # learned/sinusoidal tables
 GENERATION_KEYS = ("use_cache", "part", "kv_cache", "cache_length")
 BUFFER_QUANTUM = 256        # static buffers grow in steps of this many positions
+ENCODER_OUTPUTS = {"last_hidden_state": "encoder_hidden_states"}   # encoder output -> decoder input
+CROSS_PREFIX = "cross_attention."     # cached cross-attention K/V (`tgraph.dsl.cache.CROSS`)
 
 
 @dataclass
@@ -85,6 +89,43 @@ def _fields(config_or_cls) -> set:
     return {f.name for f in dataclasses.fields(config_or_cls)} if dataclasses.is_dataclass(config_or_cls) else set()
 
 
+@dataclass(frozen=True)
+class ForcedTokens:
+    """Hugging Face's `forced_bos_token_id` / `forced_eos_token_id` (BART's configs set
+    forced_eos 2): an encoder-decoder's first new token is the forced bos, the last one allowed
+    by max_new_tokens a forced eos, as `generate`'s ForcedBOS/EOSTokenLogitsProcessor make them."""
+
+    bos: Optional[int] = None
+    eos: tuple = ()
+
+    @classmethod
+    def of_checkpoint(cls, directory: str, encoder_decoder: bool) -> "ForcedTokens":
+        from .checkpoints import checkpoint_file, read_json_file
+        from .tokens import _ids_of
+
+        found: dict = {}
+        for name in ("config.json", "generation_config.json"):      # generation_config wins
+            path = checkpoint_file(Path(directory), name)
+            data = read_json_file(path) if path.is_file() else None
+            if isinstance(data, dict):
+                found.update({k: data[k] for k in ("forced_bos_token_id", "forced_eos_token_id") if k in data})
+        bos = _ids_of(found.get("forced_bos_token_id"), "forced_bos_token_id", f"{directory}: checkpoint config")
+        eos = _ids_of(found.get("forced_eos_token_id"), "forced_eos_token_id", f"{directory}: checkpoint config")
+        return cls(bos=bos[0] if bos and encoder_decoder else None, eos=eos)
+
+    def apply(self, logits: np.ndarray, step: int, max_new_tokens: int) -> np.ndarray:
+        """logits [batch, vocab] with everything but the forced token(s) at -inf at their step."""
+        forced = (self.bos,) if step == 0 and self.bos is not None else \
+            self.eos if step == max_new_tokens - 1 else ()
+        if not forced:
+            return logits
+        if max(forced) >= logits.shape[-1]:
+            raise ConfigError(f"forced token id {max(forced)} is outside the vocabulary ({logits.shape[-1]} ids)")
+        out = np.full_like(logits, -np.inf)
+        out[:, list(forced)] = 0.0
+        return out
+
+
 class Generator:
     """A model ready to generate: its cached decoder (and encoder) sessions and special ids.
 
@@ -129,7 +170,7 @@ class Generator:
         cls = _config_class(model)
         if cls is not None and "use_cache" not in _fields(cls):
             raise ConfigError(f"{model}: {cls.__name__} has no KV-cache decoder, so it cannot generate "
-                              "(generation needs a decoder: gpt, gpt2, llama, palm, t5, transformer)")
+                              "(generation needs a decoder: gpt, gpt2, llama, palm, t5, bart, transformer)")
         self.encoder_decoder = cls is not None and "part" in _fields(cls)
         if kv_cache not in ("auto", "static", "dynamic"):
             raise ConfigError(f"kv_cache must be 'auto', 'static' or 'dynamic', got {kv_cache!r}")
@@ -155,10 +196,13 @@ class Generator:
         self.static = getattr(self.config, "kv_cache", "dynamic") == "static"
         self.vocab_size = decoder.vocab_size
         sessions = {"decoder": decoder}
-        if self.encoder_decoder:
-            sessions["encoder"] = load_model(model, {**overrides, "part": "encoder"})
+        if self.encoder_decoder:          # loaded below, once the decoder's inputs are known
+            sessions["encoder"] = None
         self.sessions = {}
         for part, loaded in sessions.items():
+            if part == "encoder":         # use_cache: it also returns the cross-attention K/V the decoder reads
+                cross = any(n.startswith(CROSS_PREFIX) for n in self.sessions["decoder"].input_names)
+                loaded = load_model(model, {**overrides, "part": "encoder", **({"use_cache": "true"} if cross else {})})
             graph = built.get(part) or build(loaded, seed=seed, level=level, dtype=dtype).graph
             if self.static and part == "decoder":
                 from .export_dir import logits_to_float32
@@ -203,6 +247,7 @@ class Generator:
             if given[key] is UNSET and value is not None:
                 given[key] = value
         self.special = resolve_special_tokens(given, {}, None)
+        self.forced = ForcedTokens()
         self.tokenizer = find_tokenizer(str(path)) if tokenizer is UNSET else (
             tokenizer if tokenizer is None or isinstance(tokenizer, TextTokenizer) else TextTokenizer(tokenizer))
         self.model = str(path)
@@ -233,6 +278,8 @@ class Generator:
                  "decoder_start_token_id": decoder_start_token_id}
         checkpoint = checkpoint_special_ids(model) if os.path.isdir(model) else {}
         self.special: SpecialTokens = resolve_special_tokens(given, checkpoint, self.config)
+        self.forced = ForcedTokens.of_checkpoint(model, self.encoder_decoder) if os.path.isdir(model) \
+            else ForcedTokens()
         if tokenizer is UNSET:
             self.tokenizer = find_tokenizer(model)
         else:
@@ -315,11 +362,14 @@ class Generator:
             self._check_length(max_new_tokens, f"max_new_tokens={max_new_tokens}")
             enc_feeds = {k: v for k, v in (("input_ids", src), ("attention_mask", src_mask))
                          if k in self.encoder.input_names}
-            states = self.encoder.run_with_binding(enc_feeds, outputs=["last_hidden_state"])["last_hidden_state"]
-            if self.encoder.device != self.decoder.device:
-                states = states.numpy()
-            static = {"encoder_hidden_states": states,
-                      "encoder_attention_mask": self._on_device(self.decoder, src_mask)}
+            # The encoder runs once; its states (or the cross-attention K/V computed from them)
+            # stay bound for every decoder step.
+            wanted = {ENCODER_OUTPUTS.get(n, n): n for n in self.encoder.output_names
+                      if ENCODER_OUTPUTS.get(n, n) in inputs}
+            outs = self.encoder.run_with_binding(enc_feeds, outputs=list(wanted.values()))
+            static = {name: outs[out] if self.encoder.device == self.decoder.device else outs[out].numpy()
+                      for name, out in wanted.items()}
+            static["encoder_attention_mask"] = self._on_device(self.decoder, src_mask)
             ids = np.full((batch, 1), self.special.decoder_start, np.int64)
             mask = np.ones((batch, 1), np.int64)
             positions = np.zeros((batch, 1), np.int64)
@@ -342,6 +392,7 @@ class Generator:
             feeds = self._feeds({"input_ids": ids, "attention_mask": mask, "position_ids": positions, **static})
             logits = cache.step(feeds, fetch=["logits"])["logits"][:, -1, :]
             warned = warned or warn_nonfinite({"logits": logits}, f"{self.model}: generation step {step}") is not None
+            logits = self.forced.apply(logits, step, max_new_tokens)
             tokens = np.where(finished, pad, next_tokens(logits, sampling, rng)).astype(np.int64)
             yield Step(step, tokens, ~finished)
             finished = finished | np.isin(tokens, eos)
@@ -368,6 +419,7 @@ class Generator:
         finished = np.zeros(batch, bool)
         eos = np.array(self.special.eos, np.int64)
         for step in range(max_new_tokens):
+            logits = self.forced.apply(logits, step, max_new_tokens)
             tokens = np.where(finished, pad, next_tokens(logits, sampling, rng)).astype(np.int64)
             yield Step(step, tokens, ~finished)
             finished = finished | np.isin(tokens, eos)

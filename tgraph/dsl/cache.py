@@ -34,6 +34,13 @@ This is onnxruntime-genai's decoder interface, so its runtime runs the same grap
 (sliding-window) layer keeps the whole buffer and sets GroupQueryAttention's
 `local_window_size` = W: query at position p sees buffer positions p - W < j <= p (the same
 W keys as `tgraph.CausalMask`'s window; onnxruntime's CPU kernel measured to agree).
+
+Encoder-decoders also cache their **cross-attention** keys and values: they depend only on
+the encoder output, so the encoder graph of a generation (part="encoder", use_cache) computes
+them once per source, and the cached decoder takes them instead of the encoder states:
+
+    cross_attention.{i}.key / .value   [batch, heads, encoder_seq, head_dim]   encoder outputs,
+                                       cached decoder inputs (fed unchanged every step)
 """
 from __future__ import annotations
 
@@ -117,6 +124,49 @@ class KVCache:
 
     def outputs(self) -> Dict[str, Tensor]:
         return _outputs(self.layers)
+
+
+# ---------------------------------------------------------------- cross-attention
+CROSS = "cross_attention.{i}.{kind}"
+ENCODER_SEQ = "encoder_seq"
+
+
+def cross_attention_specs(num_layers: int, kv_heads: int, head_dim: int, dtype=DType.float32
+                          ) -> Dict[str, InputSpec]:
+    """The cross-attention keys/values a cached decoder of `num_layers` layers reads."""
+    spec = InputSpec(DType.of(dtype), ("batch", kv_heads, ENCODER_SEQ, head_dim))
+    return {CROSS.format(i=i, kind=kind): spec for i in range(num_layers) for kind in ("key", "value")}
+
+
+@dataclass
+class CrossLayerCache:
+    """One decoder layer's cross-attention keys/values [B, Hkv, S, D], given as graph inputs."""
+
+    key: TensorOps
+    value: TensorOps
+    layout = "cross"
+
+
+def cross_attention_caches(inputs: Dict[str, TensorOps], num_layers: int) -> List[CrossLayerCache]:
+    """Takes the `cross_attention.{i}.*` entries out of `inputs` (forward's keyword arguments),
+    so what remains is the self-attention past."""
+    caches = []
+    for i in range(num_layers):
+        names = [CROSS.format(i=i, kind=kind) for kind in ("key", "value")]
+        missing = [n for n in names if n not in inputs]
+        if missing:
+            raise ConfigError(f"cross-attention cache: missing input {missing[0]!r}")
+        caches.append(CrossLayerCache(inputs.pop(names[0]), inputs.pop(names[1])))
+    return caches
+
+
+def cross_attention_outputs(attentions, memory: TensorOps) -> Dict[str, Tensor]:
+    """What the encoder of a generation returns besides its states: each decoder layer's
+    cross-attention keys/values of `memory` [B, S, C] (`attentions`: those layers' attentions)."""
+    out: Dict[str, Tensor] = {}
+    for i, attn in enumerate(attentions):
+        out[CROSS.format(i=i, kind="key")], out[CROSS.format(i=i, kind="value")] = attn.key_values(memory)
+    return out
 
 
 def layer_caches(cache: Optional[KVCache], num_layers: int) -> List[Optional[LayerCache]]:

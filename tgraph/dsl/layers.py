@@ -174,21 +174,32 @@ class MultiHeadAttention(Module):
                 bias: Optional[TensorOps] = None, rotary: Optional[Callable] = None, cache=None) -> Tensor:
         """`cache` (a `tgraph.dsl.cache.LayerCache`) prepends the past keys/values to this call's
         and records the result as the layer's present; the causal mask, aligned to the end of the
-        key axis, then lets query i see the whole past plus new tokens up to i."""
-        if getattr(cache, "layout", None) == "static":
+        key axis, then lets query i see the whole past plus new tokens up to i. A
+        `CrossLayerCache` instead gives the keys/values themselves (a cross-attention's, computed
+        once from the encoder output), and `kv` is not read."""
+        layout = getattr(cache, "layout", None)
+        if layout == "static":
             return self.o_proj(self._attend_static(x, cache, rotary))
-        kv = x if kv is None else kv
         q = self.split_heads(self.q_proj(x), self.num_heads)                  # (B, H, Tq, D)
-        k = self.split_heads(self.k_proj(kv), self.num_kv_heads)              # (B, Hkv, Tk, D)
-        v = self.split_heads(self.v_proj(kv), self.num_kv_heads)              # (B, Hkv, Tk, D)
+        if layout == "cross":                 # keys/values of the encoder output, projected once per source
+            k, v = cache.key, cache.value                                      # (B, Hkv, S, D)
+        else:
+            k, v = self.key_values(x if kv is None else kv)                    # (B, Hkv, Tk, D)
         if rotary is not None:
             q, k = rotary(q, k)
-        if cache is not None:
+        if cache is not None and layout != "cross":
             k, v = cache.update(k, v)                                          # (B, Hkv, P + Tk, D)
         context = attention(q, k, v, scale=self.scale, causal=self.causal, keep_mask=keep_mask, bias=bias,
                             window=self.window)
         merged = context.transpose(0, 2, 1, 3).reshape(0, 0, self.num_heads * self.head_dim)  # (B, Tq, H*D)
         return self.o_proj(merged)
+
+    def key_values(self, kv: TensorOps):
+        """The keys and values [B, Hkv, Tk, D] that `kv` [B, Tk, C] gives (what a cross-attention
+        cache holds: `tgraph.dsl.cache.cross_attention_outputs`)."""
+        k = self.split_heads(self.k_proj(kv), self.num_kv_heads)              # (B, Hkv, Tk, D)
+        v = self.split_heads(self.v_proj(kv), self.num_kv_heads)              # (B, Hkv, Tk, D)
+        return k, v
 
     def _attend_static(self, x: TensorOps, cache, rotary) -> Tensor:
         """Causal self-attention over a static cache (`tgraph.dsl.cache.StaticLayerCache`):

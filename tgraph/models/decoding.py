@@ -1,8 +1,11 @@
 """Config options shared by every decoder that can export a KV cache (see `tgraph.dsl.cache`).
 
 Each such config has `use_cache: bool = False` and `use_position_ids: Optional[bool] = None`;
-encoder-decoders also have `part` ("full" | "encoder" | "decoder"). These helpers check
-them and build the decoder's input specs, so every family names its inputs alike:
+encoder-decoders also have `part` ("full" | "encoder" | "decoder"): with use_cache, the
+encoder also returns `cross_attention.{i}.key/value` [batch, heads, encoder_seq, head_dim]
+and the decoder reads them (with encoder_attention_mask) instead of encoder_hidden_states.
+These helpers check them and build the decoder's input specs, so every family names its
+inputs alike:
 
     input_ids         [batch, seq]
     attention_mask    [batch, seq], or [batch, past_seq + seq] with a cache (past + new tokens)
@@ -44,6 +47,8 @@ def cache_length(config: Any, position_limit: Any = None) -> int:
 
 
 def check_cache_options(config: Any, family: str, encoder_decoder: bool = False) -> None:
+    """An encoder-decoder's use_cache applies to a half: the cached decoder reads the
+    cross-attention keys/values (`tgraph.dsl.cache.CROSS`) that its part='encoder' computes."""
     layout = getattr(config, "kv_cache", "dynamic")
     if layout not in LAYOUTS:
         raise ConfigError(f"{family}: kv_cache must be one of {', '.join(LAYOUTS)}, got {layout!r}")
@@ -57,9 +62,10 @@ def check_cache_options(config: Any, family: str, encoder_decoder: bool = False)
     if encoder_decoder:
         if config.part not in PARTS:
             raise ConfigError(f"{family}: part must be one of {', '.join(PARTS)}, got {config.part!r}")
-        if config.use_cache and config.part != "decoder":
-            raise ConfigError(f"{family}: --set use_cache=true needs --set part=decoder (export the encoder once "
-                              "with --set part=encoder; the cached decoder reads its encoder_hidden_states)")
+        if config.use_cache and config.part == "full":
+            raise ConfigError(f"{family}: --set use_cache=true needs --set part=decoder or --set part=encoder (the "
+                              "encoder then also returns each decoder layer's cross-attention keys/values, which "
+                              "the cached decoder reads)")
 
 
 def wants_position_ids(config: Any) -> bool:
@@ -87,9 +93,10 @@ def decoder_input_specs(config: Any, num_layers: int, kv_heads: int, head_dim: i
     return specs
 
 
-def encoder_states_specs(d_model: int, mask: bool = True) -> Dict[str, InputSpec]:
-    """What a split decoder (part='decoder') reads from the encoder's run."""
-    specs = {"encoder_hidden_states": InputSpec(DType.float32, ("batch", "encoder_seq", d_model))}
+def encoder_states_specs(d_model: int, mask: bool = True, states: bool = True) -> Dict[str, InputSpec]:
+    """What a split decoder (part='decoder') reads from the encoder's run; `states=False` for
+    one that reads the cross-attention keys/values instead (`tgraph.dsl.cache.CROSS`)."""
+    specs = {"encoder_hidden_states": InputSpec(DType.float32, ("batch", "encoder_seq", d_model))} if states else {}
     if mask:
         specs["encoder_attention_mask"] = InputSpec(DType.int64, ("batch", "encoder_seq"))
     return specs

@@ -19,7 +19,9 @@ Inputs: input_ids, attention_mask (source padding, also masks cross-attention) a
 decoder_input_ids. `decoder_attention_mask` is an input only with use_decoder_attention_mask:
 the causal mask already keeps a right-padded target row's real tokens exact, so only
 left-padded targets need it. Outputs: logits (T5Model: last_hidden_state) and
-encoder_last_hidden_state.
+encoder_last_hidden_state. For generation, part="encoder" with use_cache also returns every
+decoder layer's cross-attention keys/values, which the cached decoder (part="decoder") reads
+instead of the encoder states (`tgraph.dsl.cache.CROSS`): projected once per source.
 """
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ import numpy as np
 from ..checkpoints import HFAdapter, WeightRule, linear, register_adapter, rule, transposed
 from ..dsl import (Embedding, FeedForward, InputSpec, Linear, Module, ModuleList, MultiHeadAttention, Parameter,
                    RMSNorm, Tensor, arange, padding_keep_mask, where)
-from ..dsl.cache import KVCache, layer_caches
+from ..dsl.cache import (KVCache, cross_attention_caches, cross_attention_outputs, cross_attention_specs,
+                         layer_caches)
 from ..dsl.tracer import current
 from ..errors import CheckpointError, ConfigError
 from ..ir import DType
@@ -70,7 +73,7 @@ class T5Config:
     lm_head: bool = True                       # False: T5Model, outputs the decoder's last_hidden_state
     use_decoder_attention_mask: bool = False   # adds `decoder_attention_mask` (only needed for left-padded targets)
     part: str = "full"                         # "encoder" | "decoder": export one half (generation runs the encoder once)
-    use_cache: bool = False                    # part="decoder" only: KV-cache inputs/outputs of the self-attention
+    use_cache: bool = False                    # decoder: self-attn KV cache, reads cross K/V; encoder: returns cross K/V
 
     def __post_init__(self):
         check_fields(self, "t5")
@@ -180,10 +183,11 @@ class T5Block(Module):
         self.ffn_norm = RMSNorm(c.d_model, c.layer_norm_epsilon)
         self.ffn = FeedForward(c.d_model, c.d_ff, act=act, gated=gated, bias=False, std=std)
 
-    def forward(self, x, keep, bias, memory=None, memory_keep=None, cache=None):   # x: (B, T, C), bias: (1, H, T, P+T)
+    def forward(self, x, keep, bias, memory=None, memory_keep=None, cache=None, cross=None):
+        """x: (B, T, C), bias: (1, H, T, P+T), memory: (B, S, C) or `cross` (the cached cross K/V)."""
         x = x + self.self_attn(self.self_attn_norm(x), keep_mask=keep, bias=bias, cache=cache)
-        if self.decoder:                                                   # memory: (B, S, C)
-            x = x + self.cross_attn(self.cross_attn_norm(x), kv=memory, keep_mask=memory_keep)
+        if self.decoder:                                                   # memory: (B, S, C), or cross K/V
+            x = x + self.cross_attn(self.cross_attn_norm(x), kv=memory, keep_mask=memory_keep, cache=cross)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -199,15 +203,16 @@ class T5Stack(Module):
         self.blocks = ModuleList([T5Block(c, decoder) for _ in range(layers)])
         self.final_norm = RMSNorm(c.d_model, c.layer_norm_epsilon)
 
-    def forward(self, x, keep, memory=None, memory_keep=None, cache=None):   # x: (B, T, C)
+    def forward(self, x, keep, memory=None, memory_keep=None, cache=None, cross=None):   # x: (B, T, C)
         length = x.shape_of(1, 2).squeeze(0)                              # [T] -> T (0-d)
         if cache is None:
             bias = self.relative_bias(length, length)                     # (1, H, T, T)
         else:                                                             # new queries follow the past
             past = cache.past_length()
             bias = self.relative_bias(length, past + length, q_offset=past)   # (1, H, T, P + T)
-        for block, layer_cache in zip(self.blocks, layer_caches(cache, len(self.blocks))):
-            x = block(x, keep, bias, memory, memory_keep, layer_cache)
+        for block, layer_cache, layer_cross in zip(self.blocks, layer_caches(cache, len(self.blocks)),
+                                                   cross or [None] * len(self.blocks)):
+            x = block(x, keep, bias, memory, memory_keep, layer_cache, layer_cross)
         return self.final_norm(x)
 
 
@@ -226,10 +231,11 @@ class T5(Module):
         src = InputSpec(DType.int64, ("batch", "seq"))
         if c.part == "encoder":
             return {"input_ids": src, "attention_mask": src}
-        if c.part == "decoder":           # cross-attention K/V are recomputed from the states each step
-            return {**decoder_input_specs(c, c.decoder_layers, c.num_heads, c.d_kv,
-                                          mask=c.use_decoder_attention_mask, positions=False),
-                    **encoder_states_specs(c.d_model)}
+        if c.part == "decoder":           # with a cache, the encoder's cross-attention K/V instead of its states
+            specs = decoder_input_specs(c, c.decoder_layers, c.num_heads, c.d_kv,
+                                        mask=c.use_decoder_attention_mask, positions=False)
+            cross = cross_attention_specs(c.decoder_layers, c.num_heads, c.d_kv) if c.use_cache else {}
+            return {**specs, **cross, **encoder_states_specs(c.d_model, states=not c.use_cache)}
         tgt = InputSpec(DType.int64, ("batch", "decoder_seq"))
         specs = {"input_ids": src, "attention_mask": src, "decoder_input_ids": tgt}
         if c.use_decoder_attention_mask:
@@ -240,21 +246,24 @@ class T5(Module):
                 encoder_hidden_states=None, encoder_attention_mask=None, **past):
         c = self.config
         if c.part == "decoder":           # input_ids are the decoder's; attention_mask its own padding
+            past = dict(past)
+            cross = cross_attention_caches(past, c.decoder_layers) if c.use_cache else None
             cache = KVCache.from_inputs(past, c.decoder_layers) if c.use_cache else None
             out = self.decode(input_ids, attention_mask, encoder_hidden_states,
-                              padding_keep_mask(encoder_attention_mask), cache)
+                              padding_keep_mask(encoder_attention_mask), cache, cross)
             return {**out, **(cache.outputs() if cache else {})}
         keep = padding_keep_mask(attention_mask)                          # (B, 1, 1, S)
         memory = self.encoder(self.shared(input_ids), keep)               # (B, S, C)
         if c.part == "encoder":
-            return {"last_hidden_state": memory}
+            cross = cross_attention_outputs([b.cross_attn for b in self.decoder.blocks], memory) if c.use_cache else {}
+            return {"last_hidden_state": memory, **cross}
         return {**self.decode(decoder_input_ids, decoder_attention_mask, memory, keep),
                 "encoder_last_hidden_state": memory}
 
-    def decode(self, ids, mask, memory, memory_keep, cache=None):
+    def decode(self, ids, mask, memory, memory_keep, cache=None, cross=None):
         c = self.config
         target_keep = padding_keep_mask(mask) if mask is not None else None    # (B, 1, 1, P + T)
-        y = self.decoder(self.shared(ids), target_keep, memory, memory_keep, cache)   # (B, T, C)
+        y = self.decoder(self.shared(ids), target_keep, memory, memory_keep, cache, cross)   # (B, T, C)
         if not c.lm_head:
             return {"last_hidden_state": y}
         if c.scales_decoder_output:

@@ -3,6 +3,10 @@
 Post-LN residual blocks, LayerNorm(x + Sublayer(x)); ReLU feed-forward; sinusoidal
 positions; one embedding matrix shared by encoder, decoder and the pre-softmax
 projection, with embeddings scaled by √d_model.
+
+For generation, part="encoder" with use_cache also returns every decoder layer's
+cross-attention keys/values, which the cached decoder reads instead of the encoder states
+(`tgraph.dsl.cache.CROSS`): projected once per source, not once per step.
 """
 from __future__ import annotations
 
@@ -12,7 +16,8 @@ from typing import Optional
 
 from ..dsl import (Embedding, FeedForward, InputSpec, LayerNorm, Module, ModuleList, MultiHeadAttention,
                    SinusoidalPositions, padding_keep_mask)
-from ..dsl.cache import KVCache, layer_caches, positions
+from ..dsl.cache import (KVCache, cross_attention_caches, cross_attention_outputs, cross_attention_specs,
+                         layer_caches, positions)
 from ..errors import ConfigError
 from ..ir import DType
 from .decoding import check_cache_options, decoder_input_specs, encoder_states_specs
@@ -32,7 +37,7 @@ class TransformerConfig:
     layer_norm_eps: float = epsilon(1e-5)
     use_attention_mask: bool = True  # adds the `attention_mask` input (source padding)
     part: str = "full"               # "encoder" | "decoder": export one half (generation runs the encoder once)
-    use_cache: bool = False          # part="decoder" only: KV-cache inputs/outputs of the decoder's self-attention
+    use_cache: bool = False          # decoder: self-attn KV cache, reads cross K/V; encoder: returns cross K/V
     use_position_ids: Optional[bool] = None   # explicit position_ids input; None: = use_cache
 
     def __post_init__(self):
@@ -72,9 +77,9 @@ class DecoderLayer(Module):
         self.ffn = FeedForward(c.d_model, c.d_ff, act="relu")
         self.ffn_norm = LayerNorm(c.d_model, c.layer_norm_eps)
 
-    def forward(self, y, memory, keep, cache=None):                # y: (B, T, C), memory: (B, S, C)
+    def forward(self, y, memory, keep, cache=None, cross=None):    # y: (B, T, C), memory: (B, S, C) or cross K/V
         y = self.self_attn_norm(y + self.self_attn(y, cache=cache))
-        y = self.cross_attn_norm(y + self.cross_attn(y, kv=memory, keep_mask=keep))
+        y = self.cross_attn_norm(y + self.cross_attn(y, kv=memory, keep_mask=keep, cache=cross))
         return self.ffn_norm(y + self.ffn(y))
 
 
@@ -90,9 +95,11 @@ class Transformer(Module):
     def input_specs(self):
         c = self.config
         ids = InputSpec(DType.int64, ("batch", "seq"))
-        if c.part == "decoder":           # cross-attention K/V are recomputed from the states each step
-            return {**decoder_input_specs(c, c.num_decoder_layers, c.num_heads, c.d_model // c.num_heads, mask=False),
-                    **encoder_states_specs(c.d_model, mask=c.use_attention_mask)}
+        if c.part == "decoder":           # with a cache, the encoder's cross-attention K/V instead of its states
+            head_dim = c.d_model // c.num_heads
+            cross = cross_attention_specs(c.num_decoder_layers, c.num_heads, head_dim) if c.use_cache else {}
+            return {**decoder_input_specs(c, c.num_decoder_layers, c.num_heads, head_dim, mask=False), **cross,
+                    **encoder_states_specs(c.d_model, mask=c.use_attention_mask, states=not c.use_cache)}
         specs = {"input_ids": ids}
         if c.part == "full":
             specs["decoder_input_ids"] = InputSpec(DType.int64, ("batch", "decoder_seq"))
@@ -109,11 +116,12 @@ class Transformer(Module):
             memory = layer(memory, keep)
         return memory                                                # (B, S, C)
 
-    def decode(self, ids, memory, keep, cache=None, position_ids=None):
+    def decode(self, ids, memory, keep, cache=None, position_ids=None, cross=None):
         pos = positions(ids, cache.past_length(), position_ids) if cache else None   # (T,) or (B, T)
         y = self.embed_tokens(ids, pos)
-        for layer, layer_cache in zip(self.decoder, layer_caches(cache, len(self.decoder))):
-            y = layer(y, memory, keep, layer_cache)
+        for layer, layer_cache, layer_cross in zip(self.decoder, layer_caches(cache, len(self.decoder)),
+                                                   cross or [None] * len(self.decoder)):
+            y = layer(y, memory, keep, layer_cache, layer_cross)
         return y @ self.embed.weight.swap_last()                     # (B, T, C) @ (C, V) -> (B, T, V)
 
     def forward(self, input_ids, decoder_input_ids=None, attention_mask=None, encoder_hidden_states=None,
@@ -121,13 +129,16 @@ class Transformer(Module):
         c = self.config
         if c.part == "decoder":
             keep = padding_keep_mask(encoder_attention_mask) if encoder_attention_mask is not None else None
+            past = dict(past)
+            cross = cross_attention_caches(past, c.num_decoder_layers) if c.use_cache else None
             cache = KVCache.from_inputs(past, c.num_decoder_layers) if c.use_cache else None
-            logits = self.decode(input_ids, encoder_hidden_states, keep, cache, position_ids)
+            logits = self.decode(input_ids, encoder_hidden_states, keep, cache, position_ids, cross)
             return {"logits": logits, **(cache.outputs() if cache else {})}
         keep = padding_keep_mask(attention_mask) if attention_mask is not None else None  # (B, 1, 1, S)
         memory = self.encode(input_ids, keep)
         if c.part == "encoder":
-            return {"last_hidden_state": memory}
+            cross = cross_attention_outputs([layer.cross_attn for layer in self.decoder], memory) if c.use_cache else {}
+            return {"last_hidden_state": memory, **cross}
         return {"logits": self.decode(decoder_input_ids, memory, keep)}
 
 
