@@ -334,7 +334,7 @@ def test_unsupported_config_is_refused(checkpoints, tmp_path, edit, needle):
 @pytest.mark.parametrize("overrides,needle", [
     (dict(encoder_attention_heads="5"), "encoder_attention_heads"),
     (dict(activation_function="tanh"), "activation_function"),
-    (dict(use_cache="true"), "use_cache=True needs part='decoder' or part='encoder'"),
+    (dict(use_cache="true"), "--set use_cache=true needs --set part=decoder or --set part=encoder"),
     (dict(layer_norm_eps="0"), "layer_norm_eps"),
 ])
 def test_config_validation_names_the_field(overrides, needle):

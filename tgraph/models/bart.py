@@ -51,12 +51,12 @@ POSITION_OFFSET = 2          # fairseq's two reserved rows at the start of the p
 class BartConfig:
     vocab_size: int = 50265
     d_model: int = 1024
-    encoder_layers: int = repeated(12)
-    decoder_layers: int = repeated(12)
-    encoder_attention_heads: int = 16
-    decoder_attention_heads: int = 16
-    encoder_ffn_dim: int = 4096
-    decoder_ffn_dim: int = 4096
+    encoder_layers: int = repeated(12)         # encoder blocks
+    decoder_layers: int = repeated(12)         # decoder blocks
+    encoder_attention_heads: int = 16          # heads of the encoder's self-attention
+    decoder_attention_heads: int = 16          # heads of the decoder's self- and cross-attention
+    encoder_ffn_dim: int = 4096                # the encoder's feed-forward width
+    decoder_ffn_dim: int = 4096                # the decoder's feed-forward width
     max_position_embeddings: int = 1024
     activation_function: str = "gelu"          # ours: gelu (erf), gelu_tanh, relu, silu
     layer_norm_eps: float = epsilon(1e-5)
@@ -68,7 +68,7 @@ class BartConfig:
     lm_head: bool = True                       # False: BartModel, outputs the decoder's last_hidden_state
     use_decoder_attention_mask: bool = False   # adds `decoder_attention_mask` (only needed for left-padded targets)
     part: str = "full"                         # "encoder" | "decoder": one half (generation runs the encoder once)
-    use_cache: bool = False                    # decoder: self-attn KV cache, reads cross K/V; encoder: returns cross K/V
+    use_cache: bool = False                    # KV-cache decoder (self-attention cache, reads cross K/V); encoder: returns cross K/V
     family: ClassVar[str] = "bart"             # the name in messages
 
     def __post_init__(self):

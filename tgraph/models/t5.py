@@ -73,7 +73,7 @@ class T5Config:
     lm_head: bool = True                       # False: T5Model, outputs the decoder's last_hidden_state
     use_decoder_attention_mask: bool = False   # adds `decoder_attention_mask` (only needed for left-padded targets)
     part: str = "full"                         # "encoder" | "decoder": export one half (generation runs the encoder once)
-    use_cache: bool = False                    # decoder: self-attn KV cache, reads cross K/V; encoder: returns cross K/V
+    use_cache: bool = False                    # KV-cache decoder (self-attention cache, reads cross K/V); encoder: returns cross K/V
 
     def __post_init__(self):
         check_fields(self, "t5")

@@ -37,7 +37,7 @@ class TransformerConfig:
     layer_norm_eps: float = epsilon(1e-5)
     use_attention_mask: bool = True  # adds the `attention_mask` input (source padding)
     part: str = "full"               # "encoder" | "decoder": export one half (generation runs the encoder once)
-    use_cache: bool = False          # decoder: self-attn KV cache, reads cross K/V; encoder: returns cross K/V
+    use_cache: bool = False          # KV-cache decoder (self-attention cache, reads cross K/V); encoder: returns cross K/V
     use_position_ids: Optional[bool] = None   # explicit position_ids input; None: = use_cache
 
     def __post_init__(self):
