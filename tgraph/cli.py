@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="tgraph", description="Build, optimise and export Transformer graphs.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("export", help="export a model to ONNX")
@@ -169,7 +170,15 @@ def cmd_export(args) -> int:
     if args.report and report is not None:
         print(report)
         print(_fusions_line(report.fusions()))
+    if args.report:
+        print(_phases_line())
     return 0
+
+
+def _phases_line() -> str:
+    from .progress import timings_line
+
+    return timings_line()
 
 
 def _written_counts(path: Path) -> tuple:
@@ -427,6 +436,7 @@ def cmd_optimize(args) -> int:
         print_quantize_report(quantize, reference, graph, qresult, out, args.report)
     if args.report:
         print(result)
+        print(_phases_line())
         fired = result.summary()
         print("fired: " + (", ".join(f"{p}: {c}" for p, c in fired.items()) or "nothing"))
         misses = result.near_misses()
@@ -490,6 +500,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         _check_seeds(args)
+        from . import progress
+
+        # progress goes to stderr; --json output is JSON alone, so it shows none either
+        progress.configure(quiet=getattr(args, "quiet", False) or getattr(args, "json", False))
         with _sigterm_unwinds(), warnings.catch_warnings():
             warnings.showwarning = _one_line_warning
             code = COMMANDS[args.command](args)
