@@ -96,6 +96,25 @@ class TextTokenizer:
     def encode(self, text: str) -> list:
         return list(self._tok.encode(text).ids)
 
+    def encode_all(self, texts: Sequence[str], max_length: Optional[int] = None) -> Tuple[list, list]:
+        """(ids of each text, indices of those cut to `max_length`): special tokens added, never
+        padded (the caller pads, with a mask), as Hugging Face's fast tokenizer called with
+        truncation=True, max_length=max_length. The file's own padding and truncation are
+        replaced (a tokenizer.json may pad every text to a fixed 128)."""
+        tok = self._tok.__class__.from_str(self._tok.to_str())      # a copy: our settings stay ours
+        tok.no_padding()
+        if max_length is not None:
+            tok.enable_truncation(int(max_length))
+        else:
+            tok.no_truncation()
+        encodings = tok.encode_batch(list(texts))
+        return [list(e.ids) for e in encodings], [i for i, e in enumerate(encodings) if e.overflowing]
+
+    def truncation_length(self) -> Optional[int]:
+        """The max_length the tokenizer.json itself truncates to, if it sets one."""
+        settings = self._tok.truncation
+        return int(settings["max_length"]) if settings and settings.get("max_length") else None
+
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
