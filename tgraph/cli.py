@@ -403,6 +403,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         # progress goes to stderr; --json output is JSON alone, so it shows none either
         progress.configure(quiet=getattr(args, "quiet", False) or getattr(args, "json", False))
+        progress.reset_timings()           # --report shows this command's phases only
         with _sigterm_unwinds(), warnings.catch_warnings():
             warnings.showwarning = _one_line_warning
             code = COMMANDS[args.command](args)
