@@ -95,8 +95,12 @@ class _Target:
         if args.backend == "numpy" or args.check:
             from .codegen.numpy import load_numpy_module, write_numpy_module
 
+            from .progress import phase
+
             self._tmp = tempfile.TemporaryDirectory(prefix="tgraph-")
-            self.numpy_module = load_numpy_module(write_numpy_module(built.graph, Path(self._tmp.name) / "model.py"))
+            path = write_numpy_module(built.graph, Path(self._tmp.name) / "model.py")
+            with phase("import model.py"):           # reads every weight from model.npz
+                self.numpy_module = load_numpy_module(path)
 
     def backends(self) -> List[str]:
         return (["ort"] if self.session is not None else []) + (["numpy"] if self.numpy_module is not None else [])
@@ -200,14 +204,15 @@ def _run_batches(target: _Target, inputs, size: int, text: bool):
     blocks = list(_batches(inputs, size, text))
     parts: Dict[str, List[Dict[str, np.ndarray]]] = {}
     seconds: Dict[str, float] = {}
-    with phase("run", total=len(blocks), unit="batch") as bar:
-        for block in blocks:
-            for backend in target.backends():
-                start = time.perf_counter()
-                out = target.run(backend, block)
-                seconds[backend] = seconds.get(backend, 0.0) + time.perf_counter() - start
-                parts.setdefault(backend, []).append(out)
-            bar.update(1)
+    for backend in target.backends():
+        # one block: a ticking line; several: a bar over them
+        with phase(f"run {'onnxruntime' if backend == 'ort' else 'numpy'}",
+                   total=len(blocks) if len(blocks) > 1 else None, unit="batch") as bar:
+            start = time.perf_counter()
+            for block in blocks:
+                parts.setdefault(backend, []).append(target.run(backend, block))
+                bar.update(1)
+            seconds[backend] = time.perf_counter() - start
     joined = {b: (ps[0] if len(ps) == 1 else {k: np.concatenate([p[k] for p in ps]) for k in ps[0]})
               for b, ps in parts.items()}
     return joined, seconds
