@@ -87,3 +87,18 @@ def test_using_it_block_runs_as_written(tmp_path):
     assert list(logits.shape) == doc["outputs"]["logits"]["shape"] and logits.shape[0] == 1
     stream = next(p for l, p in done.items() if "--stream" in l)
     assert "20 new tokens" in stream.stdout
+
+
+def test_a_missing_model_path_is_worded_alike_by_every_command(tmp_path, capsys):
+    """`export` and `generate` (and `run`, `inspect`) name a checkpoint path that is not there in one way."""
+    from tgraph.cli import main
+
+    missing = str(tmp_path / "my-gpt2-checkpoint")
+    lines = set()
+    for argv in (["export", missing, "-o", str(tmp_path / "x.onnx")], ["generate", missing, "--prompt", "hi"],
+                 ["run", missing], ["inspect", missing], ["generate", "./nowhere", "--prompt-ids", "1"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("tgraph: error: not found or not a model: "), err
+        lines.add(err.replace(missing, "PATH").replace("./nowhere", "PATH"))
+    assert len(lines) == 1, lines

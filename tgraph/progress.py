@@ -27,7 +27,7 @@ TICK_S = 0.25                 # how often a running phase redraws its elapsed ti
 
 _quiet = False
 _timings: List[Tuple[str, float]] = []
-_depth = 0                    # nesting of phases, so a nested one is reported under its parent
+_local = threading.local()    # .depth: nesting of this thread's phases (a nested one is reported under its parent)
 
 
 def configure(*, quiet: bool) -> None:
@@ -88,7 +88,6 @@ def phase(name: str, total: Optional[int] = None, unit: str = "it", show: bool =
     `show=False` only times it (for a phase whose own output is the progress, e.g. streamed text)."""
     from tqdm import tqdm
 
-    global _depth
     start = time.perf_counter()
     show = show and enabled()
     fmt = None if total is not None else "{desc}: {elapsed}"
@@ -97,13 +96,14 @@ def phase(name: str, total: Optional[int] = None, unit: str = "it", show: bool =
     ticker = _Ticker(bar, start) if show else None
     if ticker is not None:
         ticker.start()
-    _depth += 1
+    depth = getattr(_local, "depth", 0)
+    _local.depth = depth + 1
     try:
         yield bar
     finally:
-        _depth -= 1
+        _local.depth = depth
         if ticker is not None:
             ticker.stopped.set()
             ticker.join()
         bar.close()
-        _timings.append(("  " * _depth + name, time.perf_counter() - start))
+        _timings.append(("  " * depth + name, time.perf_counter() - start))
