@@ -58,8 +58,8 @@ class _Target:
     def __init__(self, args):
         from .runtime import Session
 
-        self.label = args.model
         self.is_onnx = args.model.endswith(".onnx")
+        self.directory = _model_directory(args.model)
         self.session = self.numpy_module = None
         self._tmp = None
         if self.is_onnx:
@@ -73,8 +73,7 @@ class _Target:
                                   "not an .onnx file")
             self.session = Session(args.model, providers=args.provider, threads=args.threads)
             self.specs = [(s.name, s.dtype, tuple(s.shape or ())) for s in self.session.inputs]
-            self.directory, self.positions, self.vocab_size, self.random_source = \
-                Path(args.model).parent, None, None, self.session
+            self.positions, self.vocab_size, self.random_source = None, None, self.session
             return
         from .api import build
         from .cli import _level, _parse_sets
@@ -82,19 +81,16 @@ class _Target:
         from .generate import POSITION_LIMITS
 
         built = build(args.model, _parse_sets(args.sets), seed=args.seed, level=_level(args), dtype=args.dtype)
-        self.specs = [(v.name, v.dtype.numpy, tuple(v.shape))
-                      for v in built.graph.inputs]
+        self.specs = [(v.name, v.dtype.numpy, tuple(v.shape)) for v in built.graph.inputs]
         config = built.model.config
         self.positions = next((int(getattr(config, k)) for k in POSITION_LIMITS if hasattr(config, k)), None)
         self.vocab_size = built.model.vocab_size
-        self.directory = Path(args.model) if os.path.isdir(args.model) else None
         model_proto = to_onnx(built.graph)
         if args.backend == "ort" or args.check:
             self.session = Session(model_proto, providers=args.provider, threads=args.threads)
         self.random_source = self.session if self.session is not None else model_proto
         if args.backend == "numpy" or args.check:
             from .codegen.numpy import load_numpy_module, write_numpy_module
-
             from .progress import phase
 
             self._tmp = tempfile.TemporaryDirectory(prefix="tgraph-")
@@ -137,17 +133,27 @@ def _texts(args) -> Optional[List[str]]:
     return list(args.text) if args.text is not None else read_text_file(args.text_file) if args.text_file else None
 
 
-def _tokenizer(args, target: _Target):
+def _model_directory(model: str) -> Optional[Path]:
+    """Where a model's tokenizer.json and sentence_bert_config.json live: a checkpoint directory,
+    or the folder of an .onnx file; None for a registered name or a file.py:factory."""
+    if model.endswith(".onnx"):
+        return Path(model).parent
+    return Path(model) if os.path.isdir(model) else None
+
+
+def _tokenizer(args):
+    """The tokenizer for --text, found before anything is built (so a missing one fails fast)."""
     from .tokens import TextTokenizer, find_tokenizer
 
     if args.tokenizer is not None:
         return TextTokenizer(args.tokenizer)
-    if target.directory is not None:
-        found = find_tokenizer(str(target.directory))
-        if found is not None:
-            return found
-    where = "the checkpoint directory" if not target.is_onnx else f"{target.directory or '.'} (beside the .onnx file)"
-    raise ConfigError(f"{args.model}: no tokenizer.json in {where}, so --text cannot be tokenized "
+    directory = _model_directory(args.model)
+    found = find_tokenizer(str(directory)) if directory is not None else None
+    if found is not None:
+        return found
+    where = (f" in {directory or '.'} (beside the .onnx file)" if args.model.endswith(".onnx")
+             else " in the checkpoint directory" if directory is not None else "")
+    raise ConfigError(f"{args.model}: no tokenizer.json{where}, so --text cannot be tokenized "
                       "(give --tokenizer PATH, or --inputs FILE.npz)")
 
 
@@ -166,14 +172,13 @@ def _check_options(args) -> None:
         raise ConfigError(f"--output file must end in .npz: {args.output}")
 
 
-def _make_inputs(args, target: _Target, texts: Optional[List[str]]) -> Dict[str, np.ndarray]:
+def _make_inputs(args, target: _Target, texts: Optional[List[str]], tokenizer) -> Dict[str, np.ndarray]:
     from .cli import _check_dims, _parse_dims
     from .runtime import make_random_inputs
 
     if texts is not None:
         from .text_inputs import max_text_length, text_feeds
 
-        tokenizer = _tokenizer(args, target)
         length = max_text_length(target.directory, target.positions, tokenizer)
         feeds, cut = text_feeds(texts, tokenizer, [(n, d) for n, d, _ in target.specs], length, args.model)
         if cut:
@@ -267,9 +272,10 @@ def cmd_run(args) -> int:
 
     _check_options(args)
     texts = _texts(args)
+    tokenizer = _tokenizer(args) if texts is not None else None
     target = _Target(args)
     try:
-        inputs = _make_inputs(args, target, texts)
+        inputs = _make_inputs(args, target, texts, tokenizer)
         results, seconds = _run_batches(target, inputs, args.batch_size, texts is not None)
     finally:
         target.close()
