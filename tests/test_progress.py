@@ -98,3 +98,9 @@ def test_json_output_has_no_progress_and_generation_has_a_token_bar(fast, capsys
     assert "generate: 100%" in err and "5/5" in err, err
     assert main(["generate", *SMALL_GPT2, "--prompt-ids", "1,2,3", "--max-new-tokens", "5", "--stream"]) == 0
     assert "generate:" not in capsys.readouterr().err       # the streamed tokens are the progress
+
+
+def test_a_cli_command_does_not_leave_its_quiet_setting_behind(fast, tmp_path, capsys):
+    assert main(["--quiet", "export", *SMALL_GPT2, "-o", str(tmp_path / "q.onnx")]) == 0
+    capsys.readouterr()
+    assert progress.enabled()                # the library's own progress is as it was

@@ -402,9 +402,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         from . import progress
 
         # progress goes to stderr; --json output is JSON alone, so it shows none either
-        progress.configure(quiet=getattr(args, "quiet", False) or getattr(args, "json", False))
-        progress.reset_timings()           # --report shows this command's phases only
-        with _sigterm_unwinds(), warnings.catch_warnings():
+        quiet = getattr(args, "quiet", False) or getattr(args, "json", False)
+        with _sigterm_unwinds(), warnings.catch_warnings(), progress.command(quiet=quiet):
             warnings.showwarning = _one_line_warning
             code = COMMANDS[args.command](args)
         sys.stdout.flush()             # a reader that left shows here, inside these handlers

@@ -36,6 +36,18 @@ def configure(*, quiet: bool) -> None:
     _quiet = bool(quiet)
 
 
+@contextmanager
+def command(*, quiet: bool) -> Iterator[None]:
+    """One CLI command: its own quiet setting and timings, the process's settings restored after."""
+    previous = _quiet
+    configure(quiet=quiet)
+    reset_timings()
+    try:
+        yield
+    finally:
+        configure(quiet=previous)
+
+
 def enabled() -> bool:
     forced = os.environ.get("TGRAPH_PROGRESS", "").strip()
     if _quiet or forced == "0":
