@@ -207,6 +207,8 @@ def _export_generation_dir(args) -> int:
           f"{manifest['dtype']}, target {manifest['target']}"
           + (f", {manifest['quantization']['scheme']}" if manifest["quantization"] else "")
           + f", {time.perf_counter() - start:.2f}s)")
+    if args.report:
+        print(_phases_line())
     return 0
 
 
