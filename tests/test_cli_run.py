@@ -162,3 +162,17 @@ def test_json_turns_non_finite_values_into_null():
 
     assert _jsonable(np.array([1.0, np.inf, np.nan], np.float32)) == [1.0, None, None]
     assert _jsonable(np.array([[1, 2]], np.int64)) == [[1, 2]]
+
+
+def test_tokenizer_ignores_the_files_fixed_padding_like_hf(minilm):
+    """MiniLM's tokenizer.json pads every text to 128; HF's fast tokenizer does so only when asked,
+    so prompts and calibration lines must not carry 125 [PAD] ids either."""
+    from transformers import AutoTokenizer
+
+    from tgraph.tokens import TextTokenizer
+
+    ours, hf = TextTokenizer(minilm), AutoTokenizer.from_pretrained(str(minilm))
+    for text in ("hi", TEXTS[1], LONG):
+        assert ours.encode(text) == hf(text)["input_ids"]
+    assert ours.encode_all([LONG], 256)[0][0] == hf(LONG, truncation=True, max_length=256)["input_ids"]
+    assert ours.truncation_length() == 128
