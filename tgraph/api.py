@@ -31,7 +31,6 @@ def build(model: Union[str, LoadedModel], overrides: Optional[Mapping[str, str]]
     from .dsl import trace
     from .passes import level_pipeline, optimize, parse_pipeline
     from .passes.precision import precision_pipeline
-
     from .progress import phase
 
     convert = precision_pipeline(dtype)    # checks the dtype name before the (slow) trace
