@@ -164,40 +164,45 @@ class PassManager:
                 raise VerifyError(f"input graph fails verification before any pass: {e}") from e
         if self.print_ir:
             self._print(graph, "IR before passes")
-        for p in self.passes:
-            done = ", ".join(result.passes) or "none"
-            before = len(graph.nodes)
-            existing = {id(n): n for n in graph.nodes}     # (kept alive: a freed id can be reused)
-            t0 = time.perf_counter()
-            try:
-                changes = p.run(graph)
-            except Exception as e:
-                err = PassError(f"pass {p.name!r} failed (passes already run: {done}): {type(e).__name__}: {e}")
-                err.pass_name, err.passes_run = p.name, result.passes
-                raise err from e
-            seconds = time.perf_counter() - t0
-            if changes is None:
-                changes = {}
-            if not isinstance(changes, dict):
-                raise PassError(f"pass {p.name!r} returned {type(changes).__name__}, expected a dict of counts")
-            misses = list(getattr(p, "near_misses", None) or [])
-            if not all(isinstance(m, NearMiss) for m in misses):
-                raise PassError(f"pass {p.name!r} recorded near misses that are not pattern.NearMiss")
-            record = PassRecord(p.name, dict(changes), before, len(graph.nodes), seconds, near_misses=misses)
-            _mark_created(graph, existing, p.name)
-            if self.verify:
-                t1 = time.perf_counter()
+        from tgraph.progress import phase
+
+        with phase("passes", total=len(self.passes), unit="pass") as bar:
+            for p in self.passes:
+                bar.set_postfix_str(p.name, refresh=False)
+                done = ", ".join(result.passes) or "none"
+                before = len(graph.nodes)
+                existing = {id(n): n for n in graph.nodes}     # (kept alive: a freed id can be reused)
+                t0 = time.perf_counter()
                 try:
-                    graph.verify()
-                except TgraphError as e:
-                    err = VerifyError(f"graph fails verification after pass {p.name!r} "
-                                      f"(passes already run: {done}): {e}")
+                    changes = p.run(graph)
+                except Exception as e:
+                    err = PassError(f"pass {p.name!r} failed (passes already run: {done}): {type(e).__name__}: {e}")
                     err.pass_name, err.passes_run = p.name, result.passes
                     raise err from e
-                record.verify_seconds = time.perf_counter() - t1
-            result.records.append(record)
-            if self.print_ir:
-                self._print(graph, f"IR after {p.spec()} ({record.changes_text()})")
+                seconds = time.perf_counter() - t0
+                if changes is None:
+                    changes = {}
+                if not isinstance(changes, dict):
+                    raise PassError(f"pass {p.name!r} returned {type(changes).__name__}, expected a dict of counts")
+                misses = list(getattr(p, "near_misses", None) or [])
+                if not all(isinstance(m, NearMiss) for m in misses):
+                    raise PassError(f"pass {p.name!r} recorded near misses that are not pattern.NearMiss")
+                record = PassRecord(p.name, dict(changes), before, len(graph.nodes), seconds, near_misses=misses)
+                _mark_created(graph, existing, p.name)
+                if self.verify:
+                    t1 = time.perf_counter()
+                    try:
+                        graph.verify()
+                    except TgraphError as e:
+                        err = VerifyError(f"graph fails verification after pass {p.name!r} "
+                                          f"(passes already run: {done}): {e}")
+                        err.pass_name, err.passes_run = p.name, result.passes
+                        raise err from e
+                    record.verify_seconds = time.perf_counter() - t1
+                result.records.append(record)
+                if self.print_ir:
+                    self._print(graph, f"IR after {p.spec()} ({record.changes_text()})")
+                bar.update(1)
         return result
 
     __call__ = run

@@ -91,7 +91,7 @@ def test_max_new_tokens_is_capped_by_the_positions(capsys):
 
 def test_fp16_run_statistics_are_accumulated_wide(capsys):
     """`tgraph run`'s summary of an fp16 output: squares of |x| > 256 overflow fp16 (std inf)."""
-    from tgraph.cli import _summarise
+    from tgraph.cli_run import summarise as _summarise
 
     logits = np.array([[300.0, -300.0, 100.0, -100.0]], np.float16)
     (line,) = _summarise({"logits": logits})

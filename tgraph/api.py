@@ -31,14 +31,16 @@ def build(model: Union[str, LoadedModel], overrides: Optional[Mapping[str, str]]
     from .dsl import trace
     from .passes import level_pipeline, optimize, parse_pipeline
     from .passes.precision import precision_pipeline
+    from .progress import phase
 
     convert = precision_pipeline(dtype)    # checks the dtype name before the (slow) trace
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, overrides)
-    graph = trace(loaded.module, loaded.module.input_specs(), seed=seed)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, overrides)   # a "load" phase
+    with phase("trace"):
+        graph = trace(loaded.module, loaded.module.input_specs(), seed=seed)
     report = None
     if pipeline is not None or level > 0 or convert:
         passes = parse_pipeline(pipeline) if pipeline is not None else parse_pipeline(level_pipeline(level))
-        report = optimize(graph, pipeline=passes + convert)
+        report = optimize(graph, pipeline=passes + convert)     # a "passes" phase of its own
     return Built(graph, loaded, report)
 
 

@@ -330,21 +330,21 @@ def convert_weights(source: SafetensorsWeights, rules: Mapping[str, WeightRule],
                               " - the checkpoint does not match this architecture/config")
     out: Dict[str, np.ndarray] = {}
     items = list(rules.items())
-    from tqdm import tqdm
+    from .progress import phase
 
-    total_bytes = sum(os.path.getsize(p) for p in set(source.files.values()) if p.is_file())
-    show = total_bytes > 200 * 2**20          # progress only for loads that take a moment
     nonfinite = NonFiniteWeights()
-    for ours, (hf_names, fn) in tqdm(items, desc=f"loading {label}", unit="tensor", disable=not show, leave=False):
-        arrays = [source.get(h) for h in hf_names]
-        for h, array in zip(hf_names, arrays):
-            check_weight_dtype(array, source.original(h), label)
-            nonfinite.count(array, source.original(h))
-        try:
-            converted = fn(*arrays)         # lazy: a view of the file plus transposes/slices, read at export
-            out[ours] = converted if is_lazy(converted) else np.asarray(converted)
-        except (ValueError, IndexError) as e:
-            raise CheckpointError(f"{label}: tensor {source.original(hf_names[0])!r} has an unexpected shape "
-                                  f"{tuple(arrays[0].shape)} for {ours} ({e})") from None
+    with phase("load weights", total=len(items), unit="tensor") as bar:      # drawn past a second
+        for ours, (hf_names, fn) in items:
+            arrays = [source.get(h) for h in hf_names]
+            for h, array in zip(hf_names, arrays):
+                check_weight_dtype(array, source.original(h), label)
+                nonfinite.count(array, source.original(h))
+            try:
+                converted = fn(*arrays)         # lazy: a view of the file plus transposes/slices, read at export
+                out[ours] = converted if is_lazy(converted) else np.asarray(converted)
+            except (ValueError, IndexError) as e:
+                raise CheckpointError(f"{label}: tensor {source.original(hf_names[0])!r} has an unexpected shape "
+                                      f"{tuple(arrays[0].shape)} for {ours} ({e})") from None
+            bar.update(1)
     nonfinite.warn(label)
     return out

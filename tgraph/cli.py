@@ -2,7 +2,7 @@
 
     tgraph export MODEL -o OUT.onnx [-O N] [--opset N] [--set k=v ...] [--seed N]
     tgraph codegen numpy MODEL -o OUT.py [same model options]
-    tgraph run MODEL_OR_ONNX [--backend ort|numpy] [--provider auto|cpu|cuda] [--check]
+    tgraph run MODEL_OR_ONNX [--check] [--text T ... [--pool mean|cls] [--normalize]] [--output OUT.npz] [--json]
     tgraph inspect MODEL_OR_ONNX [--json]
     tgraph optimize IN.onnx -o OUT.onnx [-O N | --pipeline P] [--report]
     tgraph generate MODEL (--prompt TEXT | --prompt-ids 1,2,3) [--max-new-tokens N] [--json] [--stream]
@@ -23,7 +23,6 @@ import json
 import os
 import signal
 import sys
-import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -32,6 +31,7 @@ from typing import Dict, List, Optional
 
 from . import cli_generate, cli_info, cli_view
 from .cli_args import TgraphParser, add_global_flags_everywhere, provider_text
+from .cli_args import check_dims as _check_dims, level_of as _level, parse_dims as _parse_dims
 from .cli_args import parse_sets as _parse_sets
 from .errors import ConfigError, InputError, TgraphError
 
@@ -39,30 +39,6 @@ EXIT_USER_ERROR = 2
 EXIT_INTERNAL = 3
 
 
-# ---------------------------------------------------------------- argument parsing
-def _parse_dims(text: Optional[str]) -> Dict[str, int]:
-    dims = {"batch": 1, "seq": 8, "decoder_seq": 8}
-    for item in (text or "").split(","):
-        if not item.strip():
-            continue
-        key, sep, value = item.partition("=")
-        if not sep or not value.strip().isdigit() or int(value) <= 0:
-            raise ConfigError(f"--dims expects name=positive_int[,...], got {item!r}")
-        dims[key.strip()] = int(value)
-    return dims
-
-
-def _given_dim_names(text: Optional[str]) -> List[str]:
-    return [item.partition("=")[0].strip() for item in (text or "").split(",") if item.strip()]
-
-
-def _check_dims(text: Optional[str], declared: List[tuple]) -> None:
-    """Every dim named in --dims must be a symbolic dim of the model's inputs (else it would be ignored)."""
-    known = sorted({d for shape in declared for d in (shape or ()) if isinstance(d, str)})
-    unknown = [n for n in _given_dim_names(text) if n not in known]
-    if unknown:
-        raise ConfigError(f"--dims: the model has no dim {unknown[0]!r} (its inputs' dims are "
-                          f"{', '.join(known) or 'all static'})")
 
 
 def _check_seeds(args) -> None:
@@ -115,15 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     add_quantize_options(p)
 
-    p = sub.add_parser("run", help="run a model or an .onnx file on random (or given) inputs")
-    _add_model_options(p, output=False)
-    p.add_argument("--backend", choices=["ort", "numpy"], default="ort")
-    p.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--dims", default=None, help="symbolic dim sizes, e.g. batch=2,seq=16")
-    p.add_argument("--inputs", default=None, help=".npz file with input arrays")
-    p.add_argument("--check", action="store_true", help="compare onnxruntime with the generated NumPy module")
-    p.add_argument("--tolerance", type=float, default=1e-4, help="max abs error allowed by --check")
+    from .cli_run import add_parser as add_run_parser
+
+    add_run_parser(sub, _add_model_options)
 
     p = sub.add_parser("optimize", help="import an ONNX file, run the passes, write the result")
     p.add_argument("input", metavar="IN.onnx")
@@ -146,10 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------- commands
-def _level(args) -> int:
-    from .api import DEFAULT_LEVEL
-
-    return DEFAULT_LEVEL if args.level is None else args.level
 
 
 def cmd_export(args) -> int:
@@ -175,7 +141,15 @@ def cmd_export(args) -> int:
     if args.report and report is not None:
         print(report)
         print(_fusions_line(report.fusions()))
+    if args.report:
+        print(_phases_line())
     return 0
+
+
+def _phases_line() -> str:
+    from .progress import timings_line
+
+    return timings_line()
 
 
 def _written_counts(path: Path) -> tuple:
@@ -211,6 +185,8 @@ def _export_generation_dir(args) -> int:
           f"{manifest['dtype']}, target {manifest['target']}"
           + (f", {manifest['quantization']['scheme']}" if manifest["quantization"] else "")
           + f", {time.perf_counter() - start:.2f}s)")
+    if args.report:
+        print(_phases_line())
     return 0
 
 
@@ -234,104 +210,10 @@ def cmd_codegen(args) -> int:
     return 0
 
 
-def _load_inputs(path: str) -> Dict:
-    import numpy as np
-
-    if not os.path.isfile(path):
-        raise ConfigError(f"inputs file not found: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except (ValueError, OSError) as e:
-        raise ConfigError(f"cannot read inputs file {path}: {e}") from None
-
-
-def _summarise(outputs: Dict) -> List[str]:
-    import numpy as np
-
-    lines = []
-    for name, array in outputs.items():
-        a = np.asarray(array)
-        floating = a.dtype.kind == "f" or a.dtype.name == "bfloat16"
-        # accumulated in float64: an fp16 output's variance overflows fp16 (std inf)
-        wide = a.astype(np.float64) if a.size and floating else None
-        stats = f"mean {wide.mean():.6g} std {wide.std():.6g}" if wide is not None else ""
-        lines.append(f"  {name}: {a.dtype}{list(a.shape)} {stats}".rstrip())
-    return lines
-
-
 def cmd_run(args) -> int:
-    from .numerics import warn_nonfinite
-    from .runtime import Session, make_random_inputs
+    from .cli_run import cmd_run as run_model
 
-    dims = _parse_dims(args.dims)
-    is_onnx = args.model.endswith(".onnx")
-    if is_onnx:
-        if not os.path.isfile(args.model):
-            raise ConfigError(f"ONNX file not found: {args.model}")
-        if args.dtype != "float32":
-            raise ConfigError("--dtype converts a model as it is built; an .onnx file runs in the dtype it was "
-                              "exported with")
-        if args.backend == "numpy" or args.check:
-            raise ConfigError("--backend numpy and --check need a model (name, file.py:factory or checkpoint), "
-                              "not an .onnx file")
-        session = Session(args.model, providers=args.provider, threads=args.threads)
-        _check_dims(args.dims, [tuple(i.shape or ()) for i in session.inputs])
-        inputs = _load_inputs(args.inputs) if args.inputs else make_random_inputs(session, dims, seed=args.seed)
-        start = time.perf_counter()
-        outputs = session.run(inputs)
-        took = time.perf_counter() - start
-        print(f"ran {args.model} with onnxruntime on {provider_text(session, args)} in {took * 1e3:.1f} ms")
-        print("\n".join(_summarise(outputs)))
-        warn_nonfinite(outputs, args.model)
-        return 0
-
-    from .api import build
-    from .codegen.onnx import to_onnx
-
-    built = build(args.model, _parse_sets(args.sets), seed=args.seed, level=_level(args), dtype=args.dtype)
-    _check_dims(args.dims, [v.shape for v in built.graph.inputs])
-    model_proto = to_onnx(built.graph)
-    session = Session(model_proto, providers=args.provider, threads=args.threads) \
-        if (args.backend == "ort" or args.check) else None
-    inputs = _load_inputs(args.inputs) if args.inputs else make_random_inputs(
-        session if session is not None else model_proto, dims, seed=args.seed, vocab_size=built.model.vocab_size)
-    results = {}
-    if session is not None:
-        start = time.perf_counter()
-        results["ort"] = session.run(inputs)
-        print(f"onnxruntime on {provider_text(session, args)}: {(time.perf_counter() - start) * 1e3:.1f} ms")
-    if args.backend == "numpy" or args.check:
-        from .codegen.numpy import load_numpy_module, write_numpy_module
-
-        with tempfile.TemporaryDirectory(prefix="tgraph-") as tmp:
-            path = write_numpy_module(built.graph, Path(tmp) / "model.py")
-            module = load_numpy_module(path)
-            start = time.perf_counter()
-            try:
-                results["numpy"] = module.run(inputs)
-            except module.InputError as e:                 # a missing input, an id beyond the vocabulary...
-                raise InputError(f"numpy backend: {e}") from None
-            print(f"numpy backend: {(time.perf_counter() - start) * 1e3:.1f} ms")
-    shown = results.get(args.backend) or next(iter(results.values()))
-    print("\n".join(_summarise(shown)))
-    warn_nonfinite(shown, f"{args.model} ({args.dtype})")
-    if args.check:
-        import numpy as np
-
-        worst = 0.0
-        for name, ref in results["ort"].items():
-            got = results["numpy"][name]
-            if np.shape(got) != np.shape(ref):
-                raise TgraphError(f"--check: output {name} has shape {np.shape(got)} in NumPy, {np.shape(ref)} in ORT")
-            diff = float(np.max(np.abs(np.asarray(got, np.float64) - np.asarray(ref, np.float64)))) if np.size(ref) else 0.0
-            worst = max(worst, diff)
-            print(f"check {name}: max abs error onnxruntime vs numpy = {diff:.3e}")
-        if not worst <= args.tolerance:
-            print(f"tgraph: check FAILED: max abs error {worst:.3e} > {args.tolerance:g}", file=sys.stderr)
-            return 1
-        print(f"check passed (max abs error {worst:.3e} <= {args.tolerance:g})")
-    return 0
+    return run_model(args)
 
 
 def _inspect_onnx(path: str) -> Dict:
@@ -433,6 +315,7 @@ def cmd_optimize(args) -> int:
         print_quantize_report(quantize, reference, graph, qresult, out, args.report)
     if args.report:
         print(result)
+        print(_phases_line())
         fired = result.summary()
         print("fired: " + (", ".join(f"{p}: {c}" for p, c in fired.items()) or "nothing"))
         misses = result.near_misses()
@@ -502,7 +385,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         _check_seeds(args)
         handler = getattr(args, "handler", None) or COMMANDS[args.command]
-        with _sigterm_unwinds(), warnings.catch_warnings(), _ir_printing(args):
+        from . import progress
+
+        # progress goes to stderr; --json output is JSON alone, so it shows none either
+        quiet = getattr(args, "quiet", False) or getattr(args, "json", False)
+        with _sigterm_unwinds(), warnings.catch_warnings(), _ir_printing(args), progress.command(quiet=quiet):
             warnings.showwarning = _one_line_warning
             code = handler(args)
         sys.stdout.flush()             # a reader that left shows here, inside these handlers

@@ -42,6 +42,38 @@ def parse_sets(items: Optional[List[str]]) -> Dict[str, str]:
     return out
 
 
+def parse_dims(text: Optional[str]) -> Dict[str, int]:
+    dims = {"batch": 1, "seq": 8, "decoder_seq": 8}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not value.strip().isdigit() or int(value) <= 0:
+            raise ConfigError(f"--dims expects name=positive_int[,...], got {item!r}")
+        dims[key.strip()] = int(value)
+    return dims
+
+
+def _given_dim_names(text: Optional[str]) -> List[str]:
+    return [item.partition("=")[0].strip() for item in (text or "").split(",") if item.strip()]
+
+
+def check_dims(text: Optional[str], declared: List[tuple]) -> None:
+    """Every dim named in --dims must be a symbolic dim of the model's inputs (else it would be ignored)."""
+    known = sorted({d for shape in declared for d in (shape or ()) if isinstance(d, str)})
+    unknown = [n for n in _given_dim_names(text) if n not in known]
+    if unknown:
+        raise ConfigError(f"--dims: the model has no dim {unknown[0]!r} (its inputs' dims are "
+                          f"{', '.join(known) or 'all static'})")
+
+
+def level_of(args) -> int:
+    """The -O level a command runs at: the one given, else the API's default."""
+    from .passes.manager import DEFAULT_LEVEL
+
+    return DEFAULT_LEVEL if args.level is None else args.level
+
+
 def provider_text(session, args) -> str:
     """The provider a command ran on, in a few words, for its result line. Why CUDA is not
     used is one note on stderr with `--verbose` (and `tgraph doctor` says what is missing)."""

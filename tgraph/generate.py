@@ -82,6 +82,9 @@ def _config_class(model: str):
     head, sep, _ = model.rpartition(":")
     if sep and head.endswith(".py"):
         return None
+    from .sources import refuse_missing_path
+
+    refuse_missing_path(model)          # the same words as `export` for a path that is not there
     return get_family(model).config_cls
 
 
@@ -435,11 +438,16 @@ class Generator:
         steps: List[Step] = []
         start = time.perf_counter()
         first = None
-        for step in self.stream(prompts, max_new_tokens, sampling):
-            first = first if first is not None else time.perf_counter() - start
-            steps.append(step)
-            if callback is not None:
-                callback(step)
+        from .progress import phase
+
+        # a bar over the new tokens, unless the callback shows them itself (streamed text)
+        with phase("generate", total=max_new_tokens, unit="token", show=callback is None) as bar:
+            for step in self.stream(prompts, max_new_tokens, sampling):
+                first = first if first is not None else time.perf_counter() - start
+                steps.append(step)
+                bar.update(1)
+                if callback is not None:
+                    callback(step)
         seconds = time.perf_counter() - start
         tokens = np.stack([s.tokens for s in steps], axis=1)
         active = np.stack([s.active for s in steps], axis=1)

@@ -302,4 +302,7 @@ def _scope_of(node_name: str) -> List[str]:
 
 def import_onnx(model_or_path: Union[str, os.PathLike, "onnx.ModelProto"]) -> Graph:
     """Import an ONNX model (a path, with external data, or a ModelProto) as a verified `Graph`."""
-    return _Importer(_load(model_or_path)).run()
+    from .progress import phase
+
+    with phase("import"):
+        return _Importer(_load(model_or_path)).run()

@@ -78,17 +78,28 @@ def _vocab_of(model) -> Optional[int]:
     return getattr(config, "vocab_size", None)
 
 
+def refuse_missing_path(spec: str) -> None:
+    """A MODEL that looks like a path but is none: one wording for every command (not "unknown model")."""
+    if spec.endswith((".py", ".onnx", ".json", ".safetensors")) or os.sep in spec or spec.startswith("."):
+        raise ConfigError(f"not found or not a model: {spec} (expected a registered model name, "
+                          "path/to/file.py:factory, or a checkpoint directory)")
+
+
 def load_model(spec: str, overrides: Optional[Mapping[str, str]] = None) -> LoadedModel:
     """MODEL -> module. Errors are one line and name the offending file, key or model."""
-    overrides = dict(overrides or {})
+    from .progress import phase
+
+    with phase("load"):
+        return _load_model(spec, dict(overrides or {}))
+
+
+def _load_model(spec: str, overrides: dict) -> LoadedModel:
     if os.path.isdir(spec):
         return load_checkpoint_model(spec, overrides)
     head, sep, _ = spec.rpartition(":")
     if sep and head.endswith(".py"):
         return _load_factory_file(spec, overrides)
-    if spec.endswith((".py", ".onnx", ".json", ".safetensors")) or os.sep in spec:
-        raise ConfigError(f"not found or not a model: {spec} (expected a registered model name, "
-                          "path/to/file.py:factory, or a checkpoint directory)")
+    refuse_missing_path(spec)
     from .models import get_family, make_config
     from .resources import check_fits
 

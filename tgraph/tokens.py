@@ -92,9 +92,32 @@ class TextTokenizer:
         except Exception as e:  # the library raises bare Exceptions for malformed files
             raise ConfigError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
         self.path = path
+        # Hugging Face's fast tokenizer applies the file's padding and truncation only when a call
+        # asks for them; so do we (a sentence-transformers tokenizer.json pads every text to 128
+        # with [PAD] ids that would count as prompt tokens). Padding is done with masks, elsewhere.
+        settings = self._tok.truncation
+        self._file_truncation = int(settings["max_length"]) if settings and settings.get("max_length") else None
+        self._tok.no_padding()
+        self._tok.no_truncation()
 
     def encode(self, text: str) -> list:
         return list(self._tok.encode(text).ids)
+
+    def encode_all(self, texts: Sequence[str], max_length: Optional[int] = None) -> Tuple[list, list]:
+        """(ids of each text, indices of those cut to `max_length`): special tokens added, never
+        padded (the caller pads, with a mask), as Hugging Face's fast tokenizer called with
+        truncation=True, max_length=max_length."""
+        if max_length is not None:
+            self._tok.enable_truncation(int(max_length))
+        try:
+            encodings = self._tok.encode_batch(list(texts))
+        finally:
+            self._tok.no_truncation()
+        return [list(e.ids) for e in encodings], [i for i, e in enumerate(encodings) if e.overflowing]
+
+    def truncation_length(self) -> Optional[int]:
+        """The max_length the tokenizer.json itself truncates to, if it sets one."""
+        return self._file_truncation
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)

@@ -61,8 +61,11 @@ def write_numpy_module(graph: Graph, path: Union[str, os.PathLike]) -> Path:
                 lost = sorted(set(weights) - set(back.files))
                 raise ExportError(f"weight names do not survive the .npz format: {lost[:5]!r}")
 
-    return write_files(path, write_module, companion=weights_path,
-                       write_companion=lambda f, _name: write_npz(f, weights), check=check)
+    from tgraph.progress import phase
+
+    with phase(f"write {path.name}"):
+        return write_files(path, write_module, companion=weights_path,
+                           write_companion=lambda f, _name: write_npz(f, weights), check=check)
 
 
 def load_numpy_module(path: Union[str, os.PathLike]) -> ModuleType:

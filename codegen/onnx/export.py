@@ -62,7 +62,10 @@ def to_onnx(graph: Graph, opset: int = DEFAULT_OPSET, *, model_name: Optional[st
     if inline > PROTOBUF_LIMIT:            # protobuf cannot hold (or parse) more than 2 GiB in one message
         raise ExportError(f"graph {graph.name}: {inline / 2**30:.2f} GiB of weights do not fit in one ONNX "
                           "protobuf (2 GiB limit); save it with external data (save_onnx, tgraph export)")
-    return _to_onnx(graph, opset, model_name)[0]
+    from tgraph.progress import phase
+
+    with phase("lower to ONNX"):           # copies every weight into the protobuf: seconds for big models
+        return _to_onnx(graph, opset, model_name)[0]
 
 
 def _to_onnx(graph: Graph, opset: int, model_name: Optional[str] = None, defer_bytes: Optional[int] = None,
@@ -301,9 +304,13 @@ def save_onnx(graph_or_model: Union[Graph, ModelProto], path: Union[str, os.Path
         if after_model:
             _write_deferred(f, after_model)
 
+    from tgraph.progress import phase
+
     try:
-        write_files(path, write_model, companion=path.with_name(path.name + ".data"),
-                    write_companion=write_data if external else None, check=lambda tmp, _: check_file(tmp, path))
+        with phase(f"write {path.name}"):          # serialise, stream the weights, full check
+            write_files(path, write_model, companion=path.with_name(path.name + ".data"),
+                        write_companion=write_data if external else None,
+                        check=lambda tmp, _: check_file(tmp, path))
     finally:
         _restore(moved)
     return path

@@ -193,8 +193,11 @@ class Session:
             cuda_error = _prov.cuda_load_error(ort)
         requested = _prov.requested_providers(providers, available, device_id=self.device_id,
                                               cuda_error=cuda_error, cuda_options=cuda_options)
+        from ..progress import phase
+
         try:
-            self._sess = ort.InferenceSession(payload, sess_options=options, providers=requested)
+            with phase("onnxruntime session"):     # graph optimisation and kernel set-up: seconds for big models
+                self._sess = ort.InferenceSession(payload, sess_options=options, providers=requested)
         except Exception as exc:  # onnxruntime's own exception types carry no common base
             names = [p[0] if isinstance(p, tuple) else p for p in requested]
             prefix = "CUDA requested but not active: " if providers == "cuda" else ""
