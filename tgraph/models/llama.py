@@ -70,6 +70,8 @@ class LlamaConfig:
             raise ConfigError(f"llama: head_dim ({self.head_size}) must be positive and even for rotary positions")
         if self.hidden_act not in ACTIVATIONS:
             raise ConfigError(f"llama: hidden_act {self.hidden_act!r} unknown (known: {', '.join(sorted(ACTIVATIONS))})")
+        if self.rope_scaling is not None:
+            self.rope_scaling.check_dim(self.head_size)
         check_cache_options(self, "llama")
 
     @property
