@@ -4,3 +4,4 @@ from . import gpt, gpt2  # noqa: F401
 from . import llama, palm  # noqa: F401
 from . import t5  # noqa: F401
 from . import albert, bert  # noqa: F401
+from . import xlnet  # noqa: F401
