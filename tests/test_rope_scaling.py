@@ -150,7 +150,7 @@ def test_matches_transformers_beyond_the_original_length(tmp_path, model_type, k
     assert rel_err(_hf_logits(plain, inputs)[0], ref[0]) > 1e-2
 
 
-@pytest.mark.parametrize("kind", ["dynamic", "longrope", "llama3"])
+@pytest.mark.parametrize("kind", list(SCALINGS))
 def test_rotary_and_attention_fused_at_O2(tmp_path, kind):
     torch.manual_seed(0)
     loaded = load_model(_save(_hf_model(_hf_config(kind)), tmp_path / "ckpt"))
@@ -302,14 +302,24 @@ def test_llama31_8b_shaped_config_is_accepted_and_traced_without_weights():
 
 
 def test_scaled_down_llama31_rope_matches_transformers(tmp_path):
-    """The same rope parameters (llama3, theta 500000, factor 8, L0 8192) and GQA 4/1 on a tiny
-    model, at a length where the interpolated low frequencies matter."""
+    """The same rope parameters (llama3, theta 500000, factor 8, L0 8192), GQA 4/1 and bfloat16
+    weights (as Llama 3.1 ships) on a tiny model; the reference is HF's float32 model on the same
+    (bf16-exact) weights."""
     hf_cfg = {**LLAMA31_8B, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 1, "vocab_size": 211}
-    hf_cfg.pop("architectures"), hf_cfg.pop("torch_dtype")           # float32 weights
+    for key in ("architectures", "model_type", "torch_dtype"):
+        hf_cfg.pop(key)
     torch.manual_seed(0)
-    hf = _hf_model(transformers.LlamaConfig(**{k: v for k, v in hf_cfg.items() if k != "model_type"}))
-    loaded = load_model(_save(hf, tmp_path / "ckpt"))
+    config = transformers.LlamaConfig(**hf_cfg)
+    path = _save(_hf_model(config).to(torch.bfloat16), tmp_path / "ckpt")
+    # a fresh float32 model on the rounded weights (`.float()` would keep HF's bf16-rounded inv_freq buffer)
+    hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    hf.eval().load_state_dict({k: v.float() for k, v in transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.bfloat16).state_dict().items()})
+    with open(f"{path}/model.safetensors", "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"BF16"}
+    loaded = load_model(path)
     assert loaded.config.rope_scaling.original_max_positions == 8192
     rng = np.random.default_rng(3)
     ids = rng.integers(0, 211, (2, 48)).astype(np.int64)
