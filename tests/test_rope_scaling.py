@@ -331,10 +331,11 @@ def test_scaled_down_llama31_rope_matches_transformers(tmp_path):
 
 # ------------------------------------------------------------------ greedy generation
 @pytest.mark.parametrize("kind, kv_cache", [("llama3", "static"), ("llama3", "dynamic"), ("dynamic", "dynamic"),
-                                            ("dynamic", "static")])
+                                            ("dynamic", "static"), ("yarn", "static")])
 def test_greedy_generation_matches_hf_generate(tmp_path, kind, kv_cache):
     """Token-for-token equal to HF's greedy generate, prompts + new tokens running past L0
-    (head_dim 16, so the static cache's in-op rotary tables are used for llama3)."""
+    (head_dim 16, so the static cache's in-op rotary tables are used for llama3 and for yarn,
+    whose tables carry the attention factor; dynamic NTK rotates outside the op)."""
     from tgraph.generate import Generator
 
     cfg = _hf_config(kind)
