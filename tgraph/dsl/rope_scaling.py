@@ -62,7 +62,8 @@ class RopeScaling:
     def __post_init__(self):
         t = self.rope_type
         if t not in TYPES:
-            raise ConfigError(f"rope scaling: rope_type {t!r} is not supported (supported: default, {', '.join(TYPES)})")
+            raise ConfigError(f"rope scaling: rope_type {t!r} is not supported "
+                              f"(supported: default, {', '.join(TYPES)})")
         if not (isinstance(self.factor, (int, float)) and math.isfinite(self.factor) and self.factor > 0):
             raise ConfigError(f"rope scaling ({t}): factor must be a positive number, got {self.factor!r}")
         if t != "linear":

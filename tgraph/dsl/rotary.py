@@ -75,12 +75,16 @@ class RotaryEmbedding:
     def dim(self) -> int:
         return self.head_dim if self.rotary_dim is None else self.rotary_dim
 
-    def inv_freq(self) -> np.ndarray:
-        """(R,) float32 build-time inverse frequencies, both halves equal (for a length-dependent
-        scaling: those of a run no longer than its original length)."""
+    def _half_inv_freq(self) -> np.ndarray:
+        """(R/2,) float64 build-time θ_i (for a length-dependent scaling: those of a run no
+        longer than its original length)."""
         if self.scaling is None:
-            return inv_freq(self.dim, self.theta)
-        return np.tile(self.scaling.inv_freq(self.dim, self.theta), 2).astype(np.float32)
+            return plain_inv_freq(self.dim, self.theta)
+        return self.scaling.inv_freq(self.dim, self.theta)
+
+    def inv_freq(self) -> np.ndarray:
+        """(R,) float32: θ_i repeated for the second half."""
+        return np.tile(self._half_inv_freq(), 2).astype(np.float32)
 
     @property
     def table_factor(self) -> float:
@@ -92,9 +96,7 @@ class RotaryEmbedding:
         frequencies depend on the run's length and cannot be tabulated once."""
         if self.scaling is not None and self.scaling.length_dependent:
             return None
-        half = plain_inv_freq(self.dim, self.theta) if self.scaling is None else \
-            self.scaling.inv_freq(self.dim, self.theta)                  # (R/2,) float64
-        freqs = np.arange(max_positions, dtype=np.float64)[:, None] * half
+        freqs = np.arange(max_positions, dtype=np.float64)[:, None] * self._half_inv_freq()
         f = self.table_factor
         return (np.cos(freqs) * f).astype(dtype), (np.sin(freqs) * f).astype(dtype)
 
@@ -106,9 +108,10 @@ class RotaryEmbedding:
         settings = (self.dim, float(self.theta), self.scaling)
         if positions is not None:
             key = ("rotary", positions._value().name) + settings
-            # HF's run length for length-dependent scaling: max(position_ids) + 1
-            make_freqs = lambda: self._freqs(positions, lambda: positions.max(  # noqa: E731
-                list(range(positions.ndim)), keepdims=False) + 1)
+
+            def make_freqs():
+                # the run's length for length-dependent scaling, as HF counts it: max(position_ids) + 1
+                return self._freqs(positions, lambda: positions.max(list(range(positions.ndim)), keepdims=False) + 1)
         else:
             key = ("rotary", ids._value().name, seq_axis) + settings
 
