@@ -355,3 +355,24 @@ def test_greedy_generation_matches_hf_generate(tmp_path, kind, kv_cache):
     got = Generator(path, provider="cpu", kv_cache=kv_cache, max_length=64).generate(prompts, max_new_tokens=new)
     np.testing.assert_array_equal(got.tokens, ref)
     assert all(len(set(row)) >= 4 for row in got.ids)                     # not a degenerate model
+
+
+def test_cli_exports_a_scaled_checkpoint_and_refuses_an_unknown_type_in_one_line(tmp_path, capsys):
+    import onnx
+
+    from tgraph.cli import main
+
+    torch.manual_seed(0)
+    src = _save(_hf_model(_hf_config("yarn")), tmp_path / "ckpt")
+    out = tmp_path / "yarn.onnx"
+    assert main(["export", src, "-o", str(out)]) == 0
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    capsys.readouterr()
+
+    def unknown(cfg):
+        cfg["rope_parameters"]["rope_type"] = "proportional"
+    bad = _patched(src, tmp_path, unknown)
+    assert main(["export", bad, "-o", str(tmp_path / "bad.onnx")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tgraph: error: ") and "\n" not in err and "rope_type='proportional'" in err
+    assert not (tmp_path / "bad.onnx").exists()
