@@ -232,6 +232,12 @@ BASE = {"model_type": "llama", "hidden_size": 32, "num_attention_heads": 4, "int
      "long_factor has 3 entries, rotary_dim 8 needs 4"),
     ({"rope_type": "yarn", "factor": 2.0, "truncate": "yes"}, "truncate='yes' must be true or false"),
     ({"full_attention": {"rope_type": "default"}}, "per-layer-type settings"),
+    ({"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 0},
+     "original_max_position_embeddings=0 must be positive"),
+    ({"rope_type": "yarn", "factor": 2.0, "beta_slow": 1e308}, "non-finite frequencies"),
+    ({"rope_type": "yarn", "factor": 2.0, "beta_fast": -3.0}, "needs beta_fast, beta_slow > 0"),
+    ({"rope_type": "longrope", "factor": 2.0, "original_max_position_embeddings": 1, "short_factor": [1.0] * 4,
+      "long_factor": [1.0] * 4}, "attention factor from these parameters is nan"),
 ])
 def test_bad_or_unsupported_scaling_is_one_clear_error(rope, message):
     with pytest.raises(ConfigError) as err:

@@ -81,6 +81,13 @@ class RopeScaling:
             raise ConfigError("rope scaling (longrope): short_factor and long_factor are required")
         if t == "dynamic" and self.factor < 1:
             raise ConfigError(f"rope scaling (dynamic): factor must be >= 1, got {self.factor!r}")
+        try:
+            scale = self.cos_sin_factor()
+        except (ValueError, ZeroDivisionError, OverflowError):
+            scale = math.nan
+        if not (math.isfinite(scale) and scale > 0):
+            raise ConfigError(f"rope scaling ({t}): the cos/sin attention factor from these parameters is "
+                              f"{scale!r}, not a positive number")
 
     @property
     def length_dependent(self) -> bool:
@@ -94,6 +101,20 @@ class RopeScaling:
             if f is not None and len(f) != dim // 2:
                 raise ConfigError(f"rope scaling (longrope): {name} has {len(f)} entries, rotary_dim {dim} needs "
                                   f"{dim // 2}")
+
+    def check(self, dim: int, theta: float) -> None:
+        """ConfigError unless these parameters give finite, positive frequencies for (dim, theta)."""
+        self.check_dim(dim)
+        if self.rope_type == "yarn" and not (self.beta_fast > 0 and self.beta_slow > 0 and theta > 1):
+            raise ConfigError(f"rope scaling (yarn): needs beta_fast, beta_slow > 0 and rope_theta > 1, got "
+                              f"{self.beta_fast!r}, {self.beta_slow!r}, {theta!r}")
+        try:
+            with np.errstate(all="ignore"):
+                tables = [self.inv_freq(dim, theta)] + ([self.long_inv_freq(dim, theta)] if self.long_factor else [])
+        except (ValueError, ZeroDivisionError, OverflowError):       # a log or ratio out of its domain
+            tables = [np.array([np.nan])]
+        if not all(np.all(np.isfinite(t)) and np.all(t >= 0) for t in tables):
+            raise ConfigError(f"rope scaling ({self.rope_type}): these parameters give non-finite frequencies")
 
     # ---- build-time constants -------------------------------------------------------------------
     def inv_freq(self, dim: int, theta: float) -> np.ndarray:

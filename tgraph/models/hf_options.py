@@ -76,6 +76,9 @@ def scaling_from_hf(rope_type: str, params: Mapping[str, Any], hf: Mapping[str, 
             original = _number(params, "original_max_position_embeddings", where, integer=True)
         if original is None:
             original = max_pos
+    for name, value in (("max_position_embeddings", max_pos), ("original_max_position_embeddings", original)):
+        if value is not None and value <= 0:
+            raise ConfigError(f"{where}: {name}={value!r} must be positive")
     factor = _number(params, "factor", where, required=rope_type in ("linear", "dynamic", "llama3"))
     if factor is None and rope_type in ("yarn", "longrope"):
         if max_pos is None or original is None:

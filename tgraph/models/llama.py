@@ -71,7 +71,7 @@ class LlamaConfig:
         if self.hidden_act not in ACTIVATIONS:
             raise ConfigError(f"llama: hidden_act {self.hidden_act!r} unknown (known: {', '.join(sorted(ACTIVATIONS))})")
         if self.rope_scaling is not None:
-            self.rope_scaling.check_dim(self.head_size)
+            self.rope_scaling.check(self.head_size, self.rope_theta)
         check_cache_options(self, "llama")
 
     @property
