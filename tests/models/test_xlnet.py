@@ -156,6 +156,7 @@ def test_real_tokens_do_not_depend_on_padding(checkpoints):
     ({"architectures": ["XLNetForSequenceClassification"]},
      "architectures='XLNetForSequenceClassification' is not supported"),
     ({"d_head": 9}, "d_head=9 is not d_model // n_head (8)"),
+    ({"architectures": "XLNetModel"}, "architectures='XLNetModel' is not a list of class names"),
 ])
 def test_unsupported_options_are_refused(checkpoints, tmp_path, changes, message):
     dst = tmp_path / "ckpt"
