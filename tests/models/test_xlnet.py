@@ -28,6 +28,9 @@ CASES = {
     "lm-untied-clamped": (transformers.XLNetLMHeadModel,
                           dict(vocab_size=67, d_model=42, n_layer=2, n_head=3, d_inner=50, ff_activation="gelu_new",
                                clamp_len=4, tie_word_embeddings=False, layer_norm_eps=1e-5)),
+    # causal (uni) attention: distances T .. 0, keys j <= i; 4 heads of 6
+    "lm-uni": (transformers.XLNetLMHeadModel,
+               dict(vocab_size=71, d_model=24, n_layer=2, n_head=4, d_inner=36, attn_type="uni")),
     # the bare encoder, ReLU, a memory length set (it only shapes the mems HF returns)
     "base-relu": (transformers.XLNetModel,
                   dict(vocab_size=53, d_model=24, n_layer=3, n_head=3, d_inner=40, ff_activation="relu", mem_len=7)),
@@ -73,6 +76,11 @@ def _inputs(vocab, seq, seed=0, segments=True):
 
 
 def _hf(model, inputs):
+    if model.config.attn_type == "uni" and len(inputs["input_ids"]) > 1:
+        # HF's uni mask is updated in place (`attn_mask += data_mask`) and cannot broadcast over a
+        # batch with an attention_mask: its reference is computed row by row
+        rows = [_hf(model, {k: v[i:i + 1] for k, v in inputs.items()}) for i in range(len(inputs["input_ids"]))]
+        return np.concatenate(rows, 0)
     with torch.no_grad():
         out = model(**{k: torch.from_numpy(v) for k, v in inputs.items()})
     return out.logits.numpy() if hasattr(out, "logits") else out.last_hidden_state.numpy()
@@ -150,7 +158,8 @@ def test_real_tokens_do_not_depend_on_padding(checkpoints):
 
 # ---------------------------------------------------------------- refusals
 @pytest.mark.parametrize("changes, message", [
-    ({"attn_type": "uni"}, "attn_type='uni' is not supported"),
+    ({"attn_type": "uni", "same_length": True}, "same_length=True is not supported"),
+    ({"attn_type": "tri"}, "attn_type='tri' is not supported"),
     ({"bi_data": True}, "bi_data=True is not supported"),
     ({"ff_activation": "gelu_fast"}, "ff_activation='gelu_fast' is not supported"),
     ({"architectures": ["XLNetForSequenceClassification"]},

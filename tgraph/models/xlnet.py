@@ -23,7 +23,9 @@ itself), so no row is ever fully masked. `token_type_ids` are an input unless
 `use_token_type_ids=False`, which is HF called without them (no segment term; the same
 outputs as all-zero segments, whose term is constant along each row of scores).
 
-Refused by name: `attn_type='uni'`, `bi_data=True` (both change the outputs). `mem_len`,
+`attn_type='uni'` (causal XLNet) sees keys j <= i, and the distances run T .. 0 (T + 1 of them;
+the gather index is clipped where j > i, which the mask drops). Refused by name: `bi_data=True`
+and uni with `same_length=True` (both change the outputs). `mem_len`,
 `reuse_len` and `use_mems_*` only shape the `mems` HF returns; no mems are exported, so
 they do not change anything here. Heads: XLNetModel (last_hidden_state) and XLNetLMHeadModel
 (logits; `lm_loss` tied to the word embedding with its own bias, or untied).
@@ -50,6 +52,7 @@ from .hf_options import activation_from_hf
 from .registry import register_model
 
 HEADS = ("base", "lm")
+ATTN_TYPES = ("bi", "uni")
 
 
 @dataclass
@@ -62,6 +65,7 @@ class XLNetConfig:
     ff_activation: str = "gelu"
     layer_norm_eps: float = epsilon(1e-12)
     clamp_len: int = -1                      # > 0: relative distances clipped to ±clamp_len
+    attn_type: str = "bi"                    # "bi": bidirectional; "uni": key j <= query i
     use_token_type_ids: bool = True          # False: no segment term (HF called without token_type_ids)
     head: str = "lm"                         # "base": XLNetModel, "lm": XLNetLMHeadModel
     tie_word_embeddings: bool = True
@@ -78,6 +82,8 @@ class XLNetConfig:
         if self.ff_activation not in ACTIVATIONS:
             raise ConfigError(f"xlnet: ff_activation {self.ff_activation!r} unknown "
                               f"(known: {', '.join(sorted(ACTIVATIONS))})")
+        if self.attn_type not in ATTN_TYPES:
+            raise ConfigError(f"xlnet: attn_type must be one of {', '.join(ATTN_TYPES)}, got {self.attn_type!r}")
         if self.head not in HEADS:
             raise ConfigError(f"xlnet: head must be one of {', '.join(HEADS)}, got {self.head!r}")
 
@@ -86,41 +92,47 @@ class XLNetConfig:
         return self.d_model // self.num_heads
 
 
-def relative_positions(ids: Tensor, d_model: int, clamp_len: int) -> Tensor:
+def relative_positions(ids: Tensor, d_model: int, clamp_len: int, uni: bool = False) -> Tensor:
     """[sin(p θ), cos(p θ)] for p = T, T-1, .., -T+1 (HF's `relative_positional_encoding`, bi
-    attention, no mems): (2T, d_model), built once per trace from the run's length."""
+    attention, no mems; uni: p = T .. 0): (2T or T+1, d_model), built once per trace from the run's length."""
     def make():
         seq = ids.shape_of(1, 2).squeeze(0)                                 # () int64: T
-        pos = seq - arange(0, seq * 2)                                      # (2T,): T - c
+        pos = seq - arange(0, seq + 1 if uni else seq * 2)                  # (2T,) or (T+1,): T - c
         if clamp_len > 0:
             pos = where(pos > clamp_len, np.array(clamp_len, np.int64), pos)
             pos = where(pos < -clamp_len, np.array(-clamp_len, np.int64), pos)
         inv = 1.0 / np.power(10000.0, np.arange(0, d_model, 2, dtype=np.float64) / d_model)
         angle = pos.cast(DType.float32).unsqueeze(1) * inv.astype(np.float32)   # (2T, 1) * (C/2,) -> (2T, C/2)
         return concat([angle.sin(), angle.cos()], axis=-1).value            # (2T, C)
-    return Tensor(current().cached(("xlnet-positions", ids._value().name, d_model, clamp_len), make))
+    return Tensor(current().cached(("xlnet-positions", ids._value().name, d_model, clamp_len, uni), make))
 
 
-def shift_index(ids: Tensor, heads: int) -> Tensor:
-    """(B, H, T, T) int64, entry T - i + j: where HF's rel_shift finds distance i - j in a row of 2T."""
+def shift_index(ids: Tensor, heads: int, uni: bool = False) -> Tensor:
+    """(B, H, T, T) int64, entry T - i + j: where HF's rel_shift finds distance i - j in a row of 2T
+    (uni: of T + 1, so clipped to T where j > i: entries the causal mask drops)."""
     def make():
         seq = ids.shape_of(1, 2).squeeze(0)                                 # () T
         steps = arange(0, seq)                                              # (T,)
         index = seq - steps.unsqueeze(1) + steps.unsqueeze(0)               # (T, T): T - i + j
+        if uni:
+            index = where(index > seq, seq, index)
         batch = ids.shape_of(0, 1)                                          # [B]
         shape = concat([batch, np.array([heads], np.int64), ids.shape_of(1, 2), ids.shape_of(1, 2)], axis=0)
         return index.expand(shape).value                                    # (B, H, T, T)
-    return Tensor(current().cached(("xlnet-shift", ids._value().name, heads), make))
+    return Tensor(current().cached(("xlnet-shift", ids._value().name, heads, uni), make))
 
 
-def keep_mask(ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """bool (B, 1, T, T): key j is kept for query i when j is a real token or j = i (HF's
-    non_tgt_mask: a padding query still attends to itself)."""
+def keep_mask(ids: Tensor, attention_mask: Tensor, uni: bool = False) -> Tensor:
+    """bool (B, 1, T, T): key j is kept for query i when j is a real token (uni: and j <= i) or
+    j = i (HF's non_tgt_mask: a padding query still attends to itself)."""
     def make():
         steps = arange(0, ids.shape_of(1, 2).squeeze(0))                    # (T,)
-        self_pair = steps.unsqueeze(1).eq(steps.unsqueeze(0))               # (T, T)
-        return Tensor(_op("Or", padding_keep_mask(attention_mask).value, self_pair.value)).value   # (B, 1, T, T)
-    return Tensor(current().cached(("xlnet-keep", attention_mask._value().name), make))
+        query, key = steps.unsqueeze(1), steps.unsqueeze(0)                 # (T, 1), (1, T)
+        keep = padding_keep_mask(attention_mask)                            # (B, 1, 1, T)
+        if uni:
+            keep = Tensor(_op("And", keep.value, (key > query).logical_not().value))   # (B, 1, T, T)
+        return Tensor(_op("Or", keep.value, query.eq(key).value)).value     # (B, 1, T, T)
+    return Tensor(current().cached(("xlnet-keep", attention_mask._value().name, uni), make))
 
 
 def other_segment(token_type_ids: Tensor) -> Tensor:
@@ -210,9 +222,10 @@ class XLNet(Module):
 
     def forward(self, input_ids, attention_mask, token_type_ids=None):
         c = self.config
-        positions = relative_positions(input_ids, c.d_model, c.clamp_len)  # (2T, C)
-        shift = shift_index(input_ids, c.num_heads)                         # (B, H, T, T)
-        keep = keep_mask(input_ids, attention_mask)                         # (B, 1, T, T)
+        uni = c.attn_type == "uni"
+        positions = relative_positions(input_ids, c.d_model, c.clamp_len, uni)   # (2T or T+1, C)
+        shift = shift_index(input_ids, c.num_heads, uni)                    # (B, H, T, T)
+        keep = keep_mask(input_ids, attention_mask, uni)                    # (B, 1, T, T)
         segments = other_segment(token_type_ids) if token_type_ids is not None else None   # (B, 1, T, T)
         h = self.word_embedding(input_ids)                                  # (B, T, C)
         for layer in self.layers:
@@ -234,8 +247,10 @@ XLNET_HEADS = {"XLNetModel": "base", "XLNetLMHeadModel": "lm"}
 
 def config_from_hf(hf: Dict[str, Any]) -> XLNetConfig:
     mt = "xlnet"
-    refuse_if(hf, "attn_type", ["bi"], mt)                 # 'uni': causal relative attention, not implemented
+    refuse_if(hf, "attn_type", list(ATTN_TYPES), mt)
     refuse_if(hf, "bi_data", [False], mt)                  # forward + backward position streams
+    if hf.get("attn_type") == "uni":
+        refuse_if(hf, "same_length", [False], mt)          # uni + same_length: a sliding causal window
     d_model, heads = hf_get(hf, "d_model", 1024), hf_get(hf, "n_head", 16)
     d_head = hf_get(hf, "d_head", None)
     if d_head is not None and isinstance(d_model, int) and isinstance(heads, int) and heads > 0 \
@@ -251,6 +266,7 @@ def config_from_hf(hf: Dict[str, Any]) -> XLNetConfig:
         ff_activation=activation_from_hf(hf, mt, "gelu", key="ff_activation"),
         layer_norm_eps=hf_get(hf, "layer_norm_eps", 1e-12),
         clamp_len=clamp,
+        attn_type=hf_get(hf, "attn_type", "bi"),
         head=head_from_architectures(hf, XLNET_HEADS, mt),
         tie_word_embeddings=hf_get(hf, "tie_word_embeddings", True),
     )
