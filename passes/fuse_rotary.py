@@ -29,7 +29,7 @@ from .pattern import ConstPat, Match, NoMatch, OpBuilder, OpPat, RewritePass, Ru
 # Ops that act elementwise (with broadcasting): a value computed only by them from tables
 # whose last-axis halves are equal has equal halves too.
 _ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Neg", "Cos", "Sin", "Cast", "Identity", "Exp", "Sqrt",
-                          "Reciprocal", "Pow", "Tanh", "Sigmoid"})
+                          "Reciprocal", "Pow", "Tanh", "Sigmoid", "Where"})
 
 
 def _last_axis_ok(axis, rank: Optional[int]) -> bool:
@@ -215,8 +215,8 @@ def _halves_equal(v: Value, depth: int = 12) -> bool:
             return False
         h = arr.shape[-1] // 2
         return bool(np.array_equal(arr[..., :h], arr[..., h:]))
-    if n == 1:
-        return True                        # broadcast along the last axis: the same for every column
+    if n == 1 or (v.shape is not None and len(v.shape) == 0):
+        return True                        # broadcast along the last axis (or a scalar): the same for every column
     node = v.producer
     if node is None or depth == 0 or node.domain != "":
         return False

@@ -91,6 +91,8 @@ FAMILIES: Dict[str, tuple] = {
               lambda c: Expect(c.num_layers, 2 * c.num_layers + 1, rotary=2 * c.num_layers)),
     "palm": (dict(d_model=32, num_layers=2, num_heads=4, num_kv_heads=1, d_ff=48, rotary_pct=0.5),
              lambda c: Expect(c.num_layers, c.num_layers * (1 if c.shared_norm else 2) + 1, rotary=2 * c.num_layers)),
+    "xlnet": (dict(d_model=30, num_layers=2, num_heads=3, d_inner=44),
+              lambda c: Expect(c.num_layers, 2 * c.num_layers, gelu=c.num_layers * _gelu(c.ff_activation))),
 }
 
 

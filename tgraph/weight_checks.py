@@ -19,9 +19,18 @@ from .ir.lazy import fold_blocks
 SHOWN = 5          # tensors named in the NaN/inf warning; the rest are counted
 
 
+# ml_dtypes' floats (how bfloat16 and float8 safetensors are read) have NumPy kind "V", not "f"
+ML_FLOATS = frozenset({"bfloat16", "float8_e4m3fn", "float8_e5m2"})
+
+
+def is_floating(dtype: np.dtype) -> bool:
+    return dtype.kind == "f" or dtype.name in ML_FLOATS
+
+
 def check_weight_dtype(array: np.ndarray, tensor: str, label: str, expected: str = "float32") -> None:
-    """CheckpointError unless `array` holds floating-point numbers (the weights' dtype is `expected`)."""
-    if array.dtype.kind != "f":
+    """CheckpointError unless `array` holds floating-point numbers (the weights' dtype is `expected`);
+    bfloat16 (Llama 3, Qwen2.5 checkpoints) widens to float32 exactly."""
+    if not is_floating(array.dtype):
         raise CheckpointError(f"{label}: tensor {tensor!r} has dtype {array.dtype}; expected a floating-point "
                               f"tensor ({expected}) - refusing to cast it")
 
@@ -34,7 +43,7 @@ class NonFiniteWeights:
         self.seen: Set[str] = set()                      # a fused tensor feeds several parameters
 
     def count(self, array: np.ndarray, tensor: str) -> None:
-        if array.dtype.kind != "f" or tensor in self.seen or not array.size:
+        if not is_floating(array.dtype) or tensor in self.seen or not array.size:
             return
         self.seen.add(tensor)
         wide = np.promote_types(array.dtype, np.float32)

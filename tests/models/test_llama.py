@@ -155,12 +155,10 @@ def _patched(src, tmp_path, config_changes=None, weights_fn=None):
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}},
-     "rope_parameters.rope_type='linear'"),
-    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 500000.0, "low_freq_factor": 1.0,
-                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
-     "rope_parameters.rope_type='llama3'"),
-    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling.type='dynamic'"),
+    # the scaling types tgraph implements are tested in tests/test_rope_scaling.py; others are named
+    ({"rope_parameters": {"rope_type": "proportional", "factor": 2.0, "rope_theta": 10000.0}},
+     "rope_parameters.rope_type='proportional'"),
+    ({"rope_scaling": {"type": "su", "factor": 2.0}}, "rope_scaling.type='su'"),
     ({"hidden_act": "gelu_fast"}, "hidden_act='gelu_fast'"),
     ({"layer_types": ["full_attention", "sliding_attention"]}, "layer_types containing 'sliding_attention'"),
 ])

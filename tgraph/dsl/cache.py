@@ -248,14 +248,14 @@ class StaticKVCache:
 
     def rotary_tables(self, rotary, max_positions: int, dtype=DType.float32):
         """cos/sin [max_positions, R/2] constants for the op's own rotary, or None where
-        onnxruntime's kernel cannot take them (R/2 must be a multiple of 8)."""
-        half = rotary.dim // 2
-        if half % 8:
+        onnxruntime's kernel cannot take them (R/2 must be a multiple of 8) or where the
+        frequencies depend on the run's length (dynamic NTK, LongRoPE)."""
+        if (rotary.dim // 2) % 8:
             return None
-        freqs = np.arange(max_positions, dtype=np.float64)[:, None] * \
-            (1.0 / np.power(float(rotary.theta), np.arange(0, rotary.dim, 2, dtype=np.float64) / rotary.dim))
-        return (Tensor(const(np.cos(freqs).astype(DType.of(dtype).numpy))),
-                Tensor(const(np.sin(freqs).astype(DType.of(dtype).numpy))))
+        tables = rotary.table_arrays(max_positions, DType.of(dtype).numpy)
+        if tables is None:
+            return None
+        return Tensor(const(tables[0])), Tensor(const(tables[1]))
 
     def outputs(self) -> Dict[str, Tensor]:
         return _outputs(self.layers)

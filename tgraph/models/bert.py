@@ -330,6 +330,8 @@ def bert_weight_map(c: BertConfig, layout: HFLayout) -> Dict[str, WeightRule]:
 def head_from_architectures(hf: Mapping[str, Any], heads: Mapping[str, str], model_type: str) -> str:
     """The head a checkpoint was saved with (no `architectures`: the bare encoder)."""
     archs = hf.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ConfigError(f"{model_type}: config option architectures={archs!r} is not a list of class names"[:200])
     found = set()
     for arch in archs:
         if arch not in heads:

@@ -17,6 +17,7 @@ from typing import Any, Dict, Optional
 
 from ..checkpoints import HFAdapter, WeightRule, hf_get, linear, register_adapter, rule, transposed
 from ..dsl import (ACTIVATIONS, Embedding, FeedForward, Linear, Module, ModuleList, MultiHeadAttention, RMSNorm)
+from ..dsl.rope_scaling import RopeScaling
 from ..dsl.rotary import RotaryEmbedding
 from ..errors import ConfigError
 from .hf_options import activation_from_hf, rope_from_hf
@@ -41,6 +42,7 @@ class LlamaConfig:
     hidden_act: str = "silu"               # SwiGLU
     rms_norm_eps: float = epsilon(1e-6)    # RMSNorm epsilon
     rope_theta: float = positive(10000.0)
+    rope_scaling: Optional[RopeScaling] = None   # linear / dynamic / yarn / llama3 / longrope (tgraph.dsl.rope_scaling)
     attention_bias: bool = False           # biases on q/k/v projections (Qwen2)
     attention_out_bias: bool = False       # bias on the output projection (HF llama attention_bias sets both)
     mlp_bias: bool = False
@@ -55,6 +57,11 @@ class LlamaConfig:
     def __post_init__(self):
         check_fields(self, "llama")
         parse_pattern(self.layer_types, LAYER_KINDS, "llama: layer_types")
+        if isinstance(self.rope_scaling, dict):        # from Python or a tgraph.json manifest
+            fields = {k: tuple(v) if isinstance(v, list) else v for k, v in self.rope_scaling.items()}
+            self.rope_scaling = RopeScaling(**fields)
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ConfigError(f"llama: rope_scaling must be a RopeScaling, got {type(self.rope_scaling).__name__}")
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"llama: {name} must be positive, got {getattr(self, name)}")
@@ -70,6 +77,8 @@ class LlamaConfig:
             raise ConfigError(f"llama: head_dim ({self.head_size}) must be positive and even for rotary positions")
         if self.hidden_act not in ACTIVATIONS:
             raise ConfigError(f"llama: hidden_act {self.hidden_act!r} unknown (known: {', '.join(sorted(ACTIVATIONS))})")
+        if self.rope_scaling is not None:
+            self.rope_scaling.check(self.head_size, self.rope_theta)
         check_cache_options(self, "llama")
 
     @property
@@ -110,7 +119,7 @@ class Llama(Module):
         self.norm = RMSNorm(c.d_model, c.rms_norm_eps)
         if not c.tie_word_embeddings:
             self.lm_head = Linear(c.d_model, c.vocab_size, bias=False)
-        self.rotary = RotaryEmbedding(c.head_size, theta=c.rope_theta)
+        self.rotary = RotaryEmbedding(c.head_size, theta=c.rope_theta, scaling=c.rope_scaling)
 
     def input_specs(self):
         c = self.config
@@ -138,7 +147,10 @@ def build(config: LlamaConfig) -> Llama:
 def config_from_hf(hf: Dict[str, Any]) -> LlamaConfig:
     """HF llama / mistral / qwen2 config.json -> LlamaConfig, refusing what we do not implement."""
     mt = hf.get("model_type", "llama")
-    rope = rope_from_hf(hf, mt)          # llama's default RoPE ignores partial_rotary_factor, as HF does
+    rope = rope_from_hf(hf, mt, scaling=True)   # llama's default RoPE ignores partial_rotary_factor, as HF does
+    if rope.scaling is not None and rope.partial_rotary_factor != 1.0:
+        raise ConfigError(f"{mt}: config option partial_rotary_factor={rope.partial_rotary_factor!r} with "
+                          f"rope_type {rope.scaling.rope_type!r} is not supported (HF {mt} rotates whole heads)")
     window, layer_types = _sliding_window_from_hf(hf, mt)
     qkv_bias = bool(hf.get("attention_bias", False)) or mt == "qwen2"
     out_bias = bool(hf.get("attention_bias", False)) and mt != "qwen2"
@@ -154,6 +166,7 @@ def config_from_hf(hf: Dict[str, Any]) -> LlamaConfig:
         hidden_act=activation_from_hf(hf, mt, "silu"),
         rms_norm_eps=hf_get(hf, "rms_norm_eps", 1e-6),
         rope_theta=rope.theta,
+        rope_scaling=rope.scaling,
         attention_bias=qkv_bias,
         attention_out_bias=out_bias,
         mlp_bias=hf_get(hf, "mlp_bias", False),

@@ -5,3 +5,4 @@ from . import llama, palm  # noqa: F401
 from . import t5  # noqa: F401
 from . import bart  # noqa: F401
 from . import albert, bert  # noqa: F401
+from . import xlnet  # noqa: F401
