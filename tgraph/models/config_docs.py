@@ -52,13 +52,22 @@ class ConfigKey:
     meaning: str
 
 
+#: What `tgraph config` calls a field `--set` cannot write (a structure read from config.json).
+CHECKPOINT_ONLY = "from config.json"
+
+
 def type_name(annotation: Any) -> str:
-    """``int``, ``bool``, ``int or none`` (Optional[int]) ..., as the CLI parses them."""
+    """``int``, ``bool``, ``int or none`` (Optional[int]) ..., as the CLI parses them;
+    `CHECKPOINT_ONLY` for a structured field (RoPE scaling) that only a checkpoint sets."""
     if typing.get_origin(annotation) is typing.Union:
+        if not all(a in (int, float, bool, str, type(None)) for a in typing.get_args(annotation)):
+            return CHECKPOINT_ONLY
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         text = " or ".join(type_name(a) for a in args)
         return f"{text} or none" if len(args) < len(typing.get_args(annotation)) else text
-    return getattr(annotation, "__name__", str(annotation))
+    if annotation not in (int, float, bool, str):
+        return CHECKPOINT_ONLY
+    return annotation.__name__
 
 
 def _comments(source: str) -> Dict[int, Tuple[int, str, bool]]:

@@ -61,8 +61,8 @@ class XLNetConfig:
     d_model: int = 768
     num_layers: int = repeated(12)
     num_heads: int = 12
-    d_inner: int = 3072
-    ff_activation: str = "gelu"
+    d_inner: int = 3072                    # feed-forward width
+    ff_activation: str = "gelu"            # feed-forward activation (HF names: gelu, relu, gelu_new, ...)
     layer_norm_eps: float = epsilon(1e-12)
     clamp_len: int = -1                      # > 0: relative distances clipped to ±clamp_len
     attn_type: str = "bi"                    # "bi": bidirectional; "uni": key j <= query i
