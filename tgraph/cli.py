@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_generate import add_parser as add_generate_parser
 
     add_generate_parser(sub)
+    from .cli_serve import add_parsers as add_serving_parsers   # deploy, serve
+
+    add_serving_parsers(sub)
     return parser
 
 
@@ -448,6 +451,9 @@ def cmd_generate(args) -> int:
 
 COMMANDS = {"export": cmd_export, "optimize": cmd_optimize, "codegen": cmd_codegen, "run": cmd_run, "inspect": cmd_inspect,
             "generate": cmd_generate}
+from .cli_serve import COMMANDS as SERVING_COMMANDS  # noqa: E402  (deploy, serve)
+
+COMMANDS.update(SERVING_COMMANDS)
 
 
 class Terminated(KeyboardInterrupt):
