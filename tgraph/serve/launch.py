@@ -45,10 +45,13 @@ def serve_from_cli(args) -> int:
         raise ConfigError(f"tgraph serve needs Ray Serve: pip install 'tgraph[serve]' ({e})") from None
     local = not args.address
     if local:
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE,
-                 log_to_driver=False, configure_logging=False)
+        # address="local": a Ray of its own, never one some `ray start` left running; on loopback
+        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False,
+                 object_store_memory=LOCAL_OBJECT_STORE, _node_ip_address="127.0.0.1", log_to_driver=False,
+                 configure_logging=False)
     else:
         ray.init(address=args.address, log_to_driver=False, configure_logging=False)
+    _sigterm_unwinds_again()
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         app = build_app(models, replicas=args.replicas, max_batch_size=args.max_batch_size,
@@ -68,13 +71,23 @@ def serve_from_cli(args) -> int:
         return 0
     finally:
         try:
-            if local:
-                serve.shutdown()
-            else:
-                serve.delete(APP_NAME)
+            if not local:
+                serve.delete(APP_NAME)      # a local Ray goes as a whole: its processes end with it
         finally:
             ray.shutdown()
         print("tgraph serve: stopped", file=sys.stderr, flush=True)
+
+
+def _sigterm_unwinds_again() -> None:
+    """ray.init replaces SIGTERM's handler with sys.exit; put back tgraph's (unwind like Ctrl-C,
+    so the finally below shuts Serve and Ray down and the CLI exits 143)."""
+    import signal
+    import threading
+
+    from ..cli import _raise_terminated
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 def _kind(path: str) -> str:
