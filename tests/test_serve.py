@@ -137,6 +137,16 @@ def test_serve_refuses_what_it_cannot_serve(models, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == "tgraph: error: --replicas must be >= 1, got 0"
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")   # pydantic deprecations inside Ray
+def test_application_builder_for_rays_own_cli(models):
+    from ray.serve.deployment import Application
+
+    from tgraph.serve import app
+
+    enc, dec = models
+    assert isinstance(app({"models": f"{enc},{dec}", "replicas": "2"}), Application)   # `serve run tgraph.serve:app`
+
+
 # ---------------------------------------------------------------- on Ray
 def _free_port() -> int:
     with socket.socket() as s:
@@ -253,7 +263,6 @@ def _check_answers(answers, emb_ref, comp_ref, allow_5xx: bool = False) -> int:
 
 
 def test_tgraph_serve_on_ray(models, capsys):
-    pytest.importorskip("ray.serve")
     enc, dec = models
     emb, comp = workload(0)
     session, gen = Session(str(enc), providers="cpu"), Generator(str(dec), provider="cpu")
