@@ -135,6 +135,17 @@ def test_serve_refuses_what_it_cannot_serve(models, tmp_path, capsys):
         named_models([str(enc), str(enc)])
     assert main(["serve", str(enc), "--replicas", "0"]) == 2
     assert capsys.readouterr().err.strip() == "tgraph: error: --replicas must be >= 1, got 0"
+    assert main(["export", "t5", "-o", str(tmp_path / "t5.onnx"), "--set", "d_model=16", "--set", "d_kv=8",
+                 "--set", "num_heads=2", "--set", "num_layers=1", "--set", "d_ff=16", "--set", "vocab_size=11"]) == 0
+    capsys.readouterr()
+    assert main(["serve", str(tmp_path / "t5.onnx")]) == 2                  # refused before Ray starts
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tgraph: error: ") and "an encoder takes input_ids" in err and "decoder_input_ids" in err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert main(["serve", str(enc), "--port", str(busy.getsockname()[1])]) == 2
+        assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")   # pydantic deprecations inside Ray

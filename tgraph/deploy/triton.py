@@ -232,12 +232,15 @@ def write_triton_repository(source: str, repo, *, name: Optional[str] = None, ma
     if repo.exists() and not repo.is_dir():
         raise ConfigError(f"{repo}: exists and is not a directory")
     generation = is_generation_dir(source)
+    if generation and overrides:
+        raise ConfigError("--set applies to a model tgraph builds; a generation directory is fixed when exported")
     names = [name + "_decoder", name] if generation else [name]
     for n in names:
         if (repo / n).exists():
             raise ConfigError(f"{repo / n}: already exists; remove it or give another --name")
     repo.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{name}.tgraph-", dir=repo))
+    # staged beside REPO, not in it: a server polling REPO never sees a half-written model
+    stage = Path(tempfile.mkdtemp(prefix=f".{repo.name}.{name}.tgraph-", dir=repo.resolve().parent))
     moved: List[Path] = []
     try:
         os.chmod(stage, 0o755)

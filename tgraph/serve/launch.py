@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import time
 
-from ..errors import ConfigError
+from ..errors import ConfigError, TgraphError
 
 APP_NAME = "tgraph"
 LOCAL_OBJECT_STORE = 200 << 20        # what a few tiny tensors in flight need; Ray's default is 30% of RAM
@@ -36,6 +36,8 @@ def serve_from_cli(args) -> int:
 
     _check(args)
     models = named_models(args.models)                 # paths and kinds checked before Ray starts
+    if not args.address:
+        _check_port_free(args.host, args.port)
     try:
         import ray
         from ray import serve
@@ -58,8 +60,12 @@ def serve_from_cli(args) -> int:
                         batch_wait_s=args.batch_wait_ms / 1000.0, replica_cpus=args.replica_cpus,
                         threads=args.threads)
         start = time.perf_counter()
-        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False,
-                  logging_config={"log_level": "WARNING", "enable_access_log": False})
+        try:
+            serve.run(app, name=APP_NAME, route_prefix="/", blocking=False,
+                      logging_config={"log_level": "WARNING", "enable_access_log": False})
+        except RuntimeError as e:     # a replica failed to start: Ray's message ends with its cause
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            raise TgraphError(f"the Ray Serve application did not start: {lines[-1] if lines else e}") from None
         kinds = ", ".join(f"{n} ({'embeddings' if _kind(p) == 'encoder' else 'completions'})"
                           for n, p in models.items())
         print(f"serving {kinds} at http://{args.host}:{args.port} with {args.replicas} replica(s) on "
@@ -76,6 +82,17 @@ def serve_from_cli(args) -> int:
         finally:
             ray.shutdown()
         print("tgraph serve: stopped", file=sys.stderr, flush=True)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)     # as the HTTP server will
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror or e})") from None
 
 
 def _sigterm_unwinds_again() -> None:

@@ -45,6 +45,29 @@ def model_kind(path: str) -> str:
                       "directory; export one first (tgraph export MODEL -o model.onnx, or --task generate -o DIR)")
 
 
+def check_servable(path: str) -> str:
+    """The model's kind, after the checks a replica would make that need no session: so a
+    model that cannot be served is refused before Ray starts, in one line."""
+    from ..export_dir import read_manifest
+
+    kind = model_kind(path)
+    if kind == "decoder":
+        read_manifest(path)
+        return kind
+    onnx_path = Path(path) / "model.onnx" if Path(path).is_dir() else Path(path)
+    from ..onnx_import import read_onnx_proto
+
+    graph = read_onnx_proto(str(onnx_path), ConfigError).graph
+    inits = {i.name for i in graph.initializer}
+    names = [v.name for v in graph.input if v.name not in inits]
+    if "input_ids" not in names or any(n not in ENCODER_INPUTS for n in names):
+        raise ConfigError(f"{onnx_path}: an encoder takes input_ids (and attention_mask, token_type_ids); "
+                          f"this graph takes {', '.join(names)}")
+    if not any(o.name == "last_hidden_state" or len(o.type.tensor_type.shape.dim) == 3 for o in graph.output):
+        raise ConfigError(f"{onnx_path}: no last_hidden_state (or other [batch, seq, hidden]) output to pool")
+    return kind
+
+
 def _vocab_size(onnx_path: Path) -> Optional[int]:
     """Rows of the embedding table input_ids indexes (a Gather of an initializer), if found."""
     import onnx
@@ -259,7 +282,7 @@ def named_models(paths: List[str]) -> Dict[str, str]:
     """{name: path} for the models given to `tgraph serve`, names unique, kinds checked."""
     out: Dict[str, str] = {}
     for path in paths:
-        model_kind(path)
+        check_servable(path)
         name = model_name(path)
         if name in out:
             raise ConfigError(f"two models are both called {name!r} ({out[name]}, {path}); rename one directory")
