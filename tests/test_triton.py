@@ -18,11 +18,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from google.protobuf import text_format
-from tritonclient.grpc import model_config_pb2
 
 from tgraph.cli import main
-from tgraph.deploy import check_model_dir, check_repository
+from tgraph.deploy import check_model_dir, check_repository, triton_check
 from tgraph.errors import ConfigError
+
+model_config_pb2 = triton_check.model_config_pb2()          # tritonclient's own module (the triton extra)
+assert model_config_pb2 is not None and "tritonclient" in model_config_pb2.__file__
 
 BERT = ["--set", "hidden_size=32", "--set", "num_layers=1", "--set", "num_heads=2", "--set", "intermediate_size=48",
         "--set", "vocab_size=97"]
@@ -273,3 +275,10 @@ def test_python_backend_loop_gives_the_generators_greedy_ids(repo, monkeypatch):
             assert got == gen.generate([prompt], max_new_tokens=7).ids[0], name
         assert responses[3].has_error() and "the cache holds 48" in responses[3].error().message()
         assert responses[4].has_error() and "give text_input or input_ids" in responses[4].error().message()
+
+
+def test_without_tritonclient_nothing_is_claimed_checked(repo, tmp_path, monkeypatch, capsys):
+    root, _ = repo
+    monkeypatch.setattr(triton_check, "model_config_pb2", lambda: None)
+    assert main(["deploy", "triton", str(root / "bert.onnx"), "-o", str(tmp_path / "r")]) == 0
+    assert "config.pbtxt checked: not checked: tritonclient is not installed" in capsys.readouterr().out

@@ -221,7 +221,7 @@ def write_triton_repository(source: str, repo, *, name: Optional[str] = None, ma
                             instances: int = 1, kind: str = "cpu", dynamic_batching: bool = False,
                             overrides: Optional[Mapping[str, str]] = None) -> Dict[str, Any]:
     """Write SOURCE's model(s) into the Triton repository `repo`; returns
-    {"models": [names written], "checked_with": "model_config_pb2" | "tgraph rules only"}."""
+    {"models": [names written], "checked_with": "model_config_pb2", or why nothing was checked}."""
     from ..export_dir import MANIFEST, is_generation_dir, read_manifest
     from .triton_check import check_model_dir
 

@@ -40,17 +40,44 @@ DEFAULT_FILES = {"onnx": "model.onnx", "python": "model.py"}
 NOT_CHECKED = "not checked: tritonclient is not installed (pip install 'tgraph[triton]')"
 
 
+def model_config_pb2():
+    """Triton's `model_config_pb2` (generated from its model_config.proto) as tritonclient ships
+    it, or None without tritonclient. Read from its file when `tritonclient.grpc` cannot be
+    imported (that package needs grpcio; the protobuf module alone does not)."""
+    import importlib.util
+    import sys
+
+    try:
+        from tritonclient.grpc import model_config_pb2 as module
+        return module
+    except (ImportError, RuntimeError):      # RuntimeError: tritonclient without grpcio
+        pass
+    name = "tritonclient.grpc.model_config_pb2"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec("tritonclient")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "grpc" / "model_config_pb2.py"
+    if not path.is_file():
+        return None
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    sys.modules[name] = module                  # one registration of model_config.proto per process
+    return module
+
+
 def _parse(path: Path):
     """The config parsed by Triton's own model_config_pb2 (protobuf text_format), or None
     when tritonclient is not installed."""
     from google.protobuf import text_format          # protobuf comes with onnx
 
-    try:
-        from tritonclient.grpc import model_config_pb2
-    except ImportError:
+    pb2 = model_config_pb2()
+    if pb2 is None:
         return None
     try:
-        return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+        return text_format.Parse(path.read_text(), pb2.ModelConfig())
     except text_format.ParseError as e:
         raise ConfigError(f"{path}: not a valid Triton ModelConfig ({e})") from None
 
