@@ -4,7 +4,8 @@ dashboard, a 200 MB object store; bounded by --duration and stopped by SIGTERM h
 concurrent embedding and 200 concurrent completion requests whose answers must equal direct
 `Session` / `Generator` runs, none lost; the throughput of 1 and 2 replicas; and a replica
 killed (SIGKILL) under load: every request still gets its answer (retried) or a clear 5xx,
-counted and printed. The Ray test takes ~35-50 s on a busy 2-core machine (two Ray starts)."""
+counted and printed. The Ray test takes about 45 s on a busy 2-core machine (two local Rays,
+started at once)."""
 from __future__ import annotations
 
 import json
@@ -338,3 +339,33 @@ def test_tgraph_serve_on_ray(models, capsys):
     report.append(f"2 replicas: ready {server.start_seconds:.1f}s, stopped {server.stop_seconds:.1f}s")
     with capsys.disabled():
         print("\n" + "\n".join(f"tgraph serve: {line}" for line in report))
+
+
+def _word_tokenizer(path):
+    """A tokenizer.json of words w0..w95 (ids 0..95) and [UNK] = 96, inside the test vocabulary."""
+    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(96)}
+    vocab["[UNK]"] = 96
+    tok = Tokenizer(tok_models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path))
+
+
+def test_text_inputs_go_through_the_tokenizer(models, tmp_path):
+    import shutil
+
+    enc, dec = models
+    (tmp_path / "enc").mkdir()
+    shutil.copyfile(enc, tmp_path / "enc" / "model.onnx")                 # the directory form
+    _word_tokenizer(tmp_path / "enc" / "tokenizer.json")
+    shutil.copytree(dec, tmp_path / "dec")
+    _word_tokenizer(tmp_path / "dec" / "tokenizer.json")
+    encoder, decoder = EncoderModel(str(tmp_path / "enc")), DecoderModel(str(tmp_path / "dec"))
+    text, ids = encoder.run_batch([parse_embedding_request({"input": ["w5 w17 w3", "w9"]}),
+                                   parse_embedding_request({"input": [[5, 17, 3], [9]]})])
+    assert [d["embedding"] for d in text["data"]] == [d["embedding"] for d in ids["data"]]
+    got = decoder.run_batch([parse_completion_request({"prompt": "w5 w17 w3", "max_tokens": 4, "temperature": 0})])[0]
+    want = Generator(str(dec), provider="cpu").generate([[5, 17, 3]], max_new_tokens=4).ids[0]
+    assert got["choices"][0]["token_ids"] == want
+    assert got["choices"][0]["text"] == " ".join(f"w{t}" if t < 96 else "[UNK]" for t in want)

@@ -249,20 +249,29 @@ class _Request:
         self.inputs = [_Tensor(k, v) for k, v in inputs.items()]
 
 
-def test_python_backend_loop_gives_the_generators_greedy_ids(repo, monkeypatch):
+def _load_loop(repo: Path, name: str):
     import importlib.util
 
+    spec = importlib.util.spec_from_file_location(f"triton_{name}_model", repo / name / "1" / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.TritonPythonModel()
+    config = json.dumps({"parameters": {"decoder_model": {"string_value": f"{name}_decoder"}}})
+    model.initialize({"model_config": config, "model_repository": str(repo / name), "model_version": "1"})
+    return model
+
+
+def _output(response, name):
+    return next(t for t in response.output_tensors if t.name() == name).as_numpy()
+
+
+def test_python_backend_loop_gives_the_generators_greedy_ids(repo, monkeypatch):
     from tgraph.generate import Generator
 
     root, out = repo
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _stub_backend(out))
     for name in ("gpt2", "llama"):
-        spec = importlib.util.spec_from_file_location(f"triton_{name}_model", out / name / "1" / "model.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        model = module.TritonPythonModel()
-        config = json.dumps({"parameters": {"decoder_model": {"string_value": f"{name}_decoder"}}})
-        model.initialize({"model_config": config, "model_repository": str(out / name), "model_version": "1"})
+        model = _load_loop(out, name)
         prompts = [[5, 17, 3], [9], [1, 2, 3, 4, 5, 6, 7]]
         requests = [_Request(input_ids=np.array(p, np.int64), max_tokens=np.array([7], np.int32)) for p in prompts]
         requests.append(_Request(input_ids=np.array([1, 2], np.int64), max_tokens=np.array([100], np.int32)))
@@ -271,7 +280,7 @@ def test_python_backend_loop_gives_the_generators_greedy_ids(repo, monkeypatch):
         gen = Generator(str(root / name), provider="cpu")
         for prompt, response in zip(prompts, responses):
             assert not response.has_error()
-            got = next(t for t in response.output_tensors if t.name() == "output_ids").as_numpy().tolist()
+            got = _output(response, "output_ids").tolist()
             assert got == gen.generate([prompt], max_new_tokens=7).ids[0], name
         assert responses[3].has_error() and "the cache holds 48" in responses[3].error().message()
         assert responses[4].has_error() and "give text_input or input_ids" in responses[4].error().message()
@@ -282,3 +291,24 @@ def test_without_tritonclient_nothing_is_claimed_checked(repo, tmp_path, monkeyp
     monkeypatch.setattr(triton_check, "model_config_pb2", lambda: None)
     assert main(["deploy", "triton", str(root / "bert.onnx"), "-o", str(tmp_path / "r")]) == 0
     assert "config.pbtxt checked: not checked: tritonclient is not installed" in capsys.readouterr().out
+
+
+def test_python_backend_loop_text_in_text_out(repo, tmp_path, monkeypatch):
+    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+
+    from tgraph.generate import Generator
+
+    root, out = repo
+    copy = tmp_path / "repo"
+    for name in ("gpt2", "gpt2_decoder"):
+        shutil.copytree(out / name, copy / name)
+    tok = Tokenizer(tok_models.WordLevel({**{f"w{i}": i for i in range(96)}, "[UNK]": 96}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(copy / "gpt2" / "1" / "tokenizer.json"))
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _stub_backend(copy))
+    response = _load_loop(copy, "gpt2").execute([_Request(text_input=np.array([b"w5 w17 w3"], dtype=np.object_),
+                                                          max_tokens=np.array([5], np.int32))])[0]
+    assert not response.has_error()
+    want = Generator(str(root / "gpt2"), provider="cpu").generate([[5, 17, 3]], max_new_tokens=5).ids[0]
+    assert _output(response, "output_ids").tolist() == want
+    assert _output(response, "text_output")[0].decode() == tok.decode(want)
