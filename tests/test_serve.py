@@ -231,7 +231,7 @@ class Server:
         return self.proc.stdout.read()
 
 
-def _load(url, emb, comp, workers: int = 100, retries: int = 0, on_progress=None):
+def _load(url, emb, comp, workers: int = N, retries: int = 0, on_progress=None):
     """Send every body at once (`workers` in flight); returns the answers and the counts."""
     counts = {"ok": 0, "ok_after_retry": 0, "5xx": 0, "lost": 0}
     lock = threading.Lock()
