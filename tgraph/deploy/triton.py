@@ -186,6 +186,10 @@ def _decoder_description(onnx_path: Path, manifest: Mapping[str, Any]) -> Dict[s
     pasts = []
     for t in inputs:
         if PAST.match(t.name):
+            if t.data_type == "TYPE_BF16":
+                raise ConfigError(f"{onnx_path}: bfloat16 caches cannot cross Triton's Python backend as NumPy "
+                                  "arrays (NumPy has no bfloat16); export the generation directory with --dtype "
+                                  "float16 for Triton")
             present = t.name.replace("past_key_values.", "present.")
             if present not in out_names or t.data_type not in dtypes or len(t.dims) != 4:
                 raise ConfigError(f"{onnx_path}: cache input {t.name!r} has no matching output {present!r} "
