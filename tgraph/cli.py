@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from . import cli_generate, cli_info, cli_view
+from . import cli_generate, cli_info, cli_serve, cli_view
 from .cli_args import TgraphParser, add_global_flags_everywhere, provider_text
 from .cli_args import check_dims as _check_dims, level_of as _level, parse_dims as _parse_dims
 from .cli_args import parse_sets as _parse_sets
@@ -62,7 +62,7 @@ def _add_model_options(p: argparse.ArgumentParser, output: bool = True) -> None:
 
 
 #: Modules that add their own subcommands (see the module docstring).
-SUBCOMMAND_MODULES = (cli_generate, cli_info, cli_view)
+SUBCOMMAND_MODULES = (cli_generate, cli_info, cli_view, cli_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
