@@ -34,6 +34,7 @@ from .cli_args import TgraphParser, add_global_flags_everywhere, provider_text
 from .cli_args import check_dims as _check_dims, level_of as _level, parse_dims as _parse_dims
 from .cli_args import parse_sets as _parse_sets
 from .errors import ConfigError, InputError, TgraphError
+from .interrupts import Terminated, raise_terminated as _raise_terminated
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL = 3
@@ -332,12 +333,6 @@ def cmd_optimize(args) -> int:
 COMMANDS = {"export": cmd_export, "optimize": cmd_optimize, "codegen": cmd_codegen, "run": cmd_run, "inspect": cmd_inspect}
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the program is so that it unwinds (and cleans up) as on Ctrl-C."""
-
-
-def _raise_terminated(signum, frame):
-    raise Terminated()
 
 
 @contextmanager

@@ -8,6 +8,8 @@ graph inputs that are initializers are not inputs to Triton; a dim without a val
 from __future__ import annotations
 
 from dataclasses import dataclass
+import os
+from pathlib import Path
 from typing import List, Optional, Tuple
 
 import onnx
@@ -69,3 +71,16 @@ def batch_axis_problem(tensors: List[TensorSig]) -> Optional[str]:
     if len(names) > 1:
         return f"the first dims have different names ({', '.join(sorted(str(n) for n in names))})"
     return None
+
+
+def external_files(model: onnx.ModelProto, where: str) -> List[str]:
+    """The external-data files next to `model`, refusing any that is not a plain sibling file."""
+    files = set()
+    for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            location = next((e.value for e in init.external_data if e.key == "location"), "")
+            if not location or os.path.isabs(location) or ".." in Path(location).parts or "/" in location:
+                raise ConfigError(f"{where}: initializer {init.name!r} has external data at {location!r}; "
+                                  "only a file next to the model can be copied into a repository")
+            files.add(location)
+    return sorted(files)

@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Mapping, Optional
 import onnx
 
 from ..errors import ConfigError
-from .onnx_signature import TensorSig, batch_axis_problem, onnx_signature
+from .onnx_signature import TensorSig, batch_axis_problem, external_files, onnx_signature
 from .pbtxt import Enum, Map, to_text
 
 DEFAULT_MAX_BATCH = 8
@@ -111,18 +111,6 @@ def generate_config(name: str, decoder: str, instances: int) -> Dict[str, Any]:
 
 
 # ------------------------------------------------------------------ sources
-def _external_files(model: onnx.ModelProto, where: str) -> List[str]:
-    files = set()
-    for init in model.graph.initializer:
-        if init.data_location == onnx.TensorProto.EXTERNAL:
-            location = next((e.value for e in init.external_data if e.key == "location"), "")
-            if not location or os.path.isabs(location) or ".." in Path(location).parts or "/" in location:
-                raise ConfigError(f"{where}: initializer {init.name!r} has external data at {location!r}; "
-                                  "only a file next to the model can be copied into a repository")
-            files.add(location)
-    return sorted(files)
-
-
 def _resolve_onnx(source: str, overrides: Optional[Mapping[str, str]], tmp: Path) -> Path:
     """The .onnx file behind SOURCE: the file, DIR/model.onnx, or the model exported into `tmp`."""
     path = Path(source)
@@ -167,7 +155,7 @@ def _stage_onnx_model(stage: Path, name: str, onnx_path: Path, *, max_batch_size
     version = stage / name / VERSION
     version.mkdir(parents=True)
     shutil.copyfile(onnx_path, version / ONNX_FILE)
-    for file in _external_files(model, where):
+    for file in external_files(model, where):
         if not (onnx_path.parent / file).is_file():
             raise ConfigError(f"{where}: its external data file {file} is missing")
         shutil.copyfile(onnx_path.parent / file, version / file)

@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional
 import onnx
 
 from ..errors import ConfigError
-from .onnx_signature import onnx_signature
+from .onnx_signature import external_files, onnx_signature
 
 TRITON_DATA_TYPES = ("TYPE_BOOL", "TYPE_UINT8", "TYPE_UINT16", "TYPE_UINT32", "TYPE_UINT64", "TYPE_INT8",
                      "TYPE_INT16", "TYPE_INT32", "TYPE_INT64", "TYPE_FP16", "TYPE_FP32", "TYPE_FP64",
@@ -193,9 +193,8 @@ def check_model_dir(model_dir, expected_name: Optional[str] = None) -> str:
             raise ConfigError(f"{version}: no {filename} (the {kind} model file Triton loads)")
         if kind == "onnx":
             model = onnx.load(str(model_file), load_external_data=False)
-            from .triton import _external_files
 
-            for extra in _external_files(model, str(model_file)):
+            for extra in external_files(model, str(model_file)):
                 if not (version / extra).is_file():
                     raise ConfigError(f"{model_file}: its external data file {extra} is missing")
             graph_in, graph_out = onnx_signature(model, str(model_file))

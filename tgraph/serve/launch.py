@@ -101,10 +101,10 @@ def _sigterm_unwinds_again() -> None:
     import signal
     import threading
 
-    from ..cli import _raise_terminated
+    from ..interrupts import raise_terminated
 
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_terminated)
+        signal.signal(signal.SIGTERM, raise_terminated)
 
 
 def _kind(path: str) -> str:
