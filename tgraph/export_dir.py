@@ -206,7 +206,10 @@ def export_generation_dir(model: str, out_dir, *, overrides: Optional[Mapping[st
         from .generate import ForcedTokens
 
         forced = ForcedTokens.of_checkpoint(model, True) if os.path.isdir(model) else ForcedTokens()
-        special_ids.update(decoder_start=special.decoder_start, forced_bos=forced.bos, forced_eos=list(forced.eos))
+        named = checkpoint.get("decoder_start_token_id", getattr(config, "decoder_start_token_id", None))
+        # the named start id, and the one it falls back to when a bos id is not given either
+        special_ids.update(decoder_start=named, decoder_start_default=special.decoder_start,
+                           forced_bos=forced.bos, forced_eos=list(forced.eos))
         files = {"model_file": DECODER_FILE, "encoder_file": ENCODER_FILE}
     manifest = {
         "format": FORMAT, "family": _family_name(model),

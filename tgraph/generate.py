@@ -245,6 +245,8 @@ class Generator:
         saved = manifest.get("special_ids", {})
         exported = {"eos_token_id": saved.get("eos") or None, "pad_token_id": saved.get("pad"),
                     "bos_token_id": saved.get("bos"), "decoder_start_token_id": saved.get("decoder_start")}
+        if exported["decoder_start_token_id"] is None and bos_token_id is UNSET:    # else the given bos starts
+            exported["decoder_start_token_id"] = saved.get("decoder_start_default")
         given = {k: v for k, v in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id),
                                    ("bos_token_id", bos_token_id), ("decoder_start_token_id", decoder_start_token_id))}
         for key, value in exported.items():           # the export's ids unless given here
