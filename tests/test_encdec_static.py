@@ -119,6 +119,9 @@ def test_dynamic_cache_stays_an_option_and_generates_the_same_ids():
     assert {s.name: s.shape for s in static.decoder.inputs}["past_key_values.0.key"][2] == "max_length"
     a, b = static.generate([[3, 4, 5], [6]], max_new_tokens=NEW), dynamic.generate([[3, 4, 5], [6]], max_new_tokens=NEW)
     np.testing.assert_array_equal(a.tokens, b.tokens)
+    narrow = Generator("t5", overrides={**SMALL["t5"], "d_kv": "4"}, provider="cpu")     # head size 4: no kernel
+    assert not narrow.static and "GroupQueryAttention" in narrow.cache_note
+    assert len(narrow.generate([[3, 4, 5]], max_new_tokens=3).ids[0]) == 3
 
 
 # ------------------------------------------------------------------ generation directories

@@ -191,7 +191,8 @@ class Generator:
                 if kv_cache != "auto" or not str(e).startswith("GroupQueryAttention"):
                     raise
                 self.cache_note = f"dynamic KV cache: the static one cannot hold this model ({e})"
-                decoder = load_model(model, {**overrides, "use_cache": "true"})
+                decoder = load_model(model, {**overrides, "use_cache": "true",
+                                             **({"part": "decoder"} if self.encoder_decoder else {})})
         self.config = decoder.config
         self.static = getattr(self.config, "kv_cache", "dynamic") == "static"
         self.vocab_size = decoder.vocab_size
