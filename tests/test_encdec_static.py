@@ -89,10 +89,10 @@ def test_static_decoder_logits_equal_uncached_logits_at_fixed_addresses(family):
         np.testing.assert_allclose(logits, want[:, t], rtol=1e-4, atol=1e-4, err_msg=f"{family} step {t}")
 
 
-def test_t5_bias_rides_in_group_query_attention_and_the_numpy_kernel_agrees():
+def test_t5_bias_rides_in_group_query_attention_and_the_numpy_kernel_agrees(tmp_path):
     """T5's relative bias goes into GroupQueryAttention as attention_bias [B, H, S, total] (no
-    standard Attention over the buffer); the NumPy reference kernel equals onnxruntime's on a
-    prefill and a decode step."""
+    standard Attention over the buffer); the NumPy reference kernel (and the generated NumPy
+    module) equals onnxruntime's on a prefill and a decode step."""
     g = _graph("t5", 2, part="decoder", use_cache="true", kv_cache="static", cache_length=str(MAX_LEN))
     gqa = [n for n in g.nodes if n.qualified_op == "com.microsoft.GroupQueryAttention"]
     assert len(gqa) == 2 and all(len(n.inputs) == 11 and n.inputs[10] is not None for n in gqa)
@@ -108,6 +108,10 @@ def test_t5_bias_rides_in_group_query_attention_and_the_numpy_kernel_agrees():
     mask[:, :2] = 1
     step = {"input_ids": TARGET[:, 1:2], "attention_mask": mask, **req, **past}
     np.testing.assert_allclose(evaluate(g, step)["logits"], sess.run(step)["logits"], rtol=1e-4, atol=1e-5)
+    from tgraph.codegen.numpy import load_numpy_module, write_numpy_module
+
+    module = load_numpy_module(write_numpy_module(g, tmp_path / "t5_static.py"))    # the generated NumPy code too
+    np.testing.assert_allclose(module.run(step)["logits"], sess.run(step)["logits"], rtol=1e-4, atol=1e-5)
 
 
 def test_dynamic_cache_stays_an_option_and_generates_the_same_ids():

@@ -41,6 +41,12 @@ them once per source, and the cached decoder takes them instead of the encoder s
 
     cross_attention.{i}.key / .value   [batch, heads, encoder_seq, head_dim]   encoder outputs,
                                        cached decoder inputs (fed unchanged every step)
+
+With the static layout an encoder-decoder's decoder keeps its self-attention in the fixed
+buffers above and reads these cross K/V as ordinary inputs, fixed in shape for one request.
+T5's relative position bias goes into GroupQueryAttention's `attention_bias`
+[batch, heads, seq, total_sequence_length]: one row per batch entry, from j - p over every buffer
+column j (`StaticKVCache.key_offsets`), since each row's queries sit at its own position p.
 """
 from __future__ import annotations
 

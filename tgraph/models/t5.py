@@ -21,7 +21,9 @@ the causal mask already keeps a right-padded target row's real tokens exact, so 
 left-padded targets need it. Outputs: logits (T5Model: last_hidden_state) and
 encoder_last_hidden_state. For generation, part="encoder" with use_cache also returns every
 decoder layer's cross-attention keys/values, which the cached decoder (part="decoder") reads
-instead of the encoder states (`tgraph.dsl.cache.CROSS`): projected once per source.
+instead of the encoder states (`tgraph.dsl.cache.CROSS`): projected once per source. With
+kv_cache="static" the decoder's self-attention is GroupQueryAttention over fixed buffers and the
+position bias its `attention_bias` over the buffer's columns (`RelativePositionBias.over_buffer`).
 """
 from __future__ import annotations
 
