@@ -268,3 +268,21 @@ def test_refusals_are_one_line(dirs, tmp_path, capsys):
 def test_cuda_graphs_are_refused_for_per_request_inputs():
     plan = cuda_graph_plan("cuda", None, {"n": "CUDAExecutionProvider"}, per_request=["cross_attention.0.key"])
     assert not plan.enable and "cross_attention.0.key is rebound for every request" in plan.reason
+
+
+def test_t5_rows_of_different_lengths_get_their_own_position_bias():
+    """Decoder prefixes of different lengths (right-aligned rows at their own positions): each
+    row's bias row follows its own valid length, so each row equals the full model on that row."""
+    enc, dec = _static_pair("t5")
+    runner = StaticDecoder(dec, batch=2, max_length=MAX_LEN)
+    runner.bind_request(_request(enc, SRC, SRC_MASK))
+    lengths, new = [4, 1], 3
+    got = [runner.prefill(np.where(np.arange(4) < np.array(lengths)[:, None], TARGET[:, :4], 0), lengths)]
+    for t in range(new - 1):
+        got.append(runner.step(np.array([TARGET[b, n + t] for b, n in enumerate(lengths)])))
+    full = Session(to_onnx(_graph("t5", 0)), providers="cpu")
+    for b, n in enumerate(lengths):
+        want = full.run({"input_ids": SRC[b:b + 1], "attention_mask": SRC_MASK[b:b + 1],
+                         "decoder_input_ids": TARGET[b:b + 1, :n + new - 1]})["logits"][0]
+        for t in range(new):
+            np.testing.assert_allclose(got[t][b], want[n - 1 + t], rtol=1e-4, atol=1e-4, err_msg=f"row {b} step {t}")
