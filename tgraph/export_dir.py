@@ -20,7 +20,8 @@ An encoder-decoder (t5, bart, mbart, transformer) writes two graphs instead of m
 
 and tgraph.json names both (model_file, encoder_file) with the decoder start and forced ids.
 No genai_config.json then: onnxruntime-genai 0.18 runs encoder-decoders only as its "whisper"
-type (audio features in, its own encoder interface), not text encoder-decoders.
+type (audio features in, its own encoder interface; src/models/model_type.h lists no t5, bart
+or marian), not text encoder-decoders.
 
 `tgraph generate DIR` and `tgraph.generate.Generator(DIR)` then only read the directory and
 create the sessions: no tracing. The directory appears whole or not at all (it is written
