@@ -11,8 +11,8 @@ the encoder states), optimised (-O3 by default), exported to ONNX in memory and 
 `tgraph.runtime.Session`. Every family with a `kv_cache` option uses the static KV cache
 (`kv_cache="static"`, see `tgraph.dsl.cache`), run by `tgraph.runtime.static_cache.StaticDecoder`
 on fixed buffers (an encoder-decoder's cross-attention K/V bound once per request);
-`kv_cache="dynamic"` keeps the Concat cache on the session's device (`DeviceKVCache`). Only the last position's logits come to the host, where `tgraph.sampling`
-picks the next tokens.
+`kv_cache="dynamic"` keeps the Concat cache on the session's device (`DeviceKVCache`). Only the
+last position's logits come to the host, where `tgraph.sampling` picks the next tokens.
 
 Batches follow Hugging Face's `generate`, so greedy decoding gives its ids token for token:
 decoder-only prompts are left-padded with position_ids = cumsum(mask) - 1 (the static cache
