@@ -87,8 +87,9 @@ register(OpDef("SkipSimplifiedLayerNormalization",
 # ``GroupQueryAttention(query, key, value, past_key, past_value, seqlens_k, total_sequence_length,
 # cos_cache?, sin_cache?, position_ids?, attention_bias?) -> (output, present_key, present_value)``:
 # the static-KV-cache attention (see `tgraph.dsl.cache`). query [B, S, Hq*D], key/value
-# [B, S, Hkv*D]; past and present [B, Hkv, M, D], one buffer per layer that onnxruntime writes in place when past
-# and present are bound to the same OrtValue (M = max(total_sequence_length, past's M)).
+# [B, S, Hkv*D]; past and present [B, Hkv, M, D], one buffer per layer that onnxruntime writes
+# in place when past and present are bound to the same OrtValue (M = max(total_sequence_length,
+# past's M)).
 # Rows are right-padded: row b holds L_b = seqlens_k[b] + 1 valid positions after this call.
 # When S == total_sequence_length (the first prompt) the new tokens sit at 0..S-1 and query
 # i sees keys j <= min(i, L_b - 1); otherwise they sit at L_b - S .. L_b - 1 and query i sees
