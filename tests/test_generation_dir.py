@@ -90,7 +90,7 @@ def test_directory_settings_are_fixed(llama_dir):
 
 @pytest.mark.parametrize("argv,message", [
     (["bert"], "no static KV-cache decoder"),
-    (["t5"], "encoder-decoders"),
+    (["t5", "--quantize", "int8"], "--quantize is not supported for encoder-decoder"),
     (["llama", "--set", "kv_cache=dynamic"], "sets it itself"),
     (["llama", "--dtype", "bfloat16"], "needs --target cuda"),
     (["llama", "--opset", "24"], "--opset does not apply to --task generate"),

@@ -11,9 +11,21 @@ writes
     DIR/tgraph.json                      family, config, level, dtype, target, cache layout,
                                          max_length, special ids: what `Generator(DIR)` reads
 
+An encoder-decoder (t5, bart, mbart, transformer) writes two graphs instead of model.onnx:
+
+    DIR/encoder.onnx    input_ids (+ attention_mask) -> last_hidden_state and every decoder
+                        layer's cross-attention K/V (`tgraph.dsl.cache.CROSS`): run once per request
+    DIR/decoder.onnx    the static-KV-cache decoder; it reads those K/V (and
+                        encoder_attention_mask) as they are, bound once per request
+
+and tgraph.json names both (model_file, encoder_file) with the decoder start and forced ids.
+No genai_config.json then: onnxruntime-genai 0.18 runs encoder-decoders only as its "whisper"
+type (audio features in, its own encoder interface; src/models/model_type.h lists no t5, bart
+or marian), not text encoder-decoders.
+
 `tgraph generate DIR` and `tgraph.generate.Generator(DIR)` then only read the directory and
-create the session: no tracing. The directory appears whole or not at all (it is written
-next to DIR and renamed into place). Encoder-decoders are not exported this way yet.
+create the sessions: no tracing. The directory appears whole or not at all (it is written
+next to DIR and renamed into place).
 """
 from __future__ import annotations
 
@@ -31,6 +43,7 @@ from .ir.core import Node, Value
 
 MANIFEST = "tgraph.json"
 MODEL_FILE = "model.onnx"
+ENCODER_FILE, DECODER_FILE = "encoder.onnx", "decoder.onnx"     # an encoder-decoder's two graphs
 GENAI_CONFIG = "genai_config.json"
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
 TARGETS = ("cpu", "cuda")
@@ -157,16 +170,17 @@ def export_generation_dir(model: str, out_dir, *, overrides: Optional[Mapping[st
         raise ConfigError(f"--set {clash[0]}: --task generate sets it itself (use --max-length for the cache size)")
     cls = _config_class(model)
     fields = _fields(cls) if cls is not None else set()
-    if cls is not None and "part" in fields:
-        raise ConfigError(f"{model}: encoder-decoders cannot be exported as a generation directory yet "
-                          "(use `tgraph generate MODEL` directly)")
+    encoder_decoder = "part" in fields
     if cls is not None and "kv_cache" not in fields:
         raise ConfigError(f"{model}: {cls.__name__} has no static KV-cache decoder (generation directories need "
-                          "a decoder: gpt, gpt2, llama, palm)")
+                          "a decoder: gpt, gpt2, llama, palm, t5, bart, mbart, transformer)")
+    if encoder_decoder and quantize is not None:
+        raise ConfigError(f"{model}: --quantize is not supported for encoder-decoder generation directories yet")
     if max_length is not None and (isinstance(max_length, bool) or int(max_length) < 1):
         raise ConfigError(f"--max-length must be a positive int, got {max_length!r}")
     sets = {**overrides, "use_cache": "true", "kv_cache": "static",
-            **({"cache_length": str(int(max_length))} if max_length else {})}
+            **({"cache_length": str(int(max_length))} if max_length else {}),
+            **({"part": "decoder"} if encoder_decoder else {})}
     loaded = load_model(model, sets)
     config = loaded.config
     from .generate import POSITION_LIMITS
@@ -174,6 +188,8 @@ def export_generation_dir(model: str, out_dir, *, overrides: Optional[Mapping[st
     limit = next((int(getattr(config, k)) for k in POSITION_LIMITS if hasattr(config, k)), None)
     capacity = cache_length(config, limit)
     graph = build(loaded, seed=seed, level=level, dtype=dtype).graph
+    encoder = build(load_model(model, {**overrides, "part": "encoder", "use_cache": "true"}), seed=seed, level=level,
+                    dtype=dtype).graph if encoder_decoder else None
     quantization = None
     if quantize is not None:
         from .quantize_report import quantize_graph, report_dict
@@ -186,22 +202,36 @@ def export_generation_dir(model: str, out_dir, *, overrides: Optional[Mapping[st
     checkpoint = checkpoint_special_ids(model) if os.path.isdir(model) else {}
     special = resolve_special_tokens({}, checkpoint, config)
     special_ids = {"eos": list(special.eos) if special.eos else [], "pad": special.pad, "bos": special.bos}
+    files = {"model_file": MODEL_FILE}
+    if encoder_decoder:
+        from .generate import ForcedTokens
+
+        forced = ForcedTokens.of_checkpoint(model, True) if os.path.isdir(model) else ForcedTokens()
+        named = checkpoint.get("decoder_start_token_id", getattr(config, "decoder_start_token_id", None))
+        # the named start id, and the one it falls back to when a bos id is not given either
+        special_ids.update(decoder_start=named, decoder_start_default=special.decoder_start,
+                           forced_bos=forced.bos, forced_eos=list(forced.eos))
+        files = {"model_file": DECODER_FILE, "encoder_file": ENCODER_FILE}
     manifest = {
         "format": FORMAT, "family": _family_name(model),
         "config_class": type(config).__name__, "config": dataclasses.asdict(config), "source": str(model),
         "level": level, "dtype": dtype, "target": target, "cache_layout": "static", "max_length": capacity,
         "attention": plan["attention"], "logits_dtype": plan["logits_dtype"], "seed": seed,
-        "special_ids": special_ids, "model_file": MODEL_FILE, "quantization": quantization,
+        "special_ids": special_ids, **files, "quantization": quantization, "encoder_decoder": encoder_decoder,
+        "genai_config": None if encoder_decoder else GENAI_CONFIG,
     }
     family_type = manifest["family"]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         os.chmod(tmp, 0o755)                               # mkdtemp makes it private
-        save_onnx(graph, tmp / MODEL_FILE, external_data=True)
-        (tmp / GENAI_CONFIG).write_text(json.dumps(genai_config(facts, capacity, special_ids, target,
-                                                                "llama" if family_type != "gpt2" else "gpt2"),
-                                                   indent=2) + "\n")
+        save_onnx(graph, tmp / files["model_file"], external_data=True)
+        if encoder is not None:
+            save_onnx(encoder, tmp / files["encoder_file"], external_data=True)
+        else:
+            (tmp / GENAI_CONFIG).write_text(json.dumps(genai_config(facts, capacity, special_ids, target,
+                                                                    "llama" if family_type != "gpt2" else "gpt2"),
+                                                       indent=2) + "\n")
         if os.path.isdir(model):
             for name in COPIED_FILES:
                 if (Path(model) / name).is_file():
@@ -230,6 +260,10 @@ def read_manifest(path) -> Dict[str, Any]:
         raise ConfigError(f"{file}: format {manifest['format']!r}, this tgraph reads format {FORMAT}")
     if manifest["cache_layout"] != "static":
         raise ConfigError(f"{file}: cache_layout {manifest['cache_layout']!r}; generation directories are static")
-    if not (Path(path) / manifest["model_file"]).is_file():
-        raise ConfigError(f"{Path(path) / manifest['model_file']}: missing (the directory is incomplete)")
+    for key in ("model_file", "encoder_file"):
+        name = manifest.get(key)
+        if key == "encoder_file" and name is None:
+            continue
+        if not isinstance(name, str) or Path(name).name != name or not (Path(path) / name).is_file():
+            raise ConfigError(f"{file}: {key} {name!r} is not a file in the directory (it is incomplete)")
     return manifest

@@ -8,11 +8,11 @@ The model is traced with `use_cache=true` (an encoder-decoder as two graphs, `pa
 and `part=decoder`; the encoder runs once per batch and also returns each decoder layer's
 cross-attention keys/values, which every decoder step reads as they are: no step re-projects
 the encoder states), optimised (-O3 by default), exported to ONNX in memory and run by
-`tgraph.runtime.Session`. Decoder-only families use the static KV cache (`kv_cache="static"`,
-see `tgraph.dsl.cache`), run by `tgraph.runtime.static_cache.StaticDecoder` on fixed buffers;
-`kv_cache="dynamic"` (and the encoder-decoders) keep the Concat cache on the session's device
-(`DeviceKVCache`). Only the last position's logits come to the host, where `tgraph.sampling`
-picks the next tokens.
+`tgraph.runtime.Session`. Every family with a `kv_cache` option uses the static KV cache
+(`kv_cache="static"`, see `tgraph.dsl.cache`), run by `tgraph.runtime.static_cache.StaticDecoder`
+on fixed buffers (an encoder-decoder's cross-attention K/V bound once per request);
+`kv_cache="dynamic"` keeps the Concat cache on the session's device (`DeviceKVCache`). Only the
+last position's logits come to the host, where `tgraph.sampling` picks the next tokens.
 
 Batches follow Hugging Face's `generate`, so greedy decoding gives its ids token for token:
 decoder-only prompts are left-padded with position_ids = cumsum(mask) - 1 (the static cache
@@ -177,7 +177,7 @@ class Generator:
         self.encoder_decoder = cls is not None and "part" in _fields(cls)
         if kv_cache not in ("auto", "static", "dynamic"):
             raise ConfigError(f"kv_cache must be 'auto', 'static' or 'dynamic', got {kv_cache!r}")
-        static = kv_cache != "dynamic" and not self.encoder_decoder and cls is not None and "kv_cache" in _fields(cls)
+        static = kv_cache != "dynamic" and cls is not None and "kv_cache" in _fields(cls)
         cache_sets = {"kv_cache": "static", **({"cache_length": str(int(max_length))} if max_length else {})} \
             if static else {}
         decoder = load_model(model, {**overrides, "use_cache": "true", **cache_sets,
@@ -194,7 +194,8 @@ class Generator:
                 if kv_cache != "auto" or not str(e).startswith("GroupQueryAttention"):
                     raise
                 self.cache_note = f"dynamic KV cache: the static one cannot hold this model ({e})"
-                decoder = load_model(model, {**overrides, "use_cache": "true"})
+                decoder = load_model(model, {**overrides, "use_cache": "true",
+                                             **({"part": "decoder"} if self.encoder_decoder else {})})
         self.config = decoder.config
         self.static = getattr(self.config, "kv_cache", "dynamic") == "static"
         self.vocab_size = decoder.vocab_size
@@ -225,7 +226,8 @@ class Generator:
 
     def _init_from_dir(self, path, provider, threads, start, tokenizer, eos_token_id, pad_token_id, bos_token_id,
                        decoder_start_token_id):
-        """Read a generation directory: its manifest, its session; nothing is traced."""
+        """Read a generation directory: its manifest, its sessions (an encoder-decoder's
+        encoder too); nothing is traced."""
         from types import SimpleNamespace
 
         from .export_dir import read_manifest
@@ -233,24 +235,29 @@ class Generator:
 
         manifest = read_manifest(path)
         self.manifest = manifest
-        self.encoder_decoder = False
+        self.encoder_decoder = manifest.get("encoder_file") is not None
         self.config = SimpleNamespace(**manifest["config"])
         self.static = True
+        self.cache_note = None
         self.decoder = self._static_session(str(Path(path) / manifest["model_file"]), provider, threads)
-        self.sessions, self.encoder = {"decoder": self.decoder}, None
+        self.encoder = Session(str(Path(path) / manifest["encoder_file"]), providers=provider, threads=threads) \
+            if self.encoder_decoder else None
+        self.sessions = {"decoder": self.decoder, **({"encoder": self.encoder} if self.encoder else {})}
         self.vocab_size = self.decoder.outputs[[s.name for s in self.decoder.outputs].index("logits")].shape[-1]
         self.provider = self.decoder.describe()
         self.build_seconds = time.perf_counter() - start
         saved = manifest.get("special_ids", {})
         exported = {"eos_token_id": saved.get("eos") or None, "pad_token_id": saved.get("pad"),
-                    "bos_token_id": saved.get("bos")}
+                    "bos_token_id": saved.get("bos"), "decoder_start_token_id": saved.get("decoder_start")}
+        if exported["decoder_start_token_id"] is None and bos_token_id is UNSET:    # else the given bos starts
+            exported["decoder_start_token_id"] = saved.get("decoder_start_default")
         given = {k: v for k, v in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id),
                                    ("bos_token_id", bos_token_id), ("decoder_start_token_id", decoder_start_token_id))}
         for key, value in exported.items():           # the export's ids unless given here
             if given[key] is UNSET and value is not None:
                 given[key] = value
         self.special = resolve_special_tokens(given, {}, None)
-        self.forced = ForcedTokens()
+        self.forced = ForcedTokens(bos=saved.get("forced_bos"), eos=tuple(saved.get("forced_eos") or ()))
         self.tokenizer = find_tokenizer(str(path)) if tokenizer is UNSET else (
             tokenizer if tokenizer is None or isinstance(tokenizer, TextTokenizer) else TextTokenizer(tokenizer))
         self.model = str(path)
@@ -262,11 +269,11 @@ class Generator:
         qualifies (`tgraph.runtime.static_cache.cuda_graph_plan`, kept in `cuda_graph_plan`)."""
         from .runtime import Session
         from .runtime.static_cache import (RECORD_PLACEMENT, cuda_graph_options, cuda_graph_plan, node_providers,
-                                           static_signature)
+                                           request_inputs, static_signature)
 
         session = Session(source, providers=provider, threads=threads, session_config=RECORD_PLACEMENT)
         plan = cuda_graph_plan(session.device, static_signature(session.inputs, session.outputs),
-                               node_providers(session.ort_session))
+                               node_providers(session.ort_session), per_request=request_inputs(session.input_names))
         if plan.enable:
             session = Session(source, providers=provider, threads=threads, cuda_options=cuda_graph_options(plan))
         self.cuda_graph_plan = plan
@@ -384,8 +391,9 @@ class Generator:
                                  "lengths")
             static = {}
             positions = position_ids(mask)
-        if self.static:
-            yield from self._stream_static(rows, max_new_tokens, sampling, rng)
+        if self.static:              # an encoder-decoder's prompt is its decoder start token
+            prompt = [[self.special.decoder_start]] * batch if self.encoder_decoder else rows
+            yield from self._stream_static(prompt, max_new_tokens, sampling, rng, request=static)
             return
         cache = DeviceKVCache(self.decoder, batch)
         finished = np.zeros(batch, bool)
@@ -405,9 +413,11 @@ class Generator:
             mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
             positions = (mask.sum(axis=1, keepdims=True) - 1).astype(np.int64)
 
-    def _stream_static(self, rows, max_new_tokens: int, sampling: SamplingConfig, rng) -> Iterator[Step]:
+    def _stream_static(self, rows, max_new_tokens: int, sampling: SamplingConfig, rng,
+                       request: Optional[Mapping[str, Any]] = None) -> Iterator[Step]:
         """Decoding on the static cache: rows right-aligned at position 0, one token per row
-        per step written into fixed buffers."""
+        per step written into fixed buffers; `request` (an encoder-decoder's cross-attention
+        K/V and encoder_attention_mask) bound once for the whole request."""
         from .runtime.static_cache import capacity_error
 
         batch, pad = len(rows), self.special.pad
@@ -418,6 +428,8 @@ class Generator:
         if why:
             raise InputError(why)
         decoder = self.static_decoder(batch, int(lengths.max()) + max_new_tokens - 1)
+        if decoder.request_names:
+            decoder.bind_request(request or {})
         logits = decoder.prefill(ids, lengths)
         finished = np.zeros(batch, bool)
         eos = np.array(self.special.eos, np.int64)

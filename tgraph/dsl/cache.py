@@ -41,6 +41,12 @@ them once per source, and the cached decoder takes them instead of the encoder s
 
     cross_attention.{i}.key / .value   [batch, heads, encoder_seq, head_dim]   encoder outputs,
                                        cached decoder inputs (fed unchanged every step)
+
+With the static layout an encoder-decoder's decoder keeps its self-attention in the fixed
+buffers above and reads these cross K/V as ordinary inputs, fixed in shape for one request.
+T5's relative position bias goes into GroupQueryAttention's `attention_bias`
+[batch, heads, seq, total_sequence_length]: one row per batch entry, from j - p over every buffer
+column j (`StaticKVCache.key_offsets`), since each row's queries sit at its own position p.
 """
 from __future__ import annotations
 
@@ -198,12 +204,16 @@ class StaticLayerCache:
     present_value: Optional[Tensor] = None
 
     def attend(self, q: TensorOps, k: TensorOps, v: TensorOps, num_heads: int, kv_heads: int, scale: float,
-               rotary_tables=None, window: int = 0) -> Tensor:
+               rotary_tables=None, window: int = 0, bias: Optional[TensorOps] = None) -> Tensor:
         """q [B, S, Hq*D], k/v [B, S, Hkv*D] -> [B, S, Hq*D]: causal over the row's valid keys
         (only the last `window` of them when window > 0: `local_window_size`).
-        `rotary_tables` (cos, sin [max_positions, R/2]) rotates q and k inside the op."""
+        `rotary_tables` (cos, sin [max_positions, R/2]) rotates q and k inside the op.
+        `bias` [B|1, H|1, S, total_sequence_length] is added to the scores by absolute key
+        position (the op's `attention_bias`: T5's relative position bias, `StaticKVCache.key_offsets`)."""
         o = self.owner
         extra = [as_value(t) for t in rotary_tables] if rotary_tables is not None else []
+        if bias is not None:              # cos_cache, sin_cache, position_ids left out
+            extra = (extra or [None, None]) + [None, as_value(bias)]
         y, pk, pv = _op("GroupQueryAttention", as_value(q), as_value(k), as_value(v), as_value(self.past_key),
                         as_value(self.past_value), as_value(o.seqlens_k), as_value(o.total32), *extra,
                         domain="com.microsoft", num_heads=num_heads, kv_num_heads=kv_heads, scale=float(scale),
@@ -236,6 +246,12 @@ class StaticKVCache:
         starts = where(seq.eq(total), np.array(0, np.int64), lengths - seq)       # (B,)
         self.positions = starts.unsqueeze(1) + arange(0, seq).unsqueeze(0)          # (B, S)
         self.last_index = lengths - starts - 1                                      # (B,)
+        self.total = total
+
+    def key_offsets(self) -> Tensor:
+        """j - p for every buffer column j < total_sequence_length and new-token position p:
+        (B, S, total) int64, what a relative position bias over the buffer is indexed by."""
+        return arange(0, self.total).unsqueeze(0, 1) - self.positions.unsqueeze(2)   # (1, 1, L) - (B, S, 1)
 
     def __getitem__(self, i: int) -> StaticLayerCache:
         return self.layers[i]

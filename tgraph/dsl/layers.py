@@ -179,7 +179,7 @@ class MultiHeadAttention(Module):
         once from the encoder output), and `kv` is not read."""
         layout = getattr(cache, "layout", None)
         if layout == "static":
-            return self.o_proj(self._attend_static(x, cache, rotary))
+            return self.o_proj(self._attend_static(x, cache, rotary, bias))
         q = self.split_heads(self.q_proj(x), self.num_heads)                  # (B, H, Tq, D)
         if layout == "cross":                 # keys/values of the encoder output, projected once per source
             k, v = cache.key, cache.value                                      # (B, Hkv, S, D)
@@ -201,10 +201,10 @@ class MultiHeadAttention(Module):
         v = self.split_heads(self.v_proj(kv), self.num_kv_heads)              # (B, Hkv, Tk, D)
         return k, v
 
-    def _attend_static(self, x: TensorOps, cache, rotary) -> Tensor:
+    def _attend_static(self, x: TensorOps, cache, rotary, bias=None) -> Tensor:
         """Causal self-attention over a static cache (`tgraph.dsl.cache.StaticLayerCache`):
         q/k/v stay [B, T, H*D]; `rotary` is the op's (cos, sin) tables, or a callable applied
-        to the split heads here."""
+        to the split heads here; `bias` spans the buffer's columns [.., T, total_sequence_length]."""
         if not self.causal:
             raise ConfigError("a static KV cache is for causal self-attention")
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)             # (B, T, H*D), (B, T, Hkv*D)
@@ -213,7 +213,8 @@ class MultiHeadAttention(Module):
             qh, kh = rotary(self.split_heads(q, self.num_heads), self.split_heads(k, self.num_kv_heads))
             q = qh.transpose(0, 2, 1, 3).reshape(0, 0, self.num_heads * self.head_dim)
             k = kh.transpose(0, 2, 1, 3).reshape(0, 0, self.num_kv_heads * self.head_dim)
-        return cache.attend(q, k, v, self.num_heads, self.num_kv_heads, self.scale, tables, window=self.window)
+        return cache.attend(q, k, v, self.num_heads, self.num_kv_heads, self.scale, tables, window=self.window,
+                            bias=bias)
 
 
 def attention(q: TensorOps, k: TensorOps, v: TensorOps, scale: float, causal: bool = False,

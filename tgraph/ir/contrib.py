@@ -85,17 +85,21 @@ register(OpDef("SkipSimplifiedLayerNormalization",
 
 # ---------------------------------------------------------------- GroupQueryAttention
 # ``GroupQueryAttention(query, key, value, past_key, past_value, seqlens_k, total_sequence_length,
-# cos_cache?, sin_cache?) -> (output, present_key, present_value)``: the static-KV-cache
-# attention (see `tgraph.dsl.cache`). query [B, S, Hq*D], key/value [B, S, Hkv*D]; past and
-# present [B, Hkv, M, D], one buffer per layer that onnxruntime writes in place when past
-# and present are bound to the same OrtValue (M = max(total_sequence_length, past's M)).
+# cos_cache?, sin_cache?, position_ids?, attention_bias?) -> (output, present_key, present_value)``:
+# the static-KV-cache attention (see `tgraph.dsl.cache`). query [B, S, Hq*D], key/value
+# [B, S, Hkv*D]; past and present [B, Hkv, M, D], one buffer per layer that onnxruntime writes
+# in place when past and present are bound to the same OrtValue (M = max(total_sequence_length,
+# past's M)).
 # Rows are right-padded: row b holds L_b = seqlens_k[b] + 1 valid positions after this call.
 # When S == total_sequence_length (the first prompt) the new tokens sit at 0..S-1 and query
 # i sees keys j <= min(i, L_b - 1); otherwise they sit at L_b - S .. L_b - 1 and query i sees
 # keys j <= L_b - S + i. do_rotary rotates q and k at those positions (rotate_half layout
 # unless rotary_interleaved) with cos/sin tables [max_pos, R/2]; the first R dims of each head.
+# attention_bias [B|1, H|1, S, total_sequence_length] is added to the scores of key positions
+# 0..total-1 (T5's relative position bias over the buffer); position_ids is not read.
 def group_query_attention(query, key, value, past_key, past_value, seqlens_k, total_sequence_length,
-                          cos_cache=None, sin_cache=None, num_heads=1, kv_num_heads=1, scale=None,
+                          cos_cache=None, sin_cache=None, position_ids=None, attention_bias=None,
+                          num_heads=1, kv_num_heads=1, scale=None,
                           do_rotary=0, rotary_interleaved=0, softcap=0.0, local_window_size=-1):
     b, s, _ = query.shape
     d = past_key.shape[3]
@@ -140,6 +144,8 @@ def group_query_attention(query, key, value, past_key, past_value, seqlens_k, to
     scores = (qh @ np.swapaxes(keys, -1, -2)) * np.asarray(scale, wide)        # [B, Hq, S, M]
     if softcap:
         scores = softcap * np.tanh(scores / softcap)
+    if attention_bias is not None:
+        scores[..., :total] += np.asarray(attention_bias, wide)
     j = np.arange(m)[None, None, :]                                            # key positions
     last = np.minimum(starts[:, None] + np.arange(s)[None, :], lengths[:, None] - 1)[:, :, None]  # [B, S, 1]
     allowed = j <= last
@@ -166,7 +172,7 @@ def _infer_gqa(ins, attrs, consts):
             raise ShapeError(f"{op}: {name} must be 4-D [batch, kv_heads, max_length, head_size], got {t}")
     if not q.dtype.is_float:
         raise ShapeError(f"{op} of a {q.dtype.name} tensor")
-    _same_dtype([q, k, v, pk, pv] + [t for t in ins[7:] if t is not None], op)
+    _same_dtype([q, k, v, pk, pv] + [t for i, t in enumerate(ins[7:], 7) if t is not None and i != 9], op)
     head = pk.shape[3]
     if isinstance(pk.shape[1], int) and pk.shape[1] != hk:
         raise ShapeError(f"{op}: past_key has {pk.shape[1]} heads, kv_num_heads is {hk}")
@@ -196,7 +202,7 @@ def _infer_gqa(ins, attrs, consts):
     return [out, present, present]
 
 
-register(OpDef("GroupQueryAttention", _infer_gqa, group_query_attention, (7, 9),
+register(OpDef("GroupQueryAttention", _infer_gqa, group_query_attention, (7, 11),
                attrs={"num_heads": None, "kv_num_heads": None, "scale": None, "do_rotary": 0,
                       "rotary_interleaved": 0, "softcap": 0.0, "local_window_size": -1},
                domain=DOMAIN, num_outputs=3,

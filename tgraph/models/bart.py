@@ -35,12 +35,12 @@ import numpy as np
 from ..checkpoints import HFAdapter, WeightRule, linear, register_adapter, rule, transposed
 from ..dsl import (Embedding, FeedForward, InputSpec, LayerNorm, LearnedPositions, Linear, Module, ModuleList,
                    MultiHeadAttention, Parameter, padding_keep_mask)
-from ..dsl.cache import (KVCache, cross_attention_caches, cross_attention_outputs, cross_attention_specs,
-                         layer_caches, positions)
+from ..dsl.cache import cross_attention_caches, cross_attention_outputs, cross_attention_specs, layer_caches, positions
 from ..errors import CheckpointError, ConfigError
 from ..ir import DType
 from .config_checks import check_fields, epsilon, repeated
-from .decoding import check_cache_options, decoder_input_specs, encoder_states_specs
+from .decoding import (cache_length, check_cache_options, decoder_input_specs, decoder_state, encoder_states_specs,
+                       last_tokens, token_positions)
 from .hf_options import HF_ACTIVATIONS
 from .registry import register_model
 
@@ -69,6 +69,8 @@ class BartConfig:
     use_decoder_attention_mask: bool = False   # adds `decoder_attention_mask` (only needed for left-padded targets)
     part: str = "full"                         # "encoder" | "decoder": one half (generation runs the encoder once)
     use_cache: bool = False                    # KV-cache decoder (self-attention cache, reads cross K/V); encoder: returns cross K/V
+    kv_cache: str = "dynamic"                  # with use_cache: "dynamic" (Concat) or "static" (buffers written in place)
+    cache_length: int = 0                      # positions of a static cache (0: max_position_embeddings, capped at 4096)
     family: ClassVar[str] = "bart"             # the name in messages
 
     def __post_init__(self):
@@ -85,6 +87,7 @@ class BartConfig:
             raise ConfigError(f"{self.family}: activation_function {self.activation_function!r} is not supported "
                               f"(supported: {', '.join(sorted(set(HF_ACTIVATIONS.values())))})")
         check_cache_options(self, self.family, encoder_decoder=True)
+        cache_length(self, self.max_position_embeddings)
 
     @property
     def decoder_head_dim(self) -> int:
@@ -143,11 +146,11 @@ class Stack(Module):
             self.final_norm = LayerNorm(c.d_model, c.layer_norm_eps)
         self.has_final_norm = c.normalize_before
 
-    def embed(self, tokens: Embedding, ids, past_length=None):
-        pos = positions(ids, past_length)                                # (T,): past .. past + T - 1
+    def embed(self, tokens: Embedding, ids, pos=None):
+        pos = positions(ids) if pos is None else pos                     # (T,) from 0, or a cache's (T,) / (B, T)
         x = tokens(ids)                                                  # (B, T, C)
         x = x * self.scale if self.scale != 1.0 else x
-        return self.embed_norm(x + self.positions(pos + POSITION_OFFSET))   # (B, T, C) + (T, C)
+        return self.embed_norm(x + self.positions(pos + POSITION_OFFSET))   # (B, T, C) + ((B,) T, C)
 
     def finish(self, x):
         return self.final_norm(x) if self.has_final_norm else x
@@ -201,8 +204,8 @@ class Bart(Module):
         if c.part == "decoder":           # input_ids are the decoder's; attention_mask its own padding
             past = dict(past)
             cross = cross_attention_caches(past, c.decoder_layers) if c.use_cache else None
-            cache = KVCache.from_inputs(past, c.decoder_layers) if c.use_cache else None
-            out = self.decode(input_ids, attention_mask, encoder_hidden_states,
+            keep, cache, _ = decoder_state(c, c.decoder_layers, attention_mask, past, input_ids)
+            out = self.decode(input_ids, keep, encoder_hidden_states,
                               padding_keep_mask(encoder_attention_mask), cache, cross)
             return {**out, **(cache.outputs() if cache else {})}
         keep = padding_keep_mask(attention_mask)                         # (B, 1, 1, S)
@@ -211,17 +214,18 @@ class Bart(Module):
             cross = cross_attention_outputs([layer.cross_attn for layer in self.decoder.layers], memory) \
                 if c.use_cache else {}
             return {"last_hidden_state": memory, **cross}
-        return {**self.decode(decoder_input_ids, decoder_attention_mask, memory, keep),
-                "encoder_last_hidden_state": memory}
+        target_keep = padding_keep_mask(decoder_attention_mask) if decoder_attention_mask is not None else None
+        return {**self.decode(decoder_input_ids, target_keep, memory, keep), "encoder_last_hidden_state": memory}
 
-    def decode(self, ids, mask, memory, memory_keep, cache=None, cross=None):
+    def decode(self, ids, target_keep, memory, memory_keep, cache=None, cross=None):
+        """target_keep: (B, 1, 1, P + T) or None; a static cache reads valid lengths instead and
+        computes logits at each row's last token only."""
         c = self.config
-        target_keep = padding_keep_mask(mask) if mask is not None else None   # (B, 1, 1, P + T)
-        y = self.decoder.embed(self.decoder_tokens, ids, cache.past_length() if cache else None)   # (B, T, C)
+        y = self.decoder.embed(self.decoder_tokens, ids, token_positions(cache, ids))   # (B, T, C)
         for layer, layer_cache, layer_cross in zip(self.decoder.layers, layer_caches(cache, c.decoder_layers),
                                                    cross or [None] * c.decoder_layers):
             y = layer(y, target_keep, memory, memory_keep, layer_cache, layer_cross)
-        y = self.decoder.finish(y)                                       # (B, T, C)
+        y = last_tokens(cache, self.decoder.finish(y))                   # (B, T, C); static cache: (B, 1, C)
         if not c.lm_head:
             return {"last_hidden_state": y}
         logits = y @ self.decoder_tokens.weight.swap_last() if c.tie_word_embeddings else self.lm_head(y)  # (B, T, V)

@@ -16,7 +16,9 @@ inputs alike:
 `kv_cache="static"` (with use_cache) gives the static layout of `tgraph.dsl.cache` instead:
 attention_mask [batch, total_sequence_length], no position_ids, per-layer buffers
 [batch, kv_heads, max_length, head_dim] written in place, logits of the last token only.
-`cache_length` sizes the rotary tables of a static graph (0: DEFAULT_CACHE_LENGTH).
+`cache_length` sizes the rotary tables of a static graph (0: DEFAULT_CACHE_LENGTH). An
+encoder-decoder's static decoder (part="decoder") takes the same inputs plus the encoder's
+cross-attention K/V and encoder_attention_mask.
 """
 from __future__ import annotations
 

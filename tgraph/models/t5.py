@@ -21,7 +21,9 @@ the causal mask already keeps a right-padded target row's real tokens exact, so 
 left-padded targets need it. Outputs: logits (T5Model: last_hidden_state) and
 encoder_last_hidden_state. For generation, part="encoder" with use_cache also returns every
 decoder layer's cross-attention keys/values, which the cached decoder (part="decoder") reads
-instead of the encoder states (`tgraph.dsl.cache.CROSS`): projected once per source.
+instead of the encoder states (`tgraph.dsl.cache.CROSS`): projected once per source. With
+kv_cache="static" the decoder's self-attention is GroupQueryAttention over fixed buffers and the
+position bias its `attention_bias` over the buffer's columns (`RelativePositionBias.over_buffer`).
 """
 from __future__ import annotations
 
@@ -34,13 +36,13 @@ import numpy as np
 from ..checkpoints import HFAdapter, WeightRule, linear, register_adapter, rule, transposed
 from ..dsl import (Embedding, FeedForward, InputSpec, Linear, Module, ModuleList, MultiHeadAttention, Parameter,
                    RMSNorm, Tensor, arange, padding_keep_mask, where)
-from ..dsl.cache import (KVCache, cross_attention_caches, cross_attention_outputs, cross_attention_specs,
-                         layer_caches)
+from ..dsl.cache import cross_attention_caches, cross_attention_outputs, cross_attention_specs, layer_caches
 from ..dsl.tracer import current
 from ..errors import CheckpointError, ConfigError
 from ..ir import DType
 from .hf_options import HF_ACTIVATIONS
-from .decoding import check_cache_options, decoder_input_specs, encoder_states_specs
+from .decoding import (cache_length, check_cache_options, decoder_input_specs, decoder_state, encoder_states_specs,
+                       last_tokens)
 from .config_checks import check_fields, epsilon, repeated
 from .registry import register_model
 
@@ -74,6 +76,8 @@ class T5Config:
     use_decoder_attention_mask: bool = False   # adds `decoder_attention_mask` (only needed for left-padded targets)
     part: str = "full"                         # "encoder" | "decoder": export one half (generation runs the encoder once)
     use_cache: bool = False                    # KV-cache decoder (self-attention cache, reads cross K/V); encoder: returns cross K/V
+    kv_cache: str = "dynamic"                  # with use_cache: "dynamic" (Concat) or "static" (buffers written in place)
+    cache_length: int = 0                      # positions of a static cache (0: models.decoding.DEFAULT_CACHE_LENGTH)
 
     def __post_init__(self):
         check_fields(self, "t5")
@@ -94,6 +98,7 @@ class T5Config:
             raise ConfigError(f"t5: feed_forward_proj {self.feed_forward_proj!r} is not supported "
                               f"(supported: {', '.join(FEED_FORWARD)})")
         check_cache_options(self, "t5", encoder_decoder=True)
+        cache_length(self)
 
     @property
     def decoder_layers(self) -> int:
@@ -153,14 +158,22 @@ class RelativePositionBias(Module):
 
     def forward(self, q_len, k_len, q_offset=None):                      # 0-d int64 runtime lengths
         """Queries sit at q_offset .. q_offset + Tq - 1 (a KV cache's past length; default 0)."""
-        m = self.max_distance
         rows = arange(0, q_len) if q_offset is None else arange(q_offset, q_offset + q_len)   # (Tq,)
         rel = arange(0, k_len).unsqueeze(0) - rows.unsqueeze(1)            # (1, Tk) - (Tq, 1) -> (Tq, Tk): j - i
-        rel = where(rel < -m, -m, where(rel > m, m, rel))                   # (Tq, Tk), clipped to [-M, M]
+        return self.lookup(rel).transpose(2, 0, 1).unsqueeze(0)             # (Tq, Tk, H) -> (1, H, Tq, Tk)
+
+    def over_buffer(self, offsets):
+        """The bias of a static cache: `offsets` j - p (B, S, L) -> (B, H, S, L), one row per
+        batch entry since each row's queries sit at its own position p."""
+        return self.lookup(offsets).transpose(0, 3, 1, 2)                  # (B, S, L, H) -> (B, H, S, L)
+
+    def lookup(self, rel):
+        """rel (..., Tk) int64 relative positions -> (..., Tk, H) learned biases."""
+        m = self.max_distance
+        rel = where(rel < -m, -m, where(rel > m, m, rel))                   # clipped to [-M, M]
         table = Tensor(current().builder.const(self.table, hint="relative_buckets"))      # (2M+1,) int64
-        buckets = table.gather(rel + m)                                     # (2M+1,)[(Tq, Tk)] -> (Tq, Tk)
-        values = self.weight.gather(buckets)                                # (nb, H)[(Tq, Tk)] -> (Tq, Tk, H)
-        return values.transpose(2, 0, 1).unsqueeze(0)                       # (Tq, Tk, H) -> (1, H, Tq, Tk)
+        buckets = table.gather(rel + m)                                     # (2M+1,)[rel] -> rel's shape
+        return self.weight.gather(buckets)                                  # (nb, H)[buckets] -> (..., H)
 
 
 # ---------------------------------------------------------------- blocks
@@ -207,6 +220,8 @@ class T5Stack(Module):
         length = x.shape_of(1, 2).squeeze(0)                              # [T] -> T (0-d)
         if cache is None:
             bias = self.relative_bias(length, length)                     # (1, H, T, T)
+        elif cache.layout == "static":                                    # over the buffer's columns
+            bias = self.relative_bias.over_buffer(cache.key_offsets())    # (B, H, T, total_sequence_length)
         else:                                                             # new queries follow the past
             past = cache.past_length()
             bias = self.relative_bias(length, past + length, q_offset=past)   # (1, H, T, P + T)
@@ -248,8 +263,8 @@ class T5(Module):
         if c.part == "decoder":           # input_ids are the decoder's; attention_mask its own padding
             past = dict(past)
             cross = cross_attention_caches(past, c.decoder_layers) if c.use_cache else None
-            cache = KVCache.from_inputs(past, c.decoder_layers) if c.use_cache else None
-            out = self.decode(input_ids, attention_mask, encoder_hidden_states,
+            keep, cache, _ = decoder_state(c, c.decoder_layers, attention_mask, past, input_ids)
+            out = self.decode(input_ids, keep, encoder_hidden_states,
                               padding_keep_mask(encoder_attention_mask), cache, cross)
             return {**out, **(cache.outputs() if cache else {})}
         keep = padding_keep_mask(attention_mask)                          # (B, 1, 1, S)
@@ -257,13 +272,15 @@ class T5(Module):
         if c.part == "encoder":
             cross = cross_attention_outputs([b.cross_attn for b in self.decoder.blocks], memory) if c.use_cache else {}
             return {"last_hidden_state": memory, **cross}
-        return {**self.decode(decoder_input_ids, decoder_attention_mask, memory, keep),
-                "encoder_last_hidden_state": memory}
+        target_keep = padding_keep_mask(decoder_attention_mask) if decoder_attention_mask is not None else None
+        return {**self.decode(decoder_input_ids, target_keep, memory, keep), "encoder_last_hidden_state": memory}
 
-    def decode(self, ids, mask, memory, memory_keep, cache=None, cross=None):
+    def decode(self, ids, target_keep, memory, memory_keep, cache=None, cross=None):
+        """target_keep: (B, 1, 1, P + T) or None; a static cache reads valid lengths instead and
+        computes logits at each row's last token only."""
         c = self.config
-        target_keep = padding_keep_mask(mask) if mask is not None else None    # (B, 1, 1, P + T)
         y = self.decoder(self.shared(ids), target_keep, memory, memory_keep, cache, cross)   # (B, T, C)
+        y = last_tokens(cache, y)                                         # static cache: (B, 1, C)
         if not c.lm_head:
             return {"last_hidden_state": y}
         if c.scales_decoder_output:

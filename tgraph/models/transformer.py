@@ -16,11 +16,11 @@ from typing import Optional
 
 from ..dsl import (Embedding, FeedForward, InputSpec, LayerNorm, Module, ModuleList, MultiHeadAttention,
                    SinusoidalPositions, padding_keep_mask)
-from ..dsl.cache import (KVCache, cross_attention_caches, cross_attention_outputs, cross_attention_specs,
-                         layer_caches, positions)
+from ..dsl.cache import cross_attention_caches, cross_attention_outputs, cross_attention_specs, layer_caches
 from ..errors import ConfigError
 from ..ir import DType
-from .decoding import check_cache_options, decoder_input_specs, encoder_states_specs
+from .decoding import (cache_length, check_cache_options, decoder_input_specs, decoder_state, encoder_states_specs,
+                       last_tokens, token_positions)
 from .config_checks import check_fields, epsilon, repeated
 from .registry import register_model
 
@@ -39,6 +39,8 @@ class TransformerConfig:
     part: str = "full"               # "encoder" | "decoder": export one half (generation runs the encoder once)
     use_cache: bool = False          # KV-cache decoder (self-attention cache, reads cross K/V); encoder: returns cross K/V
     use_position_ids: Optional[bool] = None   # explicit position_ids input; None: = use_cache
+    kv_cache: str = "dynamic"        # with use_cache: "dynamic" (Concat) or "static" (buffers written in place)
+    cache_length: int = 0            # positions of a static cache (0: max_len, capped at 4096)
 
     def __post_init__(self):
         check_fields(self, "transformer")
@@ -52,6 +54,7 @@ class TransformerConfig:
         if self.num_encoder_layers < 0 or self.num_decoder_layers < 1:
             raise ConfigError("transformer: needs num_encoder_layers >= 0 and num_decoder_layers >= 1")
         check_cache_options(self, "transformer", encoder_decoder=True)
+        cache_length(self, self.max_len)
 
 
 class EncoderLayer(Module):
@@ -117,21 +120,21 @@ class Transformer(Module):
         return memory                                                # (B, S, C)
 
     def decode(self, ids, memory, keep, cache=None, position_ids=None, cross=None):
-        pos = positions(ids, cache.past_length(), position_ids) if cache else None   # (T,) or (B, T)
+        pos = token_positions(cache, ids, position_ids)              # None, (T,) or (B, T)
         y = self.embed_tokens(ids, pos)
         for layer, layer_cache, layer_cross in zip(self.decoder, layer_caches(cache, len(self.decoder)),
                                                    cross or [None] * len(self.decoder)):
             y = layer(y, memory, keep, layer_cache, layer_cross)
-        return y @ self.embed.weight.swap_last()                     # (B, T, C) @ (C, V) -> (B, T, V)
+        return last_tokens(cache, y) @ self.embed.weight.swap_last()  # (B, T, C) @ (C, V) -> (B, T, V); static: T = 1
 
     def forward(self, input_ids, decoder_input_ids=None, attention_mask=None, encoder_hidden_states=None,
                 encoder_attention_mask=None, position_ids=None, **past):
         c = self.config
-        if c.part == "decoder":
+        if c.part == "decoder":           # attention_mask: a static cache's valid lengths (no target padding)
             keep = padding_keep_mask(encoder_attention_mask) if encoder_attention_mask is not None else None
             past = dict(past)
             cross = cross_attention_caches(past, c.num_decoder_layers) if c.use_cache else None
-            cache = KVCache.from_inputs(past, c.num_decoder_layers) if c.use_cache else None
+            _, cache, _ = decoder_state(c, c.num_decoder_layers, attention_mask, past, input_ids)
             logits = self.decode(input_ids, encoder_hidden_states, keep, cache, position_ids, cross)
             return {"logits": logits, **(cache.outputs() if cache else {})}
         keep = padding_keep_mask(attention_mask) if attention_mask is not None else None  # (B, 1, 1, S)

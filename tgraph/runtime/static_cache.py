@@ -9,11 +9,16 @@ in place (`OrtValue.update_inplace`), so every step runs with the same shapes at
 addresses: what onnxruntime's CUDA graphs need. Prefill binds its own [batch, seq] ids and
 mask (right-padded rows) and shares the rest.
 
+An encoder-decoder's decoder also takes **request inputs**: the encoder's cross-attention
+keys/values and encoder_attention_mask (`REQUEST_INPUTS`), fixed in shape and contents for one
+request. `bind_request` binds them once per request, to both bindings; steps never rebind them.
+
 The decisions are pure functions (`static_signature`, `buffer_shapes`, `cuda_graph_plan`),
 unit-tested on the CPU.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -28,6 +33,12 @@ MAX_LENGTH_DIMS = ("max_length", "max_sequence_length")
 TOTAL_DIMS = ("total_sequence_length",)
 DECODE_GRAPH_ID = "1"        # onnxruntime's gpu_graph_id of the captured decode step
 NO_CAPTURE = "-1"            # prefill (its shapes vary) runs uncaptured
+#: inputs a static decoder reads unchanged for a whole request (an encoder-decoder's)
+REQUEST_INPUTS = re.compile(r"^(cross_attention\.\d+\.(key|value)|encoder_attention_mask)$")
+
+
+def request_inputs(names: Sequence[str]) -> List[str]:
+    return [n for n in names if REQUEST_INPUTS.match(n)]
 
 
 def static_signature(inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> Optional[str]:
@@ -35,7 +46,7 @@ def static_signature(inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]
 
     Interface: input_ids [batch, seq], attention_mask [batch, total_sequence_length],
     past_key_values.* [batch, kv_heads, max_length, head_dim], each present.* of exactly
-    its past's shape, logits [batch, 1, vocab]."""
+    its past's shape, logits [batch, 1, vocab]; besides, only `REQUEST_INPUTS`."""
     ins = {s.name: s for s in inputs}
     outs = {s.name: s for s in outputs}
     if "input_ids" not in ins or "attention_mask" not in ins:
@@ -53,7 +64,7 @@ def static_signature(inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]
             return f"{past} is {shape}, not [batch, kv_heads, max_length, head_dim]"
         if outs[present].shape != shape:
             return f"{present} is {outs[present].shape}, not its past's {shape}"
-    extra = sorted(set(ins) - {"input_ids", "attention_mask"} - {p for p, _ in pairs})
+    extra = sorted(set(ins) - {"input_ids", "attention_mask"} - {p for p, _ in pairs} - set(request_inputs(ins)))
     if extra:
         return f"it takes input {extra[0]!r}, which a static-cache decoder does not"
     logits = outs.get("logits")
@@ -85,15 +96,20 @@ class CudaGraphPlan:
 
 
 def cuda_graph_plan(device: str, static_reason: Optional[str], node_providers: Optional[Mapping[str, str]] = None,
-                    logits_on_device: bool = True) -> CudaGraphPlan:
+                    logits_on_device: bool = True, per_request: Sequence[str] = ()) -> CudaGraphPlan:
     """Whether a session may run with ``enable_cuda_graph``: on CUDA, with the static-cache
     interface (fixed shapes at fixed addresses), every compute node assigned to CUDA (when
     the placement is known: `node_providers` node -> provider) and the outputs bound on the
-    device. Anything else runs as ordinary launches, and says why."""
+    device. Anything else runs as ordinary launches, and says why. `per_request`: request
+    inputs (`REQUEST_INPUTS`), whose shapes follow each request's source length, so one
+    captured graph cannot serve the next request."""
     if device != "cuda":
         return CudaGraphPlan(False, f"the session runs on {device}, CUDA graphs need CUDA")
     if static_reason is not None:
         return CudaGraphPlan(False, f"not a static-cache graph: {static_reason}")
+    if per_request:
+        return CudaGraphPlan(False, f"{per_request[0]} is rebound for every request (its shape follows the "
+                                    "source length); a captured graph would keep the first one's")
     if node_providers is not None:
         off = sorted(n for n, p in node_providers.items() if p != _prov.CUDA)
         if off:
@@ -178,6 +194,8 @@ class StaticDecoder:
         self.graph_id = next(self._graph_ids) if self.cuda_graph else None
         self.prefill_options = self._run_options(None) if self.cuda_graph else None
         self.decode_options = self._run_options(self.graph_id) if self.cuda_graph else None
+        self.request_names = request_inputs(session.input_names)
+        self.request: Dict[str, object] = {}
         self.decode_binding = self._binding(self.ids, self.mask)
         self.steps = 0
 
@@ -204,13 +222,34 @@ class StaticDecoder:
             binding.bind_ortvalue_input(past, self.cache[past])
             binding.bind_ortvalue_output(present, self.cache[past])
         binding.bind_ortvalue_output("logits", self.logits)
+        for name, value in self.request.items():
+            binding.bind_ortvalue_input(name, value)
         return binding
+
+    def bind_request(self, values: Mapping[str, object]) -> None:
+        """Bind one request's `REQUEST_INPUTS` (OrtValues on the session's device, or host
+        arrays, uploaded here once): every prefill and step of the request reads them."""
+        missing = [n for n in self.request_names if n not in values]
+        if missing:
+            raise ConfigError(f"static decoder: request input {missing[0]!r} not given")
+        self.request, self._request_arrays = {}, []      # host arrays the CPU OrtValues wrap
+        for name in self.request_names:
+            value = values[name]
+            if isinstance(value, np.ndarray):
+                value = np.ascontiguousarray(value)
+                self._request_arrays.append(value)
+                value = self._ort.OrtValue.ortvalue_from_numpy(value, self.device, self._index)
+            if value.shape()[0] != self.batch:
+                raise InputError(f"request input {name!r} has batch {value.shape()[0]}, the decoder {self.batch}")
+            self.request[name] = value
+        self.decode_binding = self._binding(self.ids, self.mask)
 
     def data_pointers(self) -> Dict[str, int]:
         """Where every bound buffer lives (tests assert they never move)."""
         ptrs = {name: v.data_ptr() for name, v in self.cache.items()}
         ptrs.update(input_ids=self.ids.data_ptr(), attention_mask=self.mask.data_ptr(),
                     logits=self.logits.data_ptr())
+        ptrs.update({name: v.data_ptr() for name, v in self.request.items()})
         return ptrs
 
     def bound_shapes(self) -> Dict[str, Tuple[int, ...]]:
@@ -246,6 +285,8 @@ class StaticDecoder:
             raise InputError(f"prompt lengths must be in 1..{ids.shape[1]}, got {lengths.tolist()}")
         if ids.shape[1] > self.max_length:
             raise InputError(f"a prompt of {ids.shape[1]} tokens exceeds the cache's {self.max_length} positions")
+        if len(self.request) != len(self.request_names):
+            raise ConfigError(f"static decoder: bind_request first (it reads {self.request_names[0]!r})")
         mask = (np.arange(ids.shape[1])[None, :] < lengths[:, None]).astype(np.int64)
         del self._alive[2:]                                    # the previous prefill's ids and mask
         binding = self._binding(self._device_copy(ids), self._device_copy(mask))
