@@ -26,8 +26,14 @@ from .codegen.onnx.export import SUPPORTED_OPSETS
 from .errors import TgraphError
 from .ir import Builder, DType, Graph, TensorType, Value
 from .ir.opdefs import OPS
+from .ir.opdefs_more import runtime_attr_input
 
 MIN_OPSET = 13
+
+
+# attributes that hold an element type (a TensorProto enum number), read as DTypes
+_DTYPE_ATTRS = {"Cast": ("to",), "EyeLike": ("dtype",), "QuantizeLinear": ("output_dtype",),
+                "DequantizeLinear": ("output_dtype",)}
 
 
 class OnnxImportError(TgraphError):
@@ -146,6 +152,20 @@ def _attrs(node) -> Dict[str, Any]:
     return out
 
 
+def _widens(newer, older, node) -> bool:
+    """Whether schema `newer` is `older` with more element types and attributes the node does not set."""
+    def io(schema):
+        return ([(i.name, i.option) for i in schema.inputs], [(o.name, o.option) for o in schema.outputs])
+
+    if io(newer) != io(older):
+        return False
+    added = set(newer.attributes) - set(older.attributes)
+    if any(a.name in added for a in node.attribute):
+        return False
+    return all(newer.attributes[k].default_value == older.attributes[k].default_value for k in older.attributes
+               if k in newer.attributes)
+
+
 class _Importer:
     def __init__(self, model):
         self.model = model
@@ -160,6 +180,16 @@ class _Importer:
     def where(self, node) -> str:
         return f"node {node.name or (node.output[0] if node.output else '?')!r} ({node.op_type})"
 
+    def known_input(self, node, i: int) -> Optional[np.ndarray]:
+        """Input `i` when its contents are known before run time: a constant, or integers that
+        follow from static shapes (Shape -> Gather -> Concat chains, as function bodies compute axes)."""
+        v = self.env[node.input[i]]
+        if v.const is not None:
+            return np.asarray(v.const)
+        if v.sym is not None and all(isinstance(d, int) for d in v.sym):
+            return np.array(v.sym, dtype=np.int64).reshape(v.type.shape if v.type.is_static else (-1,))
+        return None
+
     def const_input(self, node, i: int, what: str) -> Optional[np.ndarray]:
         """Input `i` as a constant array (None when absent); refuses computed values."""
         if i >= len(node.input) or not node.input[i]:
@@ -173,13 +203,13 @@ class _Importer:
     # ---- the import -------------------------------------------------------------------------
     def run(self) -> Graph:
         g, mg = self.graph, self.model.graph
-        if self.opset is None or self.opset < MIN_OPSET:
-            raise OnnxImportError(f"model uses opset {self.opset} of the standard domain; tgraph imports "
-                                  f"opset {MIN_OPSET} and later (convert it with onnx.version_converter)")
         newest = max(SUPPORTED_OPSETS)       # ops may have changed since: tgraph could not write it back as it is
-        if self.opset > newest:
-            raise OnnxImportError(f"model uses opset {self.opset} of the standard domain, newer than tgraph knows; "
-                                  f"it imports opsets {MIN_OPSET}..{newest} (convert it with onnx.version_converter)")
+        if self.opset is None:
+            raise OnnxImportError("model imports no opset of the standard domain")
+        self.model_opset = self.opset
+        # a model of another opset is read at the nearest one tgraph knows, node by node
+        # when each node's op means the same there (`_check_version`)
+        self.opset = min(max(self.opset, MIN_OPSET), newest)
         g.meta["onnx_opset"] = self.opset
         out_names = [o.name for o in mg.output]
         init_names = {t.name for t in mg.initializer}
@@ -225,6 +255,8 @@ class _Importer:
             return
         if domain not in _importable_domains():
             raise OnnxImportError(f"{self.where(node)}: domain {node.domain!r} is not supported")
+        if domain == "" and self.model_opset != self.opset:
+            self._check_version(node)
         if key not in OPS:
             raise OnnxImportError(f"{self.where(node)}: op {key} is not supported by tgraph")
         opdef = OPS[key]
@@ -234,18 +266,23 @@ class _Importer:
         attrs = _attrs(node)
         interface = opdef.onnx
         from_inputs = interface.as_inputs(self.opset) if domain == "" else interface.attr_inputs
+        runtime = set()
         for spec in from_inputs:                 # static parameters ONNX passes as inputs
             if spec.index < len(node.input) and node.input[spec.index]:
-                array = self.const_input(node, spec.index, spec.attr)
+                array = self.known_input(node, spec.index)
+                if array is None and runtime_attr_input(opdef, spec):
+                    runtime.add(spec.index)      # computed at run time: it stays an input
+                    continue
+                array = self.const_input(node, spec.index, spec.attr) if array is None else array
                 try:
                     attrs[spec.attr] = spec.from_array(array, self.where(node))
                 except TgraphError as e:
                     raise OnnxImportError(str(e)) from None
                 self.read_as_attrs.add(node.input[spec.index])
-        positions = {spec.index for spec in from_inputs}
+        positions = {spec.index for spec in from_inputs} - runtime
         input_names = [n for i, n in enumerate(node.input) if i not in positions]
         std = domain == ""
-        if std and op.startswith("Reduce"):
+        if std and op.startswith("Reduce") and not runtime:
             noop = attrs.pop("noop_with_empty_axes", 0)
             if attrs.get("axes") is not None and len(attrs["axes"]) == 0 and not noop:
                 attrs["axes"] = None            # ONNX: empty axes reduce everything
@@ -254,12 +291,11 @@ class _Importer:
         if std and op == "Split":
             if attrs.get("split") is None and attrs.get("num_outputs") is None:
                 attrs["num_outputs"] = len(node.output)
-        if std and op == "Cast":
-            attrs["to"] = DType(attrs["to"]) if attrs.get("to") in {d.value for d in DType} else \
-                self._fail(node, f"cast to unsupported element type {attrs.get('to')}")
-            attrs.pop("saturate", None)
-        if std and op == "Softmax" and self.opset < 13:
-            self._fail(node, "Softmax before opset 13 flattens its input")
+        for name in _DTYPE_ATTRS.get(op, ()) if std else ():
+            if attrs.get(name):                  # an element type number (0: unset)
+                attrs[name] = self._dtype(node, attrs[name])
+            elif name in attrs:
+                del attrs[name]
         ins = [self.env[n] if n else None for n in input_names]
         while ins and ins[-1] is None:
             ins.pop()
@@ -288,6 +324,34 @@ class _Importer:
                 self.graph.names.release(v.name)  # the reserved interface name replaces the fresh one
                 v.name = name
             self.env[name] = v
+
+    def _check_version(self, node) -> None:
+        """A node of a model whose opset tgraph does not write is read at `self.opset` when its
+        op has the same definition there, or (for a newer opset) one that differs only in
+        allowing more element types or in attributes the node leaves unset."""
+        import onnx
+
+        op, model = node.op_type, self.model_opset
+        try:
+            theirs = onnx.defs.get_schema(op, model, "")
+        except onnx.defs.SchemaError:
+            self._fail(node, f"{op} is not an ONNX operator at opset {model}")
+        try:
+            ours = onnx.defs.get_schema(op, self.opset, "")
+        except onnx.defs.SchemaError:
+            self._fail(node, f"{op}-{theirs.since_version} is newer than opset {self.opset}, the newest tgraph writes")
+        if theirs.since_version == ours.since_version:
+            return
+        if model > self.opset and _widens(theirs, ours, node):
+            return
+        self._fail(node, f"{op}-{theirs.since_version} (opset {model}) differs from {op}-{ours.since_version}, "
+                         f"the version tgraph reads at opset {self.opset} (convert it with onnx.version_converter)")
+
+    def _dtype(self, node, number) -> DType:
+        try:
+            return DType(number)
+        except ValueError:
+            self._fail(node, f"element type {number} is not supported")
 
     def _fail(self, node, why: str):
         raise OnnxImportError(f"{self.where(node)}: {why}")

@@ -89,9 +89,14 @@ def _type_text(t: TensorType) -> str:
 
 
 def _check_dtype(v: Value) -> None:
-    if v.type.dtype is DType.bfloat16:
-        raise ExportError(f"value {v.name!r} is bfloat16, which NumPy cannot represent; "
-                          "cast the graph to float32 before NumPy code generation")
+    """Every element type is expressible (the ones NumPy lacks through ml_dtypes)."""
+
+
+def _needs_ml_dtypes(graph: Graph) -> bool:
+    """Whether the module names a type NumPy lacks (bfloat16, float8, int4 ...): then it imports ml_dtypes."""
+    if any(v.type.dtype.is_ml_dtype for v in graph.values()):
+        return True
+    return any(isinstance(a, DType) and a.is_ml_dtype for n in graph.nodes for a in n.attrs.values())
 
 
 def _example_shape(t: TensorType) -> Tuple[int, ...]:
@@ -239,4 +244,5 @@ def generate_source(graph: Graph, weights_file: str) -> str:
         unpack="".join(f"{i['var']}, " for i in inputs).rstrip(" ") if len(inputs) == 1 else
         ", ".join(i["var"] for i in inputs),
         module=module if module.isidentifier() and module.isascii() else "model", example=example,
+        ml_dtypes=_needs_ml_dtypes(graph),
     )

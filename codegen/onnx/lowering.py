@@ -183,7 +183,12 @@ def emit_interface(ctx: LoweringContext, node: Node, attrs: Optional[dict] = Non
     interface = onnx_interface(node)
     attrs = dict(node.attrs if attrs is None else attrs)
     ins = names(node.inputs)
-    for spec in interface.as_inputs(ctx.opset):
+    written = interface.as_inputs(ctx.opset)
+    for spec in interface.attr_inputs:
+        if spec not in written and spec.index < len(ins) and ins[spec.index] is not None:
+            raise ExportError(f"{ctx._where()}: {spec.attr} is computed at run time, which ONNX allows from "
+                              f"opset {spec.since} (exporting opset {ctx.opset})")
+    for spec in written:
         value = attrs.pop(spec.attr, None)
         if value is None:
             continue                           # an absent optional input (e.g. Squeeze without axes)
@@ -200,6 +205,12 @@ _SAME_AS_ONNX = (
     "Range", "Cast", "LayerNormalization", "RMSNormalization", "Gelu", "RotaryEmbedding",
     "LessOrEqual", "GreaterOrEqual", "IsNaN", "Flatten", "GatherElements", "GatherND", "Max",
     "Squeeze", "Unsqueeze", "CumSum",
+    # read from other exporters' graphs (tgraph.ir.opdefs_more), written back as they came
+    "Abs", "Ceil", "Floor", "Round", "Sign", "IsInf", "Mod", "Xor", "Min", "Sum", "Mean", "Clip", "Size",
+    "CastLike", "ArgMax", "ArgMin", "LogSoftmax", "Hardmax", "TopK", "Pad", "Tile", "Einsum",
+    "ScatterElements", "ScatterND", "EyeLike", "OneHot", "NonZero", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu",
+    "HardSigmoid", "HardSwish", "Softplus", "Softsign", "ThresholdedRelu", "Mish", "Swish", "DequantizeLinear",
+    "QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
 )
 
 
@@ -210,7 +221,8 @@ def lower_same(ctx: LoweringContext, node: Node) -> None:
     emit_interface(ctx, node)
 
 
-@lowering("ReduceMean", "ReduceSum", "ReduceMax")
+@lowering("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+          "ReduceSumSquare", "ReduceLogSum", "ReduceLogSumExp")
 def lower_reduce(ctx: LoweringContext, node: Node) -> None:
     """Empty axes means "reduce nothing" in our IR but "reduce all" in ONNX: an Identity."""
     axes = node.attrs.get("axes")
@@ -224,9 +236,18 @@ def lower_reduce(ctx: LoweringContext, node: Node) -> None:
 def lower_split(ctx: LoweringContext, node: Node) -> None:
     """With only a count, opset 18 wants `num_outputs`; older ones split evenly."""
     attrs = {"axis": node.attrs.get("axis", 0), "split": node.attrs.get("split")}
-    if attrs["split"] is None and ctx.opset >= 18:
+    if attrs["split"] is None and ctx.opset >= 18 and len(node.inputs) < 2:   # (sizes may be a runtime input)
         attrs["num_outputs"] = len(node.outputs)
     emit_interface(ctx, node, attrs)
+
+
+@lowering("Dropout")
+def lower_dropout(ctx: LoweringContext, node: Node) -> None:
+    """The mask output is written only when something reads it."""
+    out, mask = node.outputs
+    needed = mask.users or (node.graph is not None and any(o is mask for o in node.graph.outputs))
+    emit_interface_outputs = [out.name] + ([mask.name] if needed else [])
+    ctx.emit("Dropout", names(node.inputs), emit_interface_outputs, **node.attrs)
 
 
 @lowering("ConstantOfShape")
