@@ -176,6 +176,49 @@ CASES = [
     C("CumSum", f32(2, 3, 4), axis=-2, exclusive=1, name="exclusive"),
     C("CumSum", f32(3, 5), axis=0, reverse=1, name="reverse"),
     C("CumSum", f32(2, 5), axis=1, exclusive=1, reverse=1, sym={0: ("batch", 5)}, name="exclusive-reverse"),
+    # ops read from other exporters' graphs (tgraph.ir.opdefs_more)
+    C("Abs", f32(2, 3)), C("Ceil", f32(2, 3)), C("Floor", f32(2, 3)),
+    C("Round", np.array([0.5, 1.5, 2.5, -0.5, -1.7], np.float32)), C("Sign", f32(2, 3)),
+    C("IsInf", np.array([1.0, np.inf, -np.inf, np.nan], np.float32), detect_negative=0),
+    C("Mod", i64(7, -7, 7, -7), i64(3, 3, -3, -3)),
+    C("Mod", f32(2, 3), f32(3, lo=0.5, hi=1.5), fmod=1, name="fmod"),
+    C("Xor", np.array([True, True, False]), np.array([True, False, False])),
+    C("Min", f32(2, 3), f32(3), f32(2, 1)), C("Sum", f32(2, 3), f32(3)), C("Mean", f32(2, 3), f32(2, 3), f32(3)),
+    C("Clip", f32(2, 3), scalar(-0.5, np.float32), scalar(0.5, np.float32), const=(1, 2)),
+    C("Clip", f32(2, 3), None, scalar(0.5, np.float32), name="max-only"),
+    C("Size", f32(2, 3, 4)),
+    C("CastLike", f32(2, 3), np.array([1], np.int32)),
+    C("ArgMax", np.array([[1, 3, 3], [2, 0, 2]], np.float32), axis=1, select_last_index=1),
+    C("ArgMin", f32(3, 4), axis=0, keepdims=0),
+    *[C(op, f32(2, 3, 4, lo=0.1, hi=2.0), axes=[1], keepdims=0, opsets=(17, 18), name="axis1")
+      for op in ("ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceLogSum",
+                 "ReduceLogSumExp")],
+    C("ReduceSum", f32(2, 3, 4), i64(0, 2), opsets=(18,), name="runtime-axes"),
+    C("Unsqueeze", f32(2, 3), i64(0), name="runtime-axes"),
+    C("Split", f32(5, 2), i64(2, 3), num_outputs=2, name="runtime-sizes"),
+    C("LogSoftmax", f32(2, 5), axis=-1), C("Hardmax", np.array([[1, 3, 3], [2, 0, 2]], np.float32), axis=1),
+    C("Dropout", f32(2, 3), scalar(0.3, np.float32), const=(1,)),
+    C("TopK", np.array([[1, 3, 3, 0], [2, 0, 2, 5]], np.float32), i64(2), const=(1,), axis=1),
+    C("TopK", np.array([[1, 3, 3, 0], [2, 0, 2, 5]], np.float32), i64(3), const=(1,), largest=0, name="smallest"),
+    C("Pad", f32(2, 3), i64(1, 0, 0, 2), scalar(1.5, np.float32), const=(1, 2)),
+    C("Pad", f32(2, 3), i64(1, 1, 1, 1), const=(1,), mode="reflect", name="reflect"),
+    C("Tile", f32(2, 3), i64(2, 1), const=(1,)),
+    C("Einsum", f32(2, 3, 4), f32(2, 4, 5), equation="bij,bjk->bik"),
+    C("ScatterElements", f32(3, 3), np.array([[1, 0, 2]], np.int64), f32(1, 3), axis=0, reduction="add"),
+    C("ScatterND", f32(4, 3), np.array([[1], [3]], np.int64), f32(2, 3)),
+    C("EyeLike", f32(3, 4), k=1),
+    C("OneHot", i64(0, 2, -1), scalar(3), np.array([0.0, 1.0], np.float32), const=(1,), axis=0),
+    C("NonZero", np.array([[1, 0], [3, 4]], np.float32)),
+    C("LeakyRelu", f32(2, 3), alpha=0.1), C("PRelu", f32(2, 3), f32(3)), C("Elu", f32(2, 3)),
+    C("Selu", f32(2, 3)), C("Celu", f32(2, 3), alpha=2.0), C("HardSigmoid", f32(2, 3, lo=-4, hi=4)),
+    C("HardSwish", f32(2, 3, lo=-4, hi=4)), C("Softplus", f32(2, 3)), C("Softsign", f32(2, 3)),
+    C("ThresholdedRelu", f32(2, 3), alpha=0.5), C("Mish", f32(2, 3)), C("Swish", f32(2, 3), alpha=1.5, opsets=(24,)),
+    C("DequantizeLinear", np.array([0, 3, 128, 255], np.uint8), scalar(0.5, np.float32), scalar(128, np.uint8)),
+    C("QuantizeLinear", f32(2, 4), scalar(0.05, np.float32), scalar(3, np.int8)),
+    C("DynamicQuantizeLinear", f32(2, 4)),
+    C("MatMulInteger", np.array([[1, 2], [3, 4]], np.uint8), np.array([[5, 6], [7, 8]], np.uint8),
+      scalar(1, np.uint8)),
+    C("Cast", f32(4, lo=-1000, hi=1000), to=DType.float8e4m3fn, opsets=(23,), name="float8-saturates"),
     # fused ops (tgraph.ir.fused), produced by the fusion passes
     C("LayerNormalization", f32(2, 3, 8), f32(8), f32(8), const=(1, 2), epsilon=1e-5, name="affine"),
     C("LayerNormalization", f32(2, 8), f32(8), epsilon=1e-6, sym={0: ("batch", 8)}, name="no-bias"),
@@ -270,6 +313,8 @@ def ort_run(model: onnx.ModelProto, feeds):
 
 def assert_same(actual, expected, tol, what):
     actual, expected = np.asarray(actual), np.asarray(expected)
+    if actual.dtype == np.uint8 and expected.dtype.kind == "V" and expected.dtype.itemsize == 1:
+        actual = actual.view(expected.dtype)       # onnxruntime returns float8 as its bytes
     assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     if actual.dtype.kind == "f":

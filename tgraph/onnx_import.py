@@ -251,7 +251,12 @@ class _Importer:
         key = f"{domain}.{op}" if domain else op
         if domain == "" and op == "Constant":
             arr = _constant_value(node)
-            self.env[node.output[0]] = self.graph.add_constant(arr, hint=node.output[0])
+            name = node.output[0]
+            if name in self.output_names and name not in self.env:    # a graph output keeps its name
+                self.graph.names.release(name)
+                self.env[name] = self.graph.add_constant(arr, hint=name, exact_name=True)
+            else:
+                self.env[name] = self.graph.add_constant(arr, hint=name)
             return
         if domain not in _importable_domains():
             raise OnnxImportError(f"{self.where(node)}: domain {node.domain!r} is not supported")
@@ -313,6 +318,8 @@ class _Importer:
         except TgraphError as e:
             raise OnnxImportError(f"{self.where(node)}: {e}") from None
         outs = outs if isinstance(outs, tuple) else (outs,)
+        if opdef.num_outputs is not None and len(output_names) < len(outs):
+            output_names = output_names + [""] * (len(outs) - len(output_names))   # optional outputs left out
         if len(outs) != len(output_names):
             self._fail(node, f"has {len(output_names)} outputs, tgraph's {op} gives {len(outs)}")
         for name, v in zip(output_names, outs):

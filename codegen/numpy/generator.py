@@ -14,6 +14,7 @@ kept only inside string literals and escaped comments (see `literals`).
 from __future__ import annotations
 
 import ast
+import functools
 import builtins
 import inspect
 import keyword
@@ -126,17 +127,26 @@ class _Kernels:
         return f"k.{name}"
 
     def sources(self) -> List[str]:
-        out = []
-        for fn in self.used.values():
-            try:
-                src = textwrap.dedent(inspect.getsource(fn)).strip("\n")
-            except (OSError, TypeError) as e:
-                raise ExportError(f"cannot read the source of kernel {fn.__name__}: {e}") from None
-            out.append(textwrap.indent("@staticmethod\n" + src, "    "))
-        return out
+        return [_kernel_source(fn) for fn in self.used.values()]
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_source(fn: Callable) -> str:
+    """A kernel's source as a static method of the module's `k` (kernels are module-level
+    functions, so their source is read once per process)."""
+    try:
+        src = textwrap.dedent(inspect.getsource(fn)).strip("\n")
+    except (OSError, TypeError) as e:
+        raise ExportError(f"cannot read the source of kernel {fn.__name__}: {e}") from None
+    return textwrap.indent("@staticmethod\n" + src, "    ")
 
 
 def kernel_dependencies(fn: Callable) -> List[Callable]:
+    return list(_kernel_dependencies(fn))
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_dependencies(fn: Callable) -> tuple:
     """The kernels `fn` calls as ``k.name``; raises if it needs any other global."""
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
@@ -161,7 +171,7 @@ def kernel_dependencies(fn: Callable) -> List[Callable]:
             if not inspect.isfunction(dep):
                 raise ExportError(f"kernel {fn.__name__} calls k.{node.attr}, which is not a kernel function")
             deps.append(dep)
-    return deps
+    return tuple(deps)
 
 
 def _check_weights_file(weights_file: str) -> None:

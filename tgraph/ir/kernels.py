@@ -62,7 +62,12 @@ def reduce_sum(x, axes=None, keepdims=1, noop_with_empty_axes=None):
 
 
 def reduce_max(x, axes=None, keepdims=1, noop_with_empty_axes=None):
-    return np.max(x, axis=k._reduce_axes(axes, noop_with_empty_axes), keepdims=bool(keepdims))
+    # an empty reduction gives the dtype's lowest value (-inf for floats), as ONNX has it
+    axis = k._reduce_axes(axes, noop_with_empty_axes)
+    if x.size == 0:
+        low = False if x.dtype == np.bool_ else -np.inf if x.dtype.kind == "f" else np.iinfo(x.dtype).min
+        return np.max(x, axis=axis, keepdims=bool(keepdims), initial=low)
+    return np.max(x, axis=axis, keepdims=bool(keepdims))
 
 
 def transpose(x, perm=None):
@@ -191,7 +196,7 @@ def cast(x, to, saturate=None):
     # `to` is a tgraph DType (or a NumPy dtype). ONNX saturates float8 casts by default:
     # values beyond the type's largest finite value (and infinities) become that value.
     to = np.dtype(getattr(to, "numpy", to))
-    if to.name.startswith("float8_e") and to.name != "float8_e8m0fnu" and saturate != 0:
+    if to.name.startswith(("float8_e", "float4_e")) and to.name != "float8_e8m0fnu" and saturate != 0:
         values = np.arange(256, dtype=np.uint8).view(to).astype(np.float32)
         top = float(np.max(values[np.isfinite(values)]))
         x = np.clip(x, -top, top)
@@ -293,7 +298,12 @@ def _reduce_axes(axes, noop_with_empty_axes=None):
 
 
 def reduce_min(x, axes=None, keepdims=1, noop_with_empty_axes=None):
-    return np.min(x, axis=k._reduce_axes(axes, noop_with_empty_axes), keepdims=bool(keepdims))
+    # an empty reduction gives the dtype's highest value (inf for floats), as ONNX has it
+    axis = k._reduce_axes(axes, noop_with_empty_axes)
+    if x.size == 0:
+        high = True if x.dtype == np.bool_ else np.inf if x.dtype.kind == "f" else np.iinfo(x.dtype).max
+        return np.min(x, axis=axis, keepdims=bool(keepdims), initial=high)
+    return np.min(x, axis=axis, keepdims=bool(keepdims))
 
 
 def reduce_prod(x, axes=None, keepdims=1, noop_with_empty_axes=None):
@@ -320,7 +330,7 @@ def reduce_log_sum(x, axes=None, keepdims=1, noop_with_empty_axes=None):
 def reduce_log_sum_exp(x, axes=None, keepdims=1, noop_with_empty_axes=None):
     # max-shifted, so large inputs do not overflow; an all -inf slice gives -inf
     axis = k._reduce_axes(axes, noop_with_empty_axes)
-    m = np.max(x, axis=axis, keepdims=True)
+    m = np.max(x, axis=axis, keepdims=True, initial=-np.inf)
     m = np.where(np.isfinite(m), m, np.zeros((), x.dtype))
     s = np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True)) + m
     return (s if keepdims else np.squeeze(s, axis=axis)).astype(x.dtype, copy=False)
@@ -364,7 +374,7 @@ def pad(x, pads, constant_value=None, axes=None, mode="constant"):
     before, after = [0] * rank, [0] * rank
     for i, a in enumerate(axes):
         before[a], after[a] = p[i], p[i + len(axes)]
-    crop = tuple(slice(max(-b, 0), x.shape[i] - max(-e, 0)) for i, (b, e) in enumerate(zip(before, after)))
+    crop = tuple(np.s_[max(-b, 0):x.shape[i] - max(-e, 0)] for i, (b, e) in enumerate(zip(before, after)))
     x = x[crop]
     widths = [(max(b, 0), max(e, 0)) for b, e in zip(before, after)]
     if mode == "constant":
@@ -378,6 +388,8 @@ def tile(x, repeats):
 
 
 def einsum(*xs, equation=""):
+    if xs[0].dtype.kind == "V":          # bfloat16 and kin: NumPy's einsum takes only its own types
+        return np.einsum(equation.replace(" ", ""), *[x.astype(np.float32) for x in xs]).astype(xs[0].dtype)
     return np.einsum(equation.replace(" ", ""), *xs)
 
 
@@ -537,7 +549,7 @@ def quantize_linear(x, y_scale, y_zero_point=None, axis=1, block_size=0, output_
     y = x.astype(np.float32) / scale
     zero = np.zeros((), np.float32) if y_zero_point is None else \
         k._per_axis(y_zero_point, x, axis, block_size).astype(np.float32)
-    if to.name.startswith("float8"):
+    if to.name.startswith(("float8", "float4")):
         return k.cast(y + zero, to, saturate=saturate)
     bits = {"int2": 2, "uint2": 2, "int4": 4, "uint4": 4}.get(to.name, 8 * to.itemsize)
     signed = to.name.startswith("int")
