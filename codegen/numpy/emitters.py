@@ -116,6 +116,13 @@ def _div(ctx: EmitContext) -> str:
     return "{0} / {1}".format(*ctx.args)
 
 
+def _pow(ctx: EmitContext) -> str:
+    # ONNX Pow keeps the base's type; NumPy would promote a mixed pair
+    if ctx.input(0).dtype is not ctx.input(1).dtype:
+        return Call(kernels.pow_)(ctx)
+    return "{0} ** {1}".format(*ctx.args)
+
+
 def _transpose(ctx: EmitContext) -> str:
     perm = ctx.attrs.get("perm")
     if perm is None:
@@ -201,7 +208,7 @@ EMITTERS: Dict[str, Callable[[EmitContext], str]] = {
     "Sub": Inline("{0} - {1}"),
     "Mul": Inline("{0} * {1}"),
     "Div": _div,
-    "Pow": Inline("{0} ** {1}"),
+    "Pow": _pow,
     "MatMul": Inline("{0} @ {1}"),
     "Gemm": Call(kernels.gemm),
     "Sqrt": Inline("np.sqrt({0})"),
@@ -280,6 +287,10 @@ EMITTERS: Dict[str, Callable[[EmitContext], str]] = {
     "com.microsoft.SkipLayerNormalization": Call(contrib.skip_layer_normalization),
     "com.microsoft.SkipSimplifiedLayerNormalization": Call(contrib.skip_simplified_layer_normalization),
     "com.microsoft.GroupQueryAttention": Call(contrib.group_query_attention),
+    "com.microsoft.FastGelu": Call(contrib.fast_gelu),
+    "com.microsoft.BiasGelu": Call(contrib.bias_gelu),
+    "com.microsoft.RotaryEmbedding": Call(contrib.ms_rotary_embedding),
+    "com.microsoft.EmbedLayerNormalization": Call(contrib.embed_layer_normalization),
     # weight-only quantization (passes/quantize.py): dequantize, then MatMul
     "com.microsoft.MatMulNBits": Call(contrib.matmul_nbits),
 }

@@ -333,3 +333,19 @@ def lower_matmul_nbits(ctx: LoweringContext, node: Node) -> None:
         ins.pop()
     attrs = {k: int(v) for k, v in node.attrs.items()}
     ctx.emit(node.op, ins, names(node.outputs), domain="com.microsoft", **attrs)
+
+
+@lowering("com.microsoft.FastGelu", "com.microsoft.BiasGelu", "com.microsoft.RotaryEmbedding",
+          "com.microsoft.EmbedLayerNormalization")
+def lower_contrib_as_is(ctx: LoweringContext, node: Node) -> None:
+    """onnxruntime contrib ops read from other tools' graphs, written back as they came; an
+    output nothing reads (EmbedLayerNormalization's embedding_sum) is left out."""
+    ctx.use_domain("com.microsoft", 1)
+    outs = names(node.outputs)
+    graph_outputs = {id(o) for o in node.graph.outputs} if node.graph is not None else set()
+    while len(outs) > 1 and not node.outputs[len(outs) - 1].users and id(node.outputs[len(outs) - 1]) not in graph_outputs:
+        outs.pop()
+    ins = names(node.inputs)
+    while ins and ins[-1] is None:
+        ins.pop()
+    ctx.emit(node.op, ins, outs, domain="com.microsoft", **node.attrs)

@@ -350,8 +350,21 @@ def hardmax(x, axis=-1):
 
 
 def dropout(x, ratio=None, training_mode=None, seed=None):
-    # Inference: the identity, every element kept (training_mode true is refused at import).
-    return x, np.ones(x.shape, dtype=bool)
+    # Inference (no training_mode, or false) is the identity. Training mode keeps each element
+    # with probability 1 - ratio (uniform draws of NumPy's RandomState(seed)) and scales by
+    # 1 / (1 - ratio); a seed-less draw differs from run to run, as in every runtime.
+    ratio = 0.5 if ratio is None else float(np.asarray(ratio).reshape(-1)[0])
+    if training_mode is None or not bool(np.asarray(training_mode).reshape(-1)[0]) or ratio == 0:
+        return x, np.ones(x.shape, dtype=bool)
+    keep = np.random.RandomState(seed).uniform(0, 1.0, x.shape) >= ratio
+    return (keep * x * np.asarray(1.0 / (1.0 - ratio), x.dtype)).astype(x.dtype), keep
+
+
+def pow_(a, b):
+    # ONNX Pow: the result has the base's type, whatever the exponent's
+    if a.dtype == b.dtype:
+        return np.power(a, b)
+    return np.power(a.astype(np.float64), b.astype(np.float64)).astype(a.dtype)
 
 
 def top_k(x, kk, axis=-1, largest=1, sorted=1):

@@ -81,11 +81,10 @@ def infer_arg(ins, attrs, consts):
 
 
 def infer_dropout(ins, attrs, consts):
-    if len(ins) > 2 and ins[2] is not None:
-        mode = consts[2]
-        if mode is None or bool(np.asarray(mode).reshape(-1)[0]):
-            raise ShapeError("Dropout: training_mode must be a constant false (inference); "
-                             "random dropout is not supported")
+    if len(ins) > 1 and ins[1] is not None and not ins[1].dtype.is_float:
+        raise ShapeError(f"Dropout: ratio must be a float scalar, got {ins[1]}")
+    if len(ins) > 2 and ins[2] is not None and ins[2].dtype is not DType.bool:
+        raise ShapeError(f"Dropout: training_mode must be a bool scalar, got {ins[2]}")
     return [ins[0], TensorType(DType.bool, ins[0].shape)]
 
 
@@ -264,7 +263,7 @@ for _name, _kernel in (("ReduceMin", k.reduce_min), ("ReduceProd", k.reduce_prod
 _def("LogSoftmax", infer_softmax, k.log_softmax, attrs={"axis": -1})
 _def("Hardmax", infer_softmax, k.hardmax, attrs={"axis": -1})
 _def("Dropout", infer_dropout, k.dropout, (1, 3), attrs={"seed": None}, num_outputs=2,
-     doc="inference only: the identity, and an all-true mask")
+     doc="the identity and an all-true mask, unless training_mode (random, seeded by `seed`)")
 _def("TopK", infer_topk, k.top_k, (2, 2), attrs={"axis": -1, "largest": 1, "sorted": 1}, num_outputs=2)
 _def("Pad", infer_pad, k.pad, (2, 4), attrs={"mode": "constant"})
 _def("Tile", infer_tile, k.tile, (2, 2))
@@ -292,6 +291,33 @@ _def("QuantizeLinear", infer_quantize, k.quantize_linear, (2, 3),
      attrs={"axis": 1, "block_size": None, "output_dtype": None, "saturate": None, "precision": None})
 _def("DynamicQuantizeLinear", infer_dynamic_quantize, k.dynamic_quantize_linear, num_outputs=3)
 _def("MatMulInteger", infer_matmul_integer, k.matmul_integer, (2, 4))
+
+def infer_pow(ins, attrs, consts):
+    """ONNX Pow: base and exponent may have different numeric types; the result has the base's."""
+    for t in ins:
+        if t.dtype is DType.bool:
+            raise ShapeError("Pow of a bool tensor")
+    return [TensorType(ins[0].dtype, broadcast_shapes(ins[0].shape, ins[1].shape))]
+
+
+def infer_split_uneven(ins, attrs, consts, _even=OPS["Split"].infer):
+    """Split-18 `num_outputs` that does not divide the dim: every chunk ceil(dim / n), the last smaller."""
+    shape = ins[0].shape
+    n, sizes = attrs.get("num_outputs"), attrs.get("split")
+    if shape is not None and sizes is None and n and (len(ins) < 2 or ins[1] is None):
+        axis = _norm_axis(attrs.get("axis", 0), len(shape), "Split")
+        dim = shape[axis]
+        if isinstance(dim, int) and dim % n:
+            size = -(-dim // n)
+            if size * (n - 1) >= dim:
+                raise ShapeError(f"Split: {n} outputs of {size} overrun dim {dim}")
+            sizes = [size] * (n - 1) + [dim - size * (n - 1)]
+            return [ins[0].with_shape([s if i == axis else d for i, d in enumerate(shape)]) for s in sizes]
+    return _even(ins, attrs, consts)
+
+
+OPS["Pow"] = dataclasses.replace(OPS["Pow"], infer=infer_pow, kernel=k.pow_)
+OPS["Split"] = dataclasses.replace(OPS["Split"], infer=infer_split_uneven)
 
 # Cast keeps ONNX's `saturate` (float8 targets; Cast-19 and later)
 OPS["Cast"] = dataclasses.replace(OPS["Cast"], attrs={**OPS["Cast"].attrs, "saturate": None})
