@@ -191,7 +191,7 @@ def plan_weights(graph: Graph) -> Dict[str, np.ndarray]:
             continue
         if owner.setdefault(v.name, v) is not v:
             raise ExportError(f"two different constants are both named {v.name!r}")
-        out[v.name] = np.ascontiguousarray(v.const)
+        out[v.name] = np.asarray(v.const, order="C")   # (ascontiguousarray would make a 0-d weight 1-d)
     return out
 
 
