@@ -301,6 +301,14 @@ class _Importer:
                 attrs[name] = self._dtype(node, attrs[name])
             elif name in attrs:
                 del attrs[name]
+        if std and op == "Attention":
+            # one output, or all four: the present outputs or qk_matmul_output ask for the rest
+            wants_more = any(node.output[1:]) if len(node.output) > 1 else False
+            if len(node.output) < 4 or not node.output[3]:
+                attrs.pop("qk_matmul_output_mode", None)     # it shapes only that output
+            if wants_more and attrs.get("qk_matmul_output_mode") is None and \
+                    not (len(node.input) > 4 and node.input[4]):
+                attrs["qk_matmul_output_mode"] = 0
         ins = [self.env[n] if n else None for n in input_names]
         while ins and ins[-1] is None:
             ins.pop()
@@ -318,7 +326,7 @@ class _Importer:
         except TgraphError as e:
             raise OnnxImportError(f"{self.where(node)}: {e}") from None
         outs = outs if isinstance(outs, tuple) else (outs,)
-        if opdef.num_outputs is not None and len(output_names) < len(outs):
+        if len(output_names) < len(outs):
             output_names = output_names + [""] * (len(outs) - len(output_names))   # optional outputs left out
         if len(outs) != len(output_names):
             self._fail(node, f"has {len(output_names)} outputs, tgraph's {op} gives {len(outs)}")

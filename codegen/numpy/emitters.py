@@ -116,6 +116,13 @@ def _div(ctx: EmitContext) -> str:
     return "{0} / {1}".format(*ctx.args)
 
 
+def _matmul(ctx: EmitContext) -> str:
+    # `@` of bfloat16/float8 arrays (ml_dtypes) gives float32: the kernel casts back
+    if ctx.input(0).dtype.is_ml_dtype:
+        return Call(kernels.matmul)(ctx)
+    return "{0} @ {1}".format(*ctx.args)
+
+
 def _pow(ctx: EmitContext) -> str:
     # ONNX Pow keeps the base's type; NumPy would promote a mixed pair
     if ctx.input(0).dtype is not ctx.input(1).dtype:
@@ -209,7 +216,7 @@ EMITTERS: Dict[str, Callable[[EmitContext], str]] = {
     "Mul": Inline("{0} * {1}"),
     "Div": _div,
     "Pow": _pow,
-    "MatMul": Inline("{0} @ {1}"),
+    "MatMul": _matmul,
     "Gemm": Call(kernels.gemm),
     "Sqrt": Inline("np.sqrt({0})"),
     "Reciprocal": Inline("np.reciprocal({0})"),
@@ -281,7 +288,7 @@ EMITTERS: Dict[str, Callable[[EmitContext], str]] = {
     "LayerNormalization": Call(fused.layer_normalization),
     "RMSNormalization": Call(fused.rms_normalization),
     "Gelu": Call(fused.gelu),
-    "Attention": Call(fused.attention),
+    "Attention": Call(kernels.onnx_attention),
     "RotaryEmbedding": Call(fused.rotary_embedding),
     # onnxruntime contrib ops (tgraph.ir.contrib): what the -O3 ort fusions produce
     "com.microsoft.SkipLayerNormalization": Call(contrib.skip_layer_normalization),

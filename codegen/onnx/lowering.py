@@ -287,12 +287,14 @@ def lower_causal_mask(ctx: LoweringContext, node: Node) -> None:
 
 @lowering("Attention")
 def lower_attention(ctx: LoweringContext, node: Node) -> None:
-    """Attention-23. onnxruntime (1.31) insists that a mask's query axis equals Tq, where the
-    spec allows broadcasting: a [.., 1, Tk] padding mask is expanded to [.., Tq, Tk] first."""
+    """Attention-23 (24 with nonpad_kv_seqlen, 25 with a sliding window). onnxruntime (1.31)
+    insists that a mask's query axis equals Tq, where the spec allows broadcasting: a
+    [.., 1, Tk] padding mask is expanded to [.., Tq, Tk] first. Of the four outputs
+    (Y, present_key, present_value, qk_matmul_output) only those something reads are written."""
     q, k, v = (x.name for x in node.inputs[:3])
     mask = node.inputs[3] if len(node.inputs) > 3 else None
     ins = [q, k, v]
-    if mask is not None:
+    if mask is not None and node.inputs[0].type.rank is not None:
         m = mask.name
         if mask.shape is None or mask.shape[-2] == 1:
             rank = len(mask.shape) if mask.shape is not None else 4
@@ -303,7 +305,19 @@ def lower_attention(ctx: LoweringContext, node: Node) -> None:
             shape = ctx.emit("Concat", [lead, tq, tk], 1, axis=0)[0]
             m = ctx.emit("Expand", [m, shape], 1)[0]
         ins.append(m)
-    ctx.emit("Attention", ins, names(node.outputs), **node.attrs)
+    elif len(node.inputs) > 4:
+        ins.append(None)
+    ins += names(node.inputs[4:])
+    while ins and ins[-1] is None:
+        ins.pop()
+    graph_outputs = {id(o) for o in node.graph.outputs} if node.graph is not None else set()
+    outs = [o.name if i == 0 or o.users or id(o) in graph_outputs else "" for i, o in enumerate(node.outputs)]
+    while len(outs) > 1 and not outs[-1]:
+        outs.pop()
+    attrs = dict(node.attrs)
+    if len(outs) < 4 and attrs.get("qk_matmul_output_mode") == 0:
+        del attrs["qk_matmul_output_mode"]       # (the mode only shapes the qk output: 0 is the default)
+    ctx.emit("Attention", ins, outs, **attrs)
 
 
 @lowering("com.microsoft.SkipLayerNormalization", "com.microsoft.SkipSimplifiedLayerNormalization")

@@ -587,3 +587,83 @@ def matmul_integer(a, b, a_zero_point=None, b_zero_point=None):
     if b_zero_point is not None:
         b32 = b32 - b_zero_point.astype(np.int32).reshape(() if b_zero_point.size == 1 else (-1,))
     return np.matmul(a32, b32).astype(np.int32)
+
+
+def onnx_attention(q, k, v, attn_mask=None, past_key=None, past_value=None, nonpad_kv_seqlen=None, is_causal=0,
+                   scale=None, q_num_heads=None, kv_num_heads=None, softmax_precision=None, softcap=None,
+                   qk_matmul_output_mode=None, left_window_size=None, right_window_size=None):
+    # ONNX Attention (opsets 23-25). q: [B, Hq, Tq, D], k/v: [B, Hkv, Tk, D] (or 3-D [B, T, H*D]
+    # with q_num_heads / kv_num_heads). past_key/past_value are concatenated before k/v (the
+    # present outputs). The bias is built from attn_mask (bool: allowed; float: added; shorter
+    # than the keys: padded as masked), is_causal (query i sees key j <= i + offset, offset =
+    # the past length, or nonpad_kv_seqlen - Tq), the sliding window and nonpad_kv_seqlen's
+    # padding. softcap caps q.k before the bias; a fully masked row gives a zero output.
+    # Returns (y,), or (y, present_key, present_value, qk) when the node has those outputs
+    # (past given, or qk_matmul_output_mode set).
+    merged = q.ndim == 3
+    full = past_key is not None or qk_matmul_output_mode is not None
+    if merged:
+        q = np.transpose(q.reshape(q.shape[0], q.shape[1], q_num_heads, -1), (0, 2, 1, 3))
+        k = np.transpose(k.reshape(k.shape[0], k.shape[1], kv_num_heads, -1), (0, 2, 1, 3))
+        v = np.transpose(v.reshape(v.shape[0], v.shape[1], kv_num_heads, -1), (0, 2, 1, 3))
+    dtype = q.dtype
+    if past_key is not None:
+        k = np.concatenate([past_key, k], axis=2)
+        v = np.concatenate([past_value, v], axis=2)
+    present_key, present_value = k, v
+    tq, tk = q.shape[2], k.shape[2]
+    bias = np.zeros((tq, tk), dtype)
+    neg = np.array(-np.inf, dtype)
+    if attn_mask is not None:
+        pad = tk - attn_mask.shape[-1]
+        if pad > 0:
+            fill = False if attn_mask.dtype == np.bool_ else -np.inf
+            attn_mask = np.pad(attn_mask, [(0, 0)] * (attn_mask.ndim - 1) + [(0, pad)], constant_values=fill)
+        bias = bias + (np.where(attn_mask, np.zeros((), dtype), neg) if attn_mask.dtype == np.bool_ else attn_mask)
+    if nonpad_kv_seqlen is not None and past_key is None:
+        offset = (nonpad_kv_seqlen.astype(np.int64) - tq).reshape(-1, 1, 1, 1)    # per batch
+    else:
+        offset = np.array(past_key.shape[2] if past_key is not None else 0).reshape(1, 1, 1, 1)
+    i = np.arange(tq).reshape(tq, 1)
+    j = np.arange(tk).reshape(1, tk)
+    diff = i + offset - j                                                   # [B or 1, 1, Tq, Tk]
+    allowed = np.ones(diff.shape, dtype=bool)
+    if is_causal:
+        allowed = allowed & (diff >= 0)
+    if left_window_size is not None and left_window_size >= 0:
+        allowed = allowed & (diff <= left_window_size)
+    if right_window_size is not None and right_window_size >= 0:
+        allowed = allowed & (-diff <= right_window_size)
+    if nonpad_kv_seqlen is not None:
+        allowed = allowed & (j.reshape(1, 1, 1, tk) < nonpad_kv_seqlen.astype(np.int64).reshape(-1, 1, 1, 1))
+    bias = bias + np.where(allowed, np.zeros((), dtype), neg)
+    group = q.shape[1] // k.shape[1]
+    kk = np.repeat(k, group, axis=1) if group > 1 else k
+    vv = np.repeat(v, group, axis=1) if group > 1 else v
+    s = np.sqrt(1.0 / np.sqrt(q.shape[-1]) if scale is None else scale)
+    s = np.asarray(s, dtype)
+    qk = (q * s) @ np.swapaxes(kk * s, -1, -2)
+    if softcap:
+        qk = (np.tanh(qk / np.asarray(softcap, dtype)) * np.asarray(softcap, dtype)).astype(dtype)
+    scores = qk + bias
+    qk_out = scores if qk_matmul_output_mode == 2 else qk
+    if softmax_precision is not None:
+        scores = scores.astype({1: np.float32, 10: np.float16, 11: np.float64}.get(int(softmax_precision), dtype))
+    top = np.max(scores, axis=-1, keepdims=True)
+    e = np.exp(scores - np.where(np.isneginf(top), np.zeros((), scores.dtype), top))
+    total = np.sum(e, axis=-1, keepdims=True)
+    p = e / np.where(total == 0, np.ones((), total.dtype), total)
+    p = np.where(np.isneginf(np.max(bias, axis=-1, keepdims=True)), np.zeros((), p.dtype), p)  # fully masked rows
+    if qk_matmul_output_mode == 3:
+        qk_out = p
+    y = (p.astype(dtype) @ vv).astype(dtype)
+    if merged:
+        y = np.reshape(np.transpose(y, (0, 2, 1, 3)), (y.shape[0], y.shape[2], -1))
+    if not full:
+        return (y,)
+    return y, present_key, present_value, np.asarray(qk_out).astype(dtype)
+
+
+def matmul(a, b):
+    # ml_dtypes' matmul of bfloat16 (and float8) arrays returns float32: back to the inputs' type
+    return np.matmul(a, b).astype(a.dtype, copy=False)

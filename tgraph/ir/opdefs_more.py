@@ -316,6 +316,7 @@ def infer_split_uneven(ins, attrs, consts, _even=OPS["Split"].infer):
     return _even(ins, attrs, consts)
 
 
+OPS["MatMul"] = dataclasses.replace(OPS["MatMul"], kernel=k.matmul)
 OPS["Pow"] = dataclasses.replace(OPS["Pow"], infer=infer_pow, kernel=k.pow_)
 OPS["Split"] = dataclasses.replace(OPS["Split"], infer=infer_split_uneven)
 
@@ -392,3 +393,53 @@ for _key in [key for key, d in OPS.items() if d.onnx.attr_inputs and d.name in _
 def runtime_attr_input(opdef: OpDef, spec: AttrInput) -> bool:
     """Whether the op accepts `spec`'s parameter as a tensor computed at run time."""
     return opdef.inputs[1] > spec.index
+
+
+# ---------------------------------------------------------------- Attention, all of ONNX's
+# The fused Attention (tgraph.ir.fused) as ONNX defines it in opsets 23-25: past key/value
+# (then the node also has the present outputs), nonpad_kv_seqlen (24), softcap, the
+# qk_matmul_output output and its mode, the sliding window (25). A node has one output, or
+# all four (Y, present_key, present_value, qk_matmul_output) when past_key is given or
+# qk_matmul_output_mode is set; the lowering writes only those something reads.
+def _infer_full_attention(ins, attrs, consts, _basic=OPS["Attention"].infer):
+    extra = [t for t in ins[4:] if t is not None]
+    if not extra and attrs.get("qk_matmul_output_mode") is None:
+        return _basic(ins[:4], attrs, consts[:4])
+    q, k, v = (_need_rank(t, "Attention") for t in ins[:3])
+    dtype = _same_dtype(ins[:3], "Attention")
+    past_key, past_value = (ins[i] if len(ins) > i else None for i in (4, 5))
+    if (past_key is None) != (past_value is None):
+        raise ShapeError("Attention: past_key and past_value go together")
+    nonpad = ins[6] if len(ins) > 6 else None
+    if nonpad is not None and past_key is not None:
+        raise ShapeError("Attention: nonpad_kv_seqlen cannot be combined with past_key/past_value")
+    if len(q) == 3:
+        hq, hk = attrs.get("q_num_heads"), attrs.get("kv_num_heads")
+        if not hq or not hk:
+            raise ShapeError("Attention: 3-D inputs need q_num_heads and kv_num_heads")
+        split = lambda dims, n: (dims[0], n, dims[1], dims[2] // n if isinstance(dims[2], int) else None)
+        q, k, v = split(q, hq), split(k, hk), split(v, hk)
+        merged = True
+    elif len(q) == 4:
+        merged = False
+    else:
+        raise ShapeError("Attention: inputs must be 3-D or 4-D")
+    if isinstance(q[1], int) and isinstance(k[1], int) and q[1] % k[1]:
+        raise ShapeError(f"Attention: {q[1]} query heads are not a multiple of {k[1]} key/value heads")
+    tk = k[2]
+    if past_key is not None:
+        pk = _need_rank(past_key, "Attention")
+        tk = pk[2] + k[2] if isinstance(pk[2], int) and isinstance(k[2], int) else None
+    present_k = TensorType(dtype, (k[0], k[1], tk, k[3]))
+    present_v = TensorType(dtype, (v[0], v[1], tk, v[3]))
+    y = TensorType(dtype, (q[0], q[2], q[1] * v[3] if isinstance(q[1], int) and isinstance(v[3], int) else None)
+                   if merged else (q[0], q[1], q[2], v[3]))
+    if past_key is None and attrs.get("qk_matmul_output_mode") is None:
+        return [y]
+    return [y, present_k, present_v, TensorType(dtype, (q[0], q[1], q[2], tk))]
+
+
+OPS["Attention"] = dataclasses.replace(
+    OPS["Attention"], infer=_infer_full_attention, kernel=k.onnx_attention, inputs=(3, 7), num_outputs=None,
+    attrs={**OPS["Attention"].attrs, "softcap": None, "qk_matmul_output_mode": None, "left_window_size": None,
+           "right_window_size": None})
