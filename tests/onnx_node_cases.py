@@ -113,11 +113,12 @@ def compare(expected: List[np.ndarray], actual: List[np.ndarray], rtol: float, a
             return f"output {i}: shape {list(got.shape)}, expected {list(want.shape)}"
         if got.dtype != want.dtype:
             return f"output {i}: dtype {got.dtype}, expected {want.dtype}"
-        if want.dtype == object or want.dtype.kind in "biuSU" or want.dtype.itemsize == 1 or \
-                want.dtype.name.startswith(("int", "uint")):
-            if not np.array_equal(got.view(np.uint8) if want.dtype.itemsize == 1 and want.dtype.kind == "V"
-                                  else got, want.view(np.uint8) if want.dtype.itemsize == 1 and
-                                  want.dtype.kind == "V" else want):
+        if want.dtype.itemsize == 1:              # bool, (u)int8, float8, (u)int4 ...: exact, bit for bit
+            if not np.array_equal(got.view(np.uint8), want.view(np.uint8)):
+                return f"output {i}: values differ"
+            continue
+        if want.dtype == object or want.dtype.kind in "biuSU":
+            if not np.array_equal(got, want):
                 return f"output {i}: values differ"
             continue
         r = rtol

@@ -152,6 +152,28 @@ def _attrs(node) -> Dict[str, Any]:
     return out
 
 
+def _layer_norm_statistics(b: Builder, ins, attrs, hint: str) -> tuple:
+    """LayerNormalization's Mean and InvStdDev outputs (for training; the IR op keeps only Y):
+    the ReduceMean subgraph that computes them, in the stash type (float32 unless stash_type=0)."""
+    x = ins[0]
+    rank = x.type.rank
+    if rank is None:
+        raise TgraphError("Mean/InvStdDev outputs need the input's rank")
+    axes = list(range(attrs.get("axis", -1) % rank, rank))
+    if attrs.get("stash_type", 1) == 1 and x.dtype is not DType.float32:
+        x = b.op("Cast", x, to=DType.float32, hint=f"{hint}_stash")
+    mean = b.op("ReduceMean", x, axes=axes, keepdims=1, hint=f"{hint}_mean")
+    d = b.op("Sub", x, mean, hint=f"{hint}_centered")
+    var = b.op("ReduceMean", b.op("Mul", d, d, hint=f"{hint}_square"), axes=axes, keepdims=1, hint=f"{hint}_var")
+    eps = b.const(np.array(attrs.get("epsilon", 1e-5), dtype=x.dtype.numpy), hint=f"{hint}_epsilon")
+    std = b.op("Sqrt", b.op("Add", var, eps, hint=f"{hint}_var_eps"), hint=f"{hint}_std")
+    return mean, b.op("Reciprocal", std, hint=f"{hint}_inv_std")
+
+
+# ops whose ONNX form has outputs the IR op does not keep, and how to compute them beside it
+_STATISTICS = {"LayerNormalization": _layer_norm_statistics}
+
+
 def _widens(newer, older, node) -> bool:
     """Whether schema `newer` is `older` with more element types and attributes the node does not set."""
     def io(schema):
@@ -326,6 +348,12 @@ class _Importer:
         except TgraphError as e:
             raise OnnxImportError(f"{self.where(node)}: {e}") from None
         outs = outs if isinstance(outs, tuple) else (outs,)
+        extra = _STATISTICS.get(key) if len(output_names) > len(outs) and any(output_names[len(outs):]) else None
+        if extra is not None:                    # training outputs, computed beside the op
+            try:
+                outs = outs + extra(self.b, ins, opdef.resolve_attrs(attrs), hint)
+            except TgraphError as e:
+                raise OnnxImportError(f"{self.where(node)}: {e}") from None
         if len(output_names) < len(outs):
             output_names = output_names + [""] * (len(outs) - len(output_names))   # optional outputs left out
         if len(outs) != len(output_names):
