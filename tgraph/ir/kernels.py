@@ -640,15 +640,17 @@ def onnx_attention(q, k, v, attn_mask=None, past_key=None, past_value=None, nonp
     group = q.shape[1] // k.shape[1]
     kk = np.repeat(k, group, axis=1) if group > 1 else k
     vv = np.repeat(v, group, axis=1) if group > 1 else v
-    s = np.sqrt(1.0 / np.sqrt(q.shape[-1]) if scale is None else scale)
-    s = np.asarray(s, dtype)
-    qk = (q * s) @ np.swapaxes(kk * s, -1, -2)
+    # With softmax_precision the scores are computed in that type from the start (q and k cast
+    # before q.k): a float16 model's q.k may overflow float16 (see passes/precision.py)
+    wide = {1: np.float32, 10: np.float16, 11: np.float64}.get(int(softmax_precision), dtype) \
+        if softmax_precision is not None else dtype
+    s = np.asarray(np.sqrt(1.0 / np.sqrt(q.shape[-1]) if scale is None else scale), wide)
+    qk = (q.astype(wide) * s) @ np.swapaxes(kk.astype(wide) * s, -1, -2)
+    bias = bias.astype(wide)
     if softcap:
-        qk = (np.tanh(qk / np.asarray(softcap, dtype)) * np.asarray(softcap, dtype)).astype(dtype)
+        qk = (np.tanh(qk / np.asarray(softcap, wide)) * np.asarray(softcap, wide)).astype(wide)
     scores = qk + bias
     qk_out = scores if qk_matmul_output_mode == 2 else qk
-    if softmax_precision is not None:
-        scores = scores.astype({1: np.float32, 10: np.float16, 11: np.float64}.get(int(softmax_precision), dtype))
     top = np.max(scores, axis=-1, keepdims=True)
     e = np.exp(scores - np.where(np.isneginf(top), np.zeros((), scores.dtype), top))
     total = np.sum(e, axis=-1, keepdims=True)
