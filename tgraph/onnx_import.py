@@ -174,6 +174,20 @@ def _layer_norm_statistics(b: Builder, ins, attrs, hint: str) -> tuple:
 _STATISTICS = {"LayerNormalization": _layer_norm_statistics}
 
 
+def _allows(schema, index: int, dtype: DType) -> bool:
+    """Whether `schema` allows element type `dtype` as input `index`."""
+    import onnx
+
+    if not schema.inputs:
+        return True
+    formal = schema.inputs[min(index, len(schema.inputs) - 1)]     # (a variadic last input repeats)
+    allowed = {t.type_param_str: set(t.allowed_type_strs) for t in schema.type_constraints}.get(formal.type_str)
+    if allowed is None:                                             # a fixed type, e.g. tensor(int64)
+        allowed = {formal.type_str}
+    name = onnx.helper.tensor_dtype_to_string(dtype.onnx).replace("TensorProto.", "").lower()  # float, double ...
+    return f"tensor({name})" in allowed
+
+
 def _widens(newer, older, node) -> bool:
     """Whether schema `newer` is `older` with more element types and attributes the node does not set."""
     def io(schema):
@@ -229,6 +243,12 @@ class _Importer:
         if self.opset is None:
             raise OnnxImportError("model imports no opset of the standard domain")
         self.model_opset = self.opset
+        import onnx
+
+        if self.opset > onnx.defs.onnx_opset_version():
+            raise OnnxImportError(f"model uses opset {self.opset} of the standard domain, newer than this onnx "
+                                  f"({onnx.__version__}) knows ({onnx.defs.onnx_opset_version()}); tgraph imports "
+                                  f"opsets up to that and writes {MIN_OPSET}..{newest}")
         # a model of another opset is read at the nearest one tgraph knows, node by node
         # when each node's op means the same there (`_check_version`)
         self.opset = min(max(self.opset, MIN_OPSET), newest)
@@ -386,6 +406,11 @@ class _Importer:
         if theirs.since_version == ours.since_version:
             return
         if model > self.opset and _widens(theirs, ours, node):
+            for i, name in enumerate(node.input):   # ... and the node uses only types the older one allows
+                if name and not _allows(ours, i, self.env[name].dtype):
+                    self._fail(node, f"{op}-{theirs.since_version} (opset {model}) takes {self.env[name].dtype.name} "
+                                     f"as input {i}, which {op}-{ours.since_version} (opset {self.opset}, the "
+                                     f"newest tgraph writes) does not")
             return
         self._fail(node, f"{op}-{theirs.since_version} (opset {model}) differs from {op}-{ours.since_version}, "
                          f"the version tgraph reads at opset {self.opset} (convert it with onnx.version_converter)")

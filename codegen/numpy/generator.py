@@ -255,4 +255,6 @@ def generate_source(graph: Graph, weights_file: str) -> str:
         ", ".join(i["var"] for i in inputs),
         module=module if module.isidentifier() and module.isascii() else "model", example=example,
         ml_dtypes=_needs_ml_dtypes(graph),
+        weight_views=[(str_lit(name), dtype_lit(a.dtype)) for name, a in weights.items()
+                      if DType.of(a.dtype).is_ml_dtype],
     )
