@@ -224,11 +224,14 @@ def run_all(case: NodeCase, measures=MEASURES) -> Dict[str, Tuple[str, str]]:
         if graph is None:
             out["ort_reexport"] = ("refused", detail)
         else:
+            from tgraph.errors import TgraphError
+
             try:
                 model = reexport(graph)
+            except TgraphError as e:
+                out["ort_reexport"] = ("refused", _one_line(e))
             except Exception as e:
-                out["ort_reexport"] = ("refused" if hasattr(e, "args") and "TgraphError" in
-                                       [t.__name__ for t in type(e).__mro__] else "error", _one_line(e))
+                out["ort_reexport"] = ("error", _one_line(e))
             else:
                 out["ort_reexport"] = run_ort(model, case)
     return out

@@ -11,7 +11,7 @@ import pytest
 
 from model_harness import rel_err, run_numpy, run_onnx
 from tgraph.api import build
-from tgraph.errors import ConfigError, RuntimeBackendError, TgraphError
+from tgraph.errors import ConfigError, RuntimeBackendError
 from tgraph.ir import DType, Graph, TensorType
 from tgraph.ir.builder import Builder
 from tgraph.passes import LEVELS, optimize
