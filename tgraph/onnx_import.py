@@ -31,6 +31,10 @@ from .ir.opdefs_more import runtime_attr_input
 MIN_OPSET = 13
 
 
+# ops onnxruntime registers in the ONNX domain though ONNX has no such op (its own graphs,
+# e.g. onnxruntime-genai's, carry them), read as the standard op with the same meaning
+_ORT_IN_ONNX_DOMAIN = {"SimplifiedLayerNormalization": "RMSNormalization"}   # RMSNorm, same attributes
+
 # attributes that hold an element type (a TensorProto enum number), read as DTypes
 _DTYPE_ATTRS = {"Cast": ("to",), "EyeLike": ("dtype",), "QuantizeLinear": ("output_dtype",),
                 "DequantizeLinear": ("output_dtype",)}
@@ -290,6 +294,8 @@ class _Importer:
     def node(self, node) -> None:
         domain = "" if node.domain == "ai.onnx" else node.domain
         op = node.op_type
+        if domain == "" and op in _ORT_IN_ONNX_DOMAIN:
+            op = _ORT_IN_ONNX_DOMAIN[op]
         key = f"{domain}.{op}" if domain else op
         if domain == "" and op == "Constant":
             arr = _constant_value(node)

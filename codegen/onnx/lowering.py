@@ -202,7 +202,7 @@ _SAME_AS_ONNX = (
     "Add", "Sub", "Mul", "Div", "Pow", "MatMul", "Gemm", "Sqrt", "Reciprocal", "Neg", "Exp", "Log", "Erf",
     "Tanh", "Sigmoid", "Relu", "Cos", "Sin", "Identity", "Not", "And", "Or", "Equal", "Less", "Greater",
     "Softmax", "Transpose", "Reshape", "Expand", "Concat", "Slice", "Gather", "Where", "Trilu", "Shape",
-    "Range", "Cast", "LayerNormalization", "RMSNormalization", "Gelu", "RotaryEmbedding",
+    "Range", "Cast", "LayerNormalization", "Gelu", "RotaryEmbedding",
     "LessOrEqual", "GreaterOrEqual", "IsNaN", "Flatten", "GatherElements", "GatherND", "Max",
     "Squeeze", "Unsqueeze", "CumSum",
     # read from other exporters' graphs (tgraph.ir.opdefs_more), written back as they came
@@ -239,6 +239,36 @@ def lower_split(ctx: LoweringContext, node: Node) -> None:
     if attrs["split"] is None and ctx.opset >= 18 and len(node.inputs) < 2:   # (sizes may be a runtime input)
         attrs["num_outputs"] = len(node.outputs)
     emit_interface(ctx, node, attrs)
+
+
+@lowering("RMSNormalization")
+def lower_rms_normalization(ctx: LoweringContext, node: Node) -> None:
+    """RMSNormalization-23; below opset 23 (a graph imported from an older model, such as
+    onnxruntime's SimplifiedLayerNormalization) the same formula in standard ops:
+    x / sqrt(mean(x², axes) + epsilon) * scale, the statistics in float32 (stash_type 1)."""
+    if ctx.opset >= 23:
+        emit_interface(ctx, node)
+        return
+    (x, scale), (out,) = node.inputs, node.outputs
+    rank = x.type.rank
+    if rank is None:
+        raise ExportError(f"node {node.name} (RMSNormalization): below opset 23 the input's rank must be known")
+    axes = list(range(node.attrs.get("axis", -1) % rank, rank))
+    stash = np.float32 if node.attrs.get("stash_type", 1) == 1 and x.dtype.numpy != np.float64 else x.dtype.numpy
+    xs = x.name
+    if np.dtype(stash) != x.dtype.numpy:
+        (xs,) = ctx.emit("Cast", [xs], 1, to=onnx.helper.np_dtype_to_tensor_dtype(np.dtype(stash)))
+    (square,) = ctx.emit("Mul", [xs, xs], 1)
+    if ctx.opset >= 18:
+        (mean,) = ctx.emit("ReduceMean", [square, ctx.ints(axes, "axes")], 1, keepdims=1)
+    else:
+        (mean,) = ctx.emit("ReduceMean", [square], 1, axes=axes, keepdims=1)
+    eps = ctx.const(np.array(node.attrs.get("epsilon", 1e-5), dtype=stash), "epsilon")
+    (std,) = ctx.emit("Sqrt", [ctx.emit("Add", [mean, eps], 1)[0]], 1)
+    (normed,) = ctx.emit("Div", [xs, std], 1)
+    if np.dtype(stash) != x.dtype.numpy:
+        (normed,) = ctx.emit("Cast", [normed], 1, to=x.dtype.onnx)
+    ctx.emit("Mul", [normed, scale.name], [out.name])
 
 
 @lowering("Dropout")

@@ -97,8 +97,10 @@ register(OpDef("SkipSimplifiedLayerNormalization",
 def group_query_attention(query, key, value, past_key, past_value, seqlens_k, total_sequence_length,
                           cos_cache=None, sin_cache=None, num_heads=1, kv_num_heads=1, scale=None,
                           do_rotary=0, rotary_interleaved=0, softcap=0.0, local_window_size=-1):
-    b, s, _ = query.shape
     d = past_key.shape[3]
+    if key is None:                              # packed QKV: query holds [q | k | v] on its last axis
+        query, key, value = np.split(query, [num_heads * d, (num_heads + kv_num_heads) * d], axis=-1)
+    b, s, _ = query.shape
     total = int(np.asarray(total_sequence_length).reshape(-1)[0])
     m = max(total, past_key.shape[2])
     lengths = np.asarray(seqlens_k).astype(np.int64).reshape(-1) + 1            # L_b
@@ -158,24 +160,29 @@ def _infer_gqa(ins, attrs, consts):
     hq, hk = attrs.get("num_heads"), attrs.get("kv_num_heads")
     if not hq or not hk or hq % hk:
         raise ShapeError(f"{op}: num_heads ({hq}) must be a positive multiple of kv_num_heads ({hk})")
+    packed = k is None and v is None             # query holds [q | k | v] (onnxruntime-genai writes it so)
+    if (k is None) != (v is None):
+        raise ShapeError(f"{op}: key and value are given together (or both packed into query)")
     for name, t in (("query", q), ("key", k), ("value", v)):
-        if len(_need_rank(t, op)) != 3:
+        if t is not None and len(_need_rank(t, op)) != 3:
             raise ShapeError(f"{op}: {name} must be 3-D [batch, seq, heads*head_size], got {t}")
     for name, t in (("past_key", pk), ("past_value", pv)):
         if len(_need_rank(t, op)) != 4:
             raise ShapeError(f"{op}: {name} must be 4-D [batch, kv_heads, max_length, head_size], got {t}")
     if not q.dtype.is_float:
         raise ShapeError(f"{op} of a {q.dtype.name} tensor")
-    _same_dtype([q, k, v, pk, pv] + [t for t in ins[7:] if t is not None], op)
+    _same_dtype([t for t in (q, k, v, pk, pv) if t is not None] + [t for t in ins[7:] if t is not None], op)
     head = pk.shape[3]
     if isinstance(pk.shape[1], int) and pk.shape[1] != hk:
         raise ShapeError(f"{op}: past_key has {pk.shape[1]} heads, kv_num_heads is {hk}")
     if isinstance(head, int):
         if head % 8:
             raise ShapeError(f"{op}: head size {head} must be a multiple of 8 (onnxruntime's kernel)")
-        for name, t, n in (("query", q, hq), ("key", k, hk), ("value", v, hk)):
+        sizes = (("query", q, hq + 2 * hk),) if packed else (("query", q, hq), ("key", k, hk), ("value", v, hk))
+        for name, t, n in sizes:
             if isinstance(t.shape[2], int) and t.shape[2] != n * head:
-                raise ShapeError(f"{op}: {name} hidden size {t.shape[2]} is not {n} heads x {head}")
+                raise ShapeError(f"{op}: {name} hidden size {t.shape[2]} is not {n} heads x {head}"
+                                 + (" (packed q, k, v)" if packed else ""))
     if seqlens.dtype is not DType.int32 or total.dtype is not DType.int32:
         raise ShapeError(f"{op}: seqlens_k and total_sequence_length must be int32")
     if attrs.get("do_rotary"):
