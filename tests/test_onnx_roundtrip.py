@@ -14,7 +14,7 @@ from onnx import numpy_helper
 
 from tgraph.codegen.onnx import to_onnx
 from tgraph.ir import OPS
-from tgraph.onnx_import import OnnxImportError, import_onnx
+from tgraph.onnx_import import import_onnx
 
 from test_ops import PARAMS, build, ort_run
 

@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import List
-
 import numpy as np
 
 from ..errors import ShapeError
 from . import kernels
 from .opdefs import (OPS, REQUIRED, AttrInput, OnnxInterface, OpDef, _need_rank, _norm_axis, _same_dtype,
                      _static_ints, broadcast_shapes, infer_compare, infer_elementwise, infer_float_unary,
-                     infer_reduce, infer_softmax, infer_unary, register)
+                     infer_reduce, infer_softmax, register)
 from .types import DType, TensorType
 
 VARIADIC = (1, 1 << 16)
