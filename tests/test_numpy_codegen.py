@@ -155,6 +155,25 @@ CASES = [
 ]
 
 
+def onnx_default_opset() -> int:
+    from tgraph.codegen.onnx import DEFAULT_OPSET
+
+    return DEFAULT_OPSET
+
+
+def _from_op_table_cases():
+    """The op-table cases (tests/test_ops.py) of the ops this file has no case of: the ops tgraph
+    reads from other tools' graphs (their constant inputs stay constants)."""
+    from test_ops import CASES as OP_CASES
+
+    covered = {c[1] for c in CASES} | {"tgraph.CausalMask"}
+    return [(f"op-{c.id}", c.op, [a if a is None or i in c.const else In(a) for i, a in enumerate(c.inputs)],
+             dict(c.attrs), max(c.opsets)) for c in OP_CASES if c.op not in covered]
+
+
+CASES += _from_op_table_cases()
+
+
 def build_case(op, inputs, attrs):
     """A one-node graph; returns (graph, feeds, kernel arguments)."""
     domain, _, op = ("tgraph", ".", op) if op == "CausalMask" else op.rpartition(".")
@@ -202,7 +221,8 @@ def assert_same(got, want, what):
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_op_matches_kernel_and_onnx_reference(case, tmp_path):
-    _, op, inputs, attrs = case
+    _, op, inputs, attrs = case[:4]
+    opset = case[4] if len(case) > 4 else onnx_default_opset()   # (an op-table case's newest opset)
     graph, feeds, args = build_case(op, inputs, attrs)
     got = run_generated(graph, feeds, tmp_path)
     names = [v.name for v in graph.outputs]
@@ -222,11 +242,12 @@ def test_op_matches_kernel_and_onnx_reference(case, tmp_path):
     if node.domain == "com.microsoft":                # onnx.reference has no contrib kernels
         import onnxruntime as ort
 
-        sess = ort.InferenceSession(onnx_codegen.to_onnx(graph).SerializeToString(), providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(onnx_codegen.to_onnx(graph, opset=opset).SerializeToString(),
+                                    providers=["CPUExecutionProvider"])
         for name, r in zip(names, sess.run(names, feeds)):
             np.testing.assert_allclose(got[name], r, rtol=1e-5, atol=1e-5, err_msg=f"{case[0]} vs onnxruntime")
         return
-    ref = ReferenceEvaluator(onnx_codegen.to_onnx(graph)).run(None, feeds)
+    ref = ReferenceEvaluator(onnx_codegen.to_onnx(graph, opset=opset)).run(None, feeds)
     for name, r in zip(names, ref):
         assert_same(got[name], r, f"{case[0]} vs onnx.reference")
 
@@ -413,13 +434,20 @@ def test_values_never_shadow_module_names(tmp_path):
     assert_same(out[cur.name], want.astype(np.float32), "shadow")
 
 
-def test_bfloat16_is_refused():
+def test_bfloat16_runs_through_ml_dtypes(tmp_path):
+    """Types NumPy lacks come from ml_dtypes: the module imports it only when it needs it."""
+    import ml_dtypes
+
     g = Graph(name="bf16")
     b = Builder(g)
-    x = g.add_input("x", TensorType(DType.float32, (2,)))
+    x = g.add_input("x", TensorType(DType.float32, (3,)))
     g.outputs = [b.op("Cast", x, to=DType.bfloat16)]
-    with pytest.raises(ExportError, match="bfloat16"):
-        generate_source(g, "m.npz")
+    assert "import ml_dtypes" in generate_source(g, "m.npz")
+    assert "import ml_dtypes" not in generate_source(tiny_graph(), "m.npz")
+    xs = np.array([1.0, 1.00390625, -3.5], np.float32)
+    (got,) = run_generated(g, {"x": xs}, tmp_path).values()
+    assert got.dtype == np.dtype(ml_dtypes.bfloat16)
+    np.testing.assert_array_equal(got.astype(np.float32), np.array([1.0, 1.0, -3.5], np.float32))  # round to even
 
 
 @pytest.mark.parametrize("bad", ["/abs/m.npz", "", " m.npz", "C:\\m.npz"])

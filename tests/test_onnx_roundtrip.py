@@ -14,7 +14,7 @@ from onnx import numpy_helper
 
 from tgraph.codegen.onnx import to_onnx
 from tgraph.ir import OPS
-from tgraph.onnx_import import OnnxImportError, import_onnx
+from tgraph.onnx_import import import_onnx
 
 from test_ops import PARAMS, build, ort_run
 
@@ -72,9 +72,14 @@ def test_every_attribute_input_names_an_attribute_of_its_op():
             assert spec.index >= opdef.inputs[0], f"{key}: {spec.attr} would displace a required input"
 
 
-def test_a_computed_attribute_input_is_refused_by_name():
-    """CumSum's axis computed at run time cannot become our attribute: one clear error."""
+def test_a_computed_attribute_input_stays_an_input():
+    """CumSum's axis computed at run time cannot become our attribute: it stays the node's
+    input, the graph runs in NumPy as in onnxruntime, and an opset where ONNX had only the
+    attribute form refuses it by name."""
     from onnx import TensorProto, helper
+
+    from tgraph.errors import ExportError
+    from tgraph.ir.evaluate import evaluate
 
     node_axis = helper.make_node("ReduceMax", ["ax"], ["axis"], keepdims=0)
     node = helper.make_node("CumSum", ["x", "axis"], ["y"], name="cs")
@@ -83,5 +88,23 @@ def test_a_computed_attribute_input_is_refused_by_name():
                                helper.make_tensor_value_info("ax", TensorProto.INT64, [1])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
-    with pytest.raises(OnnxImportError, match=r"node 'cs' \(CumSum\): axis .* must be a constant"):
-        import_onnx(model)
+    g = import_onnx(model)
+    (cumsum,) = [n for n in g.nodes if n.op == "CumSum"]
+    assert len(cumsum.inputs) == 2 and "axis" not in cumsum.attrs
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    feeds = {"x": x, "ax": np.array([1], np.int64)}
+    np.testing.assert_array_equal(evaluate(g, feeds)["y"], np.cumsum(x, axis=1))
+    np.testing.assert_array_equal(ort_run(to_onnx(g, opset=23), feeds)[0], np.cumsum(x, axis=1))
+    (rm,) = [n for n in import_onnx(_reduce_mean_with_runtime_axes()).nodes]
+    with pytest.raises(ExportError, match=r"axes is computed at run time, which ONNX allows from opset 18"):
+        to_onnx(rm.graph, opset=17)
+
+
+def _reduce_mean_with_runtime_axes():
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("ReduceMean", ["x", "axes"], ["y"], name="rm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3]),
+                               helper.make_tensor_value_info("axes", TensorProto.INT64, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])

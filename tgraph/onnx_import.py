@@ -26,8 +26,18 @@ from .codegen.onnx.export import SUPPORTED_OPSETS
 from .errors import TgraphError
 from .ir import Builder, DType, Graph, TensorType, Value
 from .ir.opdefs import OPS
+from .ir.opdefs_more import runtime_attr_input
 
 MIN_OPSET = 13
+
+
+# ops onnxruntime registers in the ONNX domain though ONNX has no such op (its own graphs,
+# e.g. onnxruntime-genai's, carry them), read as the standard op with the same meaning
+_ORT_IN_ONNX_DOMAIN = {"SimplifiedLayerNormalization": "RMSNormalization"}   # RMSNorm, same attributes
+
+# attributes that hold an element type (a TensorProto enum number), read as DTypes
+_DTYPE_ATTRS = {"Cast": ("to",), "EyeLike": ("dtype",), "QuantizeLinear": ("output_dtype",),
+                "DequantizeLinear": ("output_dtype",)}
 
 
 class OnnxImportError(TgraphError):
@@ -146,6 +156,56 @@ def _attrs(node) -> Dict[str, Any]:
     return out
 
 
+def _layer_norm_statistics(b: Builder, ins, attrs, hint: str) -> tuple:
+    """LayerNormalization's Mean and InvStdDev outputs (for training; the IR op keeps only Y):
+    the ReduceMean subgraph that computes them, in the stash type (float32 unless stash_type=0)."""
+    x = ins[0]
+    rank = x.type.rank
+    if rank is None:
+        raise TgraphError("Mean/InvStdDev outputs need the input's rank")
+    axes = list(range(attrs.get("axis", -1) % rank, rank))
+    if attrs.get("stash_type", 1) == 1 and x.dtype is not DType.float32:
+        x = b.op("Cast", x, to=DType.float32, hint=f"{hint}_stash")
+    mean = b.op("ReduceMean", x, axes=axes, keepdims=1, hint=f"{hint}_mean")
+    d = b.op("Sub", x, mean, hint=f"{hint}_centered")
+    var = b.op("ReduceMean", b.op("Mul", d, d, hint=f"{hint}_square"), axes=axes, keepdims=1, hint=f"{hint}_var")
+    eps = b.const(np.array(attrs.get("epsilon", 1e-5), dtype=x.dtype.numpy), hint=f"{hint}_epsilon")
+    std = b.op("Sqrt", b.op("Add", var, eps, hint=f"{hint}_var_eps"), hint=f"{hint}_std")
+    return mean, b.op("Reciprocal", std, hint=f"{hint}_inv_std")
+
+
+# ops whose ONNX form has outputs the IR op does not keep, and how to compute them beside it
+_STATISTICS = {"LayerNormalization": _layer_norm_statistics}
+
+
+def _allows(schema, index: int, dtype: DType) -> bool:
+    """Whether `schema` allows element type `dtype` as input `index`."""
+    import onnx
+
+    if not schema.inputs:
+        return True
+    formal = schema.inputs[min(index, len(schema.inputs) - 1)]     # (a variadic last input repeats)
+    allowed = {t.type_param_str: set(t.allowed_type_strs) for t in schema.type_constraints}.get(formal.type_str)
+    if allowed is None:                                             # a fixed type, e.g. tensor(int64)
+        allowed = {formal.type_str}
+    name = onnx.helper.tensor_dtype_to_string(dtype.onnx).replace("TensorProto.", "").lower()  # float, double ...
+    return f"tensor({name})" in allowed
+
+
+def _widens(newer, older, node) -> bool:
+    """Whether schema `newer` is `older` with more element types and attributes the node does not set."""
+    def io(schema):
+        return ([(i.name, i.option) for i in schema.inputs], [(o.name, o.option) for o in schema.outputs])
+
+    if io(newer) != io(older):
+        return False
+    added = set(newer.attributes) - set(older.attributes)
+    if any(a.name in added for a in node.attribute):
+        return False
+    return all(newer.attributes[k].default_value == older.attributes[k].default_value for k in older.attributes
+               if k in newer.attributes)
+
+
 class _Importer:
     def __init__(self, model):
         self.model = model
@@ -160,6 +220,16 @@ class _Importer:
     def where(self, node) -> str:
         return f"node {node.name or (node.output[0] if node.output else '?')!r} ({node.op_type})"
 
+    def known_input(self, node, i: int) -> Optional[np.ndarray]:
+        """Input `i` when its contents are known before run time: a constant, or integers that
+        follow from static shapes (Shape -> Gather -> Concat chains, as function bodies compute axes)."""
+        v = self.env[node.input[i]]
+        if v.const is not None:
+            return np.asarray(v.const)
+        if v.sym is not None and all(isinstance(d, int) for d in v.sym):
+            return np.array(v.sym, dtype=np.int64).reshape(v.type.shape if v.type.is_static else (-1,))
+        return None
+
     def const_input(self, node, i: int, what: str) -> Optional[np.ndarray]:
         """Input `i` as a constant array (None when absent); refuses computed values."""
         if i >= len(node.input) or not node.input[i]:
@@ -173,13 +243,19 @@ class _Importer:
     # ---- the import -------------------------------------------------------------------------
     def run(self) -> Graph:
         g, mg = self.graph, self.model.graph
-        if self.opset is None or self.opset < MIN_OPSET:
-            raise OnnxImportError(f"model uses opset {self.opset} of the standard domain; tgraph imports "
-                                  f"opset {MIN_OPSET} and later (convert it with onnx.version_converter)")
         newest = max(SUPPORTED_OPSETS)       # ops may have changed since: tgraph could not write it back as it is
-        if self.opset > newest:
-            raise OnnxImportError(f"model uses opset {self.opset} of the standard domain, newer than tgraph knows; "
-                                  f"it imports opsets {MIN_OPSET}..{newest} (convert it with onnx.version_converter)")
+        if self.opset is None:
+            raise OnnxImportError("model imports no opset of the standard domain")
+        self.model_opset = self.opset
+        import onnx
+
+        if self.opset > onnx.defs.onnx_opset_version():
+            raise OnnxImportError(f"model uses opset {self.opset} of the standard domain, newer than this onnx "
+                                  f"({onnx.__version__}) knows ({onnx.defs.onnx_opset_version()}); tgraph imports "
+                                  f"opsets up to that and writes {MIN_OPSET}..{newest}")
+        # a model of another opset is read at the nearest one tgraph knows, node by node
+        # when each node's op means the same there (`_check_version`)
+        self.opset = min(max(self.opset, MIN_OPSET), newest)
         g.meta["onnx_opset"] = self.opset
         out_names = [o.name for o in mg.output]
         init_names = {t.name for t in mg.initializer}
@@ -218,13 +294,22 @@ class _Importer:
     def node(self, node) -> None:
         domain = "" if node.domain == "ai.onnx" else node.domain
         op = node.op_type
+        if domain == "" and op in _ORT_IN_ONNX_DOMAIN:
+            op = _ORT_IN_ONNX_DOMAIN[op]
         key = f"{domain}.{op}" if domain else op
         if domain == "" and op == "Constant":
             arr = _constant_value(node)
-            self.env[node.output[0]] = self.graph.add_constant(arr, hint=node.output[0])
+            name = node.output[0]
+            if name in self.output_names and name not in self.env:    # a graph output keeps its name
+                self.graph.names.release(name)
+                self.env[name] = self.graph.add_constant(arr, hint=name, exact_name=True)
+            else:
+                self.env[name] = self.graph.add_constant(arr, hint=name)
             return
         if domain not in _importable_domains():
             raise OnnxImportError(f"{self.where(node)}: domain {node.domain!r} is not supported")
+        if domain == "" and self.model_opset != self.opset:
+            self._check_version(node)
         if key not in OPS:
             raise OnnxImportError(f"{self.where(node)}: op {key} is not supported by tgraph")
         opdef = OPS[key]
@@ -234,18 +319,23 @@ class _Importer:
         attrs = _attrs(node)
         interface = opdef.onnx
         from_inputs = interface.as_inputs(self.opset) if domain == "" else interface.attr_inputs
+        runtime = set()
         for spec in from_inputs:                 # static parameters ONNX passes as inputs
             if spec.index < len(node.input) and node.input[spec.index]:
-                array = self.const_input(node, spec.index, spec.attr)
+                array = self.known_input(node, spec.index)
+                if array is None and runtime_attr_input(opdef, spec):
+                    runtime.add(spec.index)      # computed at run time: it stays an input
+                    continue
+                array = self.const_input(node, spec.index, spec.attr) if array is None else array
                 try:
                     attrs[spec.attr] = spec.from_array(array, self.where(node))
                 except TgraphError as e:
                     raise OnnxImportError(str(e)) from None
                 self.read_as_attrs.add(node.input[spec.index])
-        positions = {spec.index for spec in from_inputs}
+        positions = {spec.index for spec in from_inputs} - runtime
         input_names = [n for i, n in enumerate(node.input) if i not in positions]
         std = domain == ""
-        if std and op.startswith("Reduce"):
+        if std and op.startswith("Reduce") and not runtime:
             noop = attrs.pop("noop_with_empty_axes", 0)
             if attrs.get("axes") is not None and len(attrs["axes"]) == 0 and not noop:
                 attrs["axes"] = None            # ONNX: empty axes reduce everything
@@ -254,12 +344,19 @@ class _Importer:
         if std and op == "Split":
             if attrs.get("split") is None and attrs.get("num_outputs") is None:
                 attrs["num_outputs"] = len(node.output)
-        if std and op == "Cast":
-            attrs["to"] = DType(attrs["to"]) if attrs.get("to") in {d.value for d in DType} else \
-                self._fail(node, f"cast to unsupported element type {attrs.get('to')}")
-            attrs.pop("saturate", None)
-        if std and op == "Softmax" and self.opset < 13:
-            self._fail(node, "Softmax before opset 13 flattens its input")
+        for name in _DTYPE_ATTRS.get(op, ()) if std else ():
+            if attrs.get(name):                  # an element type number (0: unset)
+                attrs[name] = self._dtype(node, attrs[name])
+            elif name in attrs:
+                del attrs[name]
+        if std and op == "Attention":
+            # one output, or all four: the present outputs or qk_matmul_output ask for the rest
+            wants_more = any(node.output[1:]) if len(node.output) > 1 else False
+            if len(node.output) < 4 or not node.output[3]:
+                attrs.pop("qk_matmul_output_mode", None)     # it shapes only that output
+            if wants_more and attrs.get("qk_matmul_output_mode") is None and \
+                    not (len(node.input) > 4 and node.input[4]):
+                attrs["qk_matmul_output_mode"] = 0
         ins = [self.env[n] if n else None for n in input_names]
         while ins and ins[-1] is None:
             ins.pop()
@@ -277,6 +374,14 @@ class _Importer:
         except TgraphError as e:
             raise OnnxImportError(f"{self.where(node)}: {e}") from None
         outs = outs if isinstance(outs, tuple) else (outs,)
+        extra = _STATISTICS.get(key) if len(output_names) > len(outs) and any(output_names[len(outs):]) else None
+        if extra is not None:                    # training outputs, computed beside the op
+            try:
+                outs = outs + extra(self.b, ins, opdef.resolve_attrs(attrs), hint)
+            except TgraphError as e:
+                raise OnnxImportError(f"{self.where(node)}: {e}") from None
+        if len(output_names) < len(outs):
+            output_names = output_names + [""] * (len(outs) - len(output_names))   # optional outputs left out
         if len(outs) != len(output_names):
             self._fail(node, f"has {len(output_names)} outputs, tgraph's {op} gives {len(outs)}")
         for name, v in zip(output_names, outs):
@@ -288,6 +393,39 @@ class _Importer:
                 self.graph.names.release(v.name)  # the reserved interface name replaces the fresh one
                 v.name = name
             self.env[name] = v
+
+    def _check_version(self, node) -> None:
+        """A node of a model whose opset tgraph does not write is read at `self.opset` when its
+        op has the same definition there, or (for a newer opset) one that differs only in
+        allowing more element types or in attributes the node leaves unset."""
+        import onnx
+
+        op, model = node.op_type, self.model_opset
+        try:
+            theirs = onnx.defs.get_schema(op, model, "")
+        except onnx.defs.SchemaError:
+            self._fail(node, f"{op} is not an ONNX operator at opset {model}")
+        try:
+            ours = onnx.defs.get_schema(op, self.opset, "")
+        except onnx.defs.SchemaError:
+            self._fail(node, f"{op}-{theirs.since_version} is newer than opset {self.opset}, the newest tgraph writes")
+        if theirs.since_version == ours.since_version:
+            return
+        if model > self.opset and _widens(theirs, ours, node):
+            for i, name in enumerate(node.input):   # ... and the node uses only types the older one allows
+                if name and not _allows(ours, i, self.env[name].dtype):
+                    self._fail(node, f"{op}-{theirs.since_version} (opset {model}) takes {self.env[name].dtype.name} "
+                                     f"as input {i}, which {op}-{ours.since_version} (opset {self.opset}, the "
+                                     f"newest tgraph writes) does not")
+            return
+        self._fail(node, f"{op}-{theirs.since_version} (opset {model}) differs from {op}-{ours.since_version}, "
+                         f"the version tgraph reads at opset {self.opset} (convert it with onnx.version_converter)")
+
+    def _dtype(self, node, number) -> DType:
+        try:
+            return DType(number)
+        except ValueError:
+            self._fail(node, f"element type {number} is not supported")
 
     def _fail(self, node, why: str):
         raise OnnxImportError(f"{self.where(node)}: {why}")

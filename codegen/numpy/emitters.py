@@ -116,6 +116,20 @@ def _div(ctx: EmitContext) -> str:
     return "{0} / {1}".format(*ctx.args)
 
 
+def _matmul(ctx: EmitContext) -> str:
+    # `@` of bfloat16/float8 arrays (ml_dtypes) gives float32: the kernel casts back
+    if ctx.input(0).dtype.is_ml_dtype:
+        return Call(kernels.matmul)(ctx)
+    return "{0} @ {1}".format(*ctx.args)
+
+
+def _pow(ctx: EmitContext) -> str:
+    # ONNX Pow keeps the base's type; NumPy would promote a mixed pair
+    if ctx.input(0).dtype is not ctx.input(1).dtype:
+        return Call(kernels.pow_)(ctx)
+    return "{0} ** {1}".format(*ctx.args)
+
+
 def _transpose(ctx: EmitContext) -> str:
     perm = ctx.attrs.get("perm")
     if perm is None:
@@ -124,6 +138,8 @@ def _transpose(ctx: EmitContext) -> str:
 
 
 def _squeeze(ctx: EmitContext) -> str:
+    if ctx.input(1) is not None:                 # axes computed at run time
+        return Call(kernels.squeeze)(ctx)
     axes = ctx.attrs.get("axes")
     if axes is None:
         return f"np.squeeze({ctx.args[0]})"
@@ -132,11 +148,16 @@ def _squeeze(ctx: EmitContext) -> str:
 
 def _unsqueeze(ctx: EmitContext) -> str:
     # np.expand_dims normalises negative axes against the output rank, as ONNX does.
+    if ctx.input(1) is not None:                 # axes computed at run time
+        return Call(kernels.unsqueeze)(ctx)
     return f"np.expand_dims({ctx.args[0]}, {attr_lit([int(a) for a in ctx.attrs['axes']])})"
 
 
 def _cast(ctx: EmitContext) -> str:
-    return f"{ctx.args[0]}.astype({dtype_lit(ctx.attrs['to'])})"
+    to = ctx.attrs["to"]
+    if to.name.startswith("float8") or ctx.attrs.get("saturate") is not None:
+        return Call(kernels.cast)(ctx)           # float8 targets saturate
+    return f"{ctx.args[0]}.astype({dtype_lit(to)})"
 
 
 def _reshape(ctx: EmitContext) -> str:
@@ -194,8 +215,8 @@ EMITTERS: Dict[str, Callable[[EmitContext], str]] = {
     "Sub": Inline("{0} - {1}"),
     "Mul": Inline("{0} * {1}"),
     "Div": _div,
-    "Pow": Inline("{0} ** {1}"),
-    "MatMul": Inline("{0} @ {1}"),
+    "Pow": _pow,
+    "MatMul": _matmul,
     "Gemm": Call(kernels.gemm),
     "Sqrt": Inline("np.sqrt({0})"),
     "Reciprocal": Inline("np.reciprocal({0})"),
@@ -243,16 +264,40 @@ EMITTERS: Dict[str, Callable[[EmitContext], str]] = {
     "Range": Call(kernels.range_),
     "CumSum": Call(kernels.cumsum),
     "tgraph.CausalMask": Call(kernels.causal_mask),
+    # read from other exporters' graphs (tgraph.ir.opdefs_more)
+    **{op: Call(fn) for op, fn in (
+        ("Abs", kernels.abs_), ("Ceil", kernels.ceil), ("Floor", kernels.floor), ("Round", kernels.round_),
+        ("Sign", kernels.sign), ("IsInf", kernels.isinf), ("Mod", kernels.mod), ("Xor", kernels.xor),
+        ("Min", kernels.minimum), ("Sum", kernels.sum_), ("Mean", kernels.mean), ("Clip", kernels.clip),
+        ("Size", kernels.size), ("CastLike", kernels.cast_like), ("ArgMax", kernels.arg_max),
+        ("ArgMin", kernels.arg_min), ("ReduceMin", kernels.reduce_min), ("ReduceProd", kernels.reduce_prod),
+        ("ReduceL1", kernels.reduce_l1), ("ReduceL2", kernels.reduce_l2),
+        ("ReduceSumSquare", kernels.reduce_sum_square), ("ReduceLogSum", kernels.reduce_log_sum),
+        ("ReduceLogSumExp", kernels.reduce_log_sum_exp), ("LogSoftmax", kernels.log_softmax),
+        ("Hardmax", kernels.hardmax), ("Dropout", kernels.dropout), ("TopK", kernels.top_k),
+        ("Pad", kernels.pad), ("Tile", kernels.tile), ("Einsum", kernels.einsum),
+        ("ScatterElements", kernels.scatter_elements), ("ScatterND", kernels.scatter_nd),
+        ("EyeLike", kernels.eye_like), ("OneHot", kernels.one_hot), ("NonZero", kernels.non_zero),
+        ("LeakyRelu", kernels.leaky_relu), ("PRelu", kernels.prelu), ("Elu", kernels.elu), ("Selu", kernels.selu),
+        ("Celu", kernels.celu), ("HardSigmoid", kernels.hard_sigmoid), ("HardSwish", kernels.hard_swish),
+        ("Softplus", kernels.softplus), ("Softsign", kernels.softsign),
+        ("ThresholdedRelu", kernels.thresholded_relu), ("Mish", kernels.mish), ("Swish", kernels.swish),
+        ("DequantizeLinear", kernels.dequantize_linear), ("QuantizeLinear", kernels.quantize_linear),
+        ("DynamicQuantizeLinear", kernels.dynamic_quantize_linear), ("MatMulInteger", kernels.matmul_integer))},
     # fused ops (tgraph.ir.fused): what the fusion passes produce
     "LayerNormalization": Call(fused.layer_normalization),
     "RMSNormalization": Call(fused.rms_normalization),
     "Gelu": Call(fused.gelu),
-    "Attention": Call(fused.attention),
+    "Attention": Call(kernels.onnx_attention),
     "RotaryEmbedding": Call(fused.rotary_embedding),
     # onnxruntime contrib ops (tgraph.ir.contrib): what the -O3 ort fusions produce
     "com.microsoft.SkipLayerNormalization": Call(contrib.skip_layer_normalization),
     "com.microsoft.SkipSimplifiedLayerNormalization": Call(contrib.skip_simplified_layer_normalization),
     "com.microsoft.GroupQueryAttention": Call(contrib.group_query_attention),
+    "com.microsoft.FastGelu": Call(contrib.fast_gelu),
+    "com.microsoft.BiasGelu": Call(contrib.bias_gelu),
+    "com.microsoft.RotaryEmbedding": Call(contrib.ms_rotary_embedding),
+    "com.microsoft.EmbedLayerNormalization": Call(contrib.embed_layer_normalization),
     # weight-only quantization (passes/quantize.py): dequantize, then MatMul
     "com.microsoft.MatMulNBits": Call(contrib.matmul_nbits),
 }

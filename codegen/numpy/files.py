@@ -24,6 +24,7 @@ from tgraph.atomic import write_files
 from tgraph.errors import ExportError
 from tgraph.ir.core import Graph
 from tgraph.ir.names import sanitize
+from tgraph.ir.types import DType
 
 from .generator import generate_source, plan_weights
 
@@ -36,8 +37,11 @@ def write_npz(fileobj, arrays: Dict[str, np.ndarray]) -> None:
         for name, array in arrays.items():
             if "\x00" in name:
                 raise ExportError(f"weight name {name!r} contains a NUL character, which .npz cannot store")
+            array = np.asanyarray(array)
+            if DType.of(array.dtype).is_ml_dtype:     # .npy has no bfloat16/float8/int4: their raw bits
+                array = array.view(f"u{array.dtype.itemsize}")   # (the module views them back)
             with zf.open(name + ".npy", "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
+                np.lib.format.write_array(f, array, allow_pickle=False)
 
 
 def write_numpy_module(graph: Graph, path: Union[str, os.PathLike]) -> Path:

@@ -14,6 +14,7 @@ kept only inside string literals and escaped comments (see `literals`).
 from __future__ import annotations
 
 import ast
+import functools
 import builtins
 import inspect
 import keyword
@@ -88,10 +89,11 @@ def _type_text(t: TensorType) -> str:
     return comment(str(t))
 
 
-def _check_dtype(v: Value) -> None:
-    if v.type.dtype is DType.bfloat16:
-        raise ExportError(f"value {v.name!r} is bfloat16, which NumPy cannot represent; "
-                          "cast the graph to float32 before NumPy code generation")
+def _needs_ml_dtypes(graph: Graph) -> bool:
+    """Whether the module names a type NumPy lacks (bfloat16, float8, int4 ...): then it imports ml_dtypes."""
+    if any(v.type.dtype.is_ml_dtype for v in graph.values()):
+        return True
+    return any(isinstance(a, DType) and a.is_ml_dtype for n in graph.nodes for a in n.attrs.values())
 
 
 def _example_shape(t: TensorType) -> Tuple[int, ...]:
@@ -121,17 +123,26 @@ class _Kernels:
         return f"k.{name}"
 
     def sources(self) -> List[str]:
-        out = []
-        for fn in self.used.values():
-            try:
-                src = textwrap.dedent(inspect.getsource(fn)).strip("\n")
-            except (OSError, TypeError) as e:
-                raise ExportError(f"cannot read the source of kernel {fn.__name__}: {e}") from None
-            out.append(textwrap.indent("@staticmethod\n" + src, "    "))
-        return out
+        return [_kernel_source(fn) for fn in self.used.values()]
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_source(fn: Callable) -> str:
+    """A kernel's source as a static method of the module's `k` (kernels are module-level
+    functions, so their source is read once per process)."""
+    try:
+        src = textwrap.dedent(inspect.getsource(fn)).strip("\n")
+    except (OSError, TypeError) as e:
+        raise ExportError(f"cannot read the source of kernel {fn.__name__}: {e}") from None
+    return textwrap.indent("@staticmethod\n" + src, "    ")
 
 
 def kernel_dependencies(fn: Callable) -> List[Callable]:
+    return list(_kernel_dependencies(fn))
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_dependencies(fn: Callable) -> tuple:
     """The kernels `fn` calls as ``k.name``; raises if it needs any other global."""
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
@@ -156,7 +167,7 @@ def kernel_dependencies(fn: Callable) -> List[Callable]:
             if not inspect.isfunction(dep):
                 raise ExportError(f"kernel {fn.__name__} calls k.{node.attr}, which is not a kernel function")
             deps.append(dep)
-    return deps
+    return tuple(deps)
 
 
 def _check_weights_file(weights_file: str) -> None:
@@ -176,7 +187,7 @@ def plan_weights(graph: Graph) -> Dict[str, np.ndarray]:
             continue
         if owner.setdefault(v.name, v) is not v:
             raise ExportError(f"two different constants are both named {v.name!r}")
-        out[v.name] = np.ascontiguousarray(v.const)
+        out[v.name] = np.asarray(v.const, order="C")   # (ascontiguousarray would make a 0-d weight 1-d)
     return out
 
 
@@ -190,7 +201,6 @@ def generate_source(graph: Graph, weights_file: str) -> str:
     def ref(v: Value) -> str:
         if v is None:
             return "None"
-        _check_dtype(v)
         if v.const is not None and v.producer is None:
             if v.name in weights:
                 return f"P[{str_lit(v.name)}]"
@@ -199,7 +209,6 @@ def generate_source(graph: Graph, weights_file: str) -> str:
 
     inputs = []
     for v in graph.inputs:
-        _check_dtype(v)
         inputs.append({"var": namer.name(v), "key": v.name, "dtype": dtype_lit(v.dtype), "type": _type_text(v.type),
                        "dims": _dims_lit(v.type)})
 
@@ -208,8 +217,6 @@ def generate_source(graph: Graph, weights_file: str) -> str:
         emit = EMITTERS.get(node.qualified_op)
         if emit is None:
             raise ExportError(f"node {node.name!r}: the NumPy backend has no emitter for op {node.qualified_op!r}")
-        for o in node.outputs:
-            _check_dtype(o)
         ctx = EmitContext(node, [ref(v) for v in node.inputs], kernels.use)
         try:
             expr = emit(ctx)
@@ -239,4 +246,7 @@ def generate_source(graph: Graph, weights_file: str) -> str:
         unpack="".join(f"{i['var']}, " for i in inputs).rstrip(" ") if len(inputs) == 1 else
         ", ".join(i["var"] for i in inputs),
         module=module if module.isidentifier() and module.isascii() else "model", example=example,
+        ml_dtypes=_needs_ml_dtypes(graph),
+        weight_views=[(str_lit(name), dtype_lit(a.dtype)) for name, a in weights.items()
+                      if DType.of(a.dtype).is_ml_dtype],
     )

@@ -50,15 +50,18 @@ def str_lit(text: str) -> str:
 
 # ---------------------------------------------------------------- numbers and arrays
 def dtype_lit(dtype: Any) -> str:
-    """`np.float32` etc.; bfloat16 has no NumPy dtype, so the backend cannot express it."""
+    """`np.float32` etc.; the types NumPy lacks (bfloat16, float8, int4 ...) as `ml_dtypes.<name>`
+    (the generated module then imports ml_dtypes)."""
     dt = DType.of(dtype)
-    if dt is DType.bfloat16:
-        raise ExportError("the NumPy backend cannot represent bfloat16 (NumPy has no such dtype); cast to float32 first")
+    if dt.is_ml_dtype:
+        return f"ml_dtypes.{dt.numpy.name}"
     return "np.bool_" if dt is DType.bool else f"np.{dt.name}"
 
 
 def _float_text(value: np.floating) -> str:
     """Shortest decimal that reads back to exactly `value` in its own dtype."""
+    if not isinstance(value, np.floating):           # an ml_dtypes float: every value is a float32
+        value = np.float32(value)
     if np.isnan(value):
         return "np.nan"
     if np.isinf(value):
@@ -77,6 +80,8 @@ def _element_text(value: Any) -> str:
         return str(int(value))
     if isinstance(value, np.floating):
         return _float_text(value)
+    if isinstance(value, np.generic) and DType.of(value.dtype).is_ml_dtype:   # exact in float32
+        return _float_text(np.float32(value)) if DType.of(value.dtype).is_float else str(int(value))
     if isinstance(value, float):
         return _float_text(np.float64(value))
     raise ExportError(f"cannot write a {type(value).__name__} as a literal")

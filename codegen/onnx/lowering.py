@@ -183,7 +183,12 @@ def emit_interface(ctx: LoweringContext, node: Node, attrs: Optional[dict] = Non
     interface = onnx_interface(node)
     attrs = dict(node.attrs if attrs is None else attrs)
     ins = names(node.inputs)
-    for spec in interface.as_inputs(ctx.opset):
+    written = interface.as_inputs(ctx.opset)
+    for spec in interface.attr_inputs:
+        if spec not in written and spec.index < len(ins) and ins[spec.index] is not None:
+            raise ExportError(f"{ctx._where()}: {spec.attr} is computed at run time, which ONNX allows from "
+                              f"opset {spec.since} (exporting opset {ctx.opset})")
+    for spec in written:
         value = attrs.pop(spec.attr, None)
         if value is None:
             continue                           # an absent optional input (e.g. Squeeze without axes)
@@ -197,9 +202,15 @@ _SAME_AS_ONNX = (
     "Add", "Sub", "Mul", "Div", "Pow", "MatMul", "Gemm", "Sqrt", "Reciprocal", "Neg", "Exp", "Log", "Erf",
     "Tanh", "Sigmoid", "Relu", "Cos", "Sin", "Identity", "Not", "And", "Or", "Equal", "Less", "Greater",
     "Softmax", "Transpose", "Reshape", "Expand", "Concat", "Slice", "Gather", "Where", "Trilu", "Shape",
-    "Range", "Cast", "LayerNormalization", "RMSNormalization", "Gelu", "RotaryEmbedding",
+    "Range", "Cast", "LayerNormalization", "Gelu", "RotaryEmbedding",
     "LessOrEqual", "GreaterOrEqual", "IsNaN", "Flatten", "GatherElements", "GatherND", "Max",
     "Squeeze", "Unsqueeze", "CumSum",
+    # read from other exporters' graphs (tgraph.ir.opdefs_more), written back as they came
+    "Abs", "Ceil", "Floor", "Round", "Sign", "IsInf", "Mod", "Xor", "Min", "Sum", "Mean", "Clip", "Size",
+    "CastLike", "ArgMax", "ArgMin", "LogSoftmax", "Hardmax", "TopK", "Pad", "Tile", "Einsum",
+    "ScatterElements", "ScatterND", "EyeLike", "OneHot", "NonZero", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu",
+    "HardSigmoid", "HardSwish", "Softplus", "Softsign", "ThresholdedRelu", "Mish", "Swish", "DequantizeLinear",
+    "QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger",
 )
 
 
@@ -210,7 +221,8 @@ def lower_same(ctx: LoweringContext, node: Node) -> None:
     emit_interface(ctx, node)
 
 
-@lowering("ReduceMean", "ReduceSum", "ReduceMax")
+@lowering("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+          "ReduceSumSquare", "ReduceLogSum", "ReduceLogSumExp")
 def lower_reduce(ctx: LoweringContext, node: Node) -> None:
     """Empty axes means "reduce nothing" in our IR but "reduce all" in ONNX: an Identity."""
     axes = node.attrs.get("axes")
@@ -224,9 +236,48 @@ def lower_reduce(ctx: LoweringContext, node: Node) -> None:
 def lower_split(ctx: LoweringContext, node: Node) -> None:
     """With only a count, opset 18 wants `num_outputs`; older ones split evenly."""
     attrs = {"axis": node.attrs.get("axis", 0), "split": node.attrs.get("split")}
-    if attrs["split"] is None and ctx.opset >= 18:
+    if attrs["split"] is None and ctx.opset >= 18 and len(node.inputs) < 2:   # (sizes may be a runtime input)
         attrs["num_outputs"] = len(node.outputs)
     emit_interface(ctx, node, attrs)
+
+
+@lowering("RMSNormalization")
+def lower_rms_normalization(ctx: LoweringContext, node: Node) -> None:
+    """RMSNormalization-23; below opset 23 (a graph imported from an older model, such as
+    onnxruntime's SimplifiedLayerNormalization) the same formula in standard ops:
+    x / sqrt(mean(x², axes) + epsilon) * scale, the statistics in float32 (stash_type 1)."""
+    if ctx.opset >= 23:
+        emit_interface(ctx, node)
+        return
+    (x, scale), (out,) = node.inputs, node.outputs
+    rank = x.type.rank
+    if rank is None:
+        raise ExportError(f"node {node.name} (RMSNormalization): below opset 23 the input's rank must be known")
+    axes = list(range(node.attrs.get("axis", -1) % rank, rank))
+    stash = np.float32 if node.attrs.get("stash_type", 1) == 1 and x.dtype.numpy != np.float64 else x.dtype.numpy
+    xs = x.name
+    if np.dtype(stash) != x.dtype.numpy:
+        (xs,) = ctx.emit("Cast", [xs], 1, to=onnx.helper.np_dtype_to_tensor_dtype(np.dtype(stash)))
+    (square,) = ctx.emit("Mul", [xs, xs], 1)
+    if ctx.opset >= 18:
+        (mean,) = ctx.emit("ReduceMean", [square, ctx.ints(axes, "axes")], 1, keepdims=1)
+    else:
+        (mean,) = ctx.emit("ReduceMean", [square], 1, axes=axes, keepdims=1)
+    eps = ctx.const(np.array(node.attrs.get("epsilon", 1e-5), dtype=stash), "epsilon")
+    (std,) = ctx.emit("Sqrt", [ctx.emit("Add", [mean, eps], 1)[0]], 1)
+    (normed,) = ctx.emit("Div", [xs, std], 1)
+    if np.dtype(stash) != x.dtype.numpy:
+        (normed,) = ctx.emit("Cast", [normed], 1, to=x.dtype.onnx)
+    ctx.emit("Mul", [normed, scale.name], [out.name])
+
+
+@lowering("Dropout")
+def lower_dropout(ctx: LoweringContext, node: Node) -> None:
+    """The mask output is written only when something reads it."""
+    out, mask = node.outputs
+    needed = mask.users or (node.graph is not None and any(o is mask for o in node.graph.outputs))
+    emit_interface_outputs = [out.name] + ([mask.name] if needed else [])
+    ctx.emit("Dropout", names(node.inputs), emit_interface_outputs, **node.attrs)
 
 
 @lowering("ConstantOfShape")
@@ -273,12 +324,14 @@ def lower_causal_mask(ctx: LoweringContext, node: Node) -> None:
 
 @lowering("Attention")
 def lower_attention(ctx: LoweringContext, node: Node) -> None:
-    """Attention-23. onnxruntime (1.31) insists that a mask's query axis equals Tq, where the
-    spec allows broadcasting: a [.., 1, Tk] padding mask is expanded to [.., Tq, Tk] first."""
+    """Attention-23 (24 with nonpad_kv_seqlen, 25 with a sliding window). onnxruntime (1.31)
+    insists that a mask's query axis equals Tq, where the spec allows broadcasting: a
+    [.., 1, Tk] padding mask is expanded to [.., Tq, Tk] first. Of the four outputs
+    (Y, present_key, present_value, qk_matmul_output) only those something reads are written."""
     q, k, v = (x.name for x in node.inputs[:3])
     mask = node.inputs[3] if len(node.inputs) > 3 else None
     ins = [q, k, v]
-    if mask is not None:
+    if mask is not None and node.inputs[0].type.rank is not None:
         m = mask.name
         if mask.shape is None or mask.shape[-2] == 1:
             rank = len(mask.shape) if mask.shape is not None else 4
@@ -289,7 +342,19 @@ def lower_attention(ctx: LoweringContext, node: Node) -> None:
             shape = ctx.emit("Concat", [lead, tq, tk], 1, axis=0)[0]
             m = ctx.emit("Expand", [m, shape], 1)[0]
         ins.append(m)
-    ctx.emit("Attention", ins, names(node.outputs), **node.attrs)
+    elif len(node.inputs) > 4:
+        ins.append(None)
+    ins += names(node.inputs[4:])
+    while ins and ins[-1] is None:
+        ins.pop()
+    graph_outputs = {id(o) for o in node.graph.outputs} if node.graph is not None else set()
+    outs = [o.name if i == 0 or o.users or id(o) in graph_outputs else "" for i, o in enumerate(node.outputs)]
+    while len(outs) > 1 and not outs[-1]:
+        outs.pop()
+    attrs = dict(node.attrs)
+    if len(outs) < 4 and attrs.get("qk_matmul_output_mode") == 0:
+        del attrs["qk_matmul_output_mode"]       # (the mode only shapes the qk output: 0 is the default)
+    ctx.emit("Attention", ins, outs, **attrs)
 
 
 @lowering("com.microsoft.SkipLayerNormalization", "com.microsoft.SkipSimplifiedLayerNormalization")
@@ -319,3 +384,19 @@ def lower_matmul_nbits(ctx: LoweringContext, node: Node) -> None:
         ins.pop()
     attrs = {k: int(v) for k, v in node.attrs.items()}
     ctx.emit(node.op, ins, names(node.outputs), domain="com.microsoft", **attrs)
+
+
+@lowering("com.microsoft.FastGelu", "com.microsoft.BiasGelu", "com.microsoft.RotaryEmbedding",
+          "com.microsoft.EmbedLayerNormalization")
+def lower_contrib_as_is(ctx: LoweringContext, node: Node) -> None:
+    """onnxruntime contrib ops read from other tools' graphs, written back as they came; an
+    output nothing reads (EmbedLayerNormalization's embedding_sum) is left out."""
+    ctx.use_domain("com.microsoft", 1)
+    outs = names(node.outputs)
+    graph_outputs = {id(o) for o in node.graph.outputs} if node.graph is not None else set()
+    while len(outs) > 1 and not node.outputs[len(outs) - 1].users and id(node.outputs[len(outs) - 1]) not in graph_outputs:
+        outs.pop()
+    ins = names(node.inputs)
+    while ins and ins[-1] is None:
+        ins.pop()
+    ctx.emit(node.op, ins, outs, domain="com.microsoft", **node.attrs)

@@ -8,6 +8,7 @@ from .names import NameAuthority, sanitize
 from .opdefs import OPS, OpDef, get_op
 from . import fused  # noqa: F401,E402  (registers the fused ops into OPS)
 from . import contrib  # noqa: F401,E402  (registers onnxruntime's com.microsoft ops)
+from . import opdefs_more  # noqa: F401,E402  (registers the ops tgraph reads but never emits)
 from .printer import format_graph
 from .types import DType, Dim, TensorType
 from .verify import verify

@@ -101,8 +101,10 @@ def group_query_attention(query, key, value, past_key, past_value, seqlens_k, to
                           cos_cache=None, sin_cache=None, position_ids=None, attention_bias=None,
                           num_heads=1, kv_num_heads=1, scale=None,
                           do_rotary=0, rotary_interleaved=0, softcap=0.0, local_window_size=-1):
-    b, s, _ = query.shape
     d = past_key.shape[3]
+    if key is None:                              # packed QKV: query holds [q | k | v] on its last axis
+        query, key, value = np.split(query, [num_heads * d, (num_heads + kv_num_heads) * d], axis=-1)
+    b, s, _ = query.shape
     total = int(np.asarray(total_sequence_length).reshape(-1)[0])
     m = max(total, past_key.shape[2])
     lengths = np.asarray(seqlens_k).astype(np.int64).reshape(-1) + 1            # L_b
@@ -164,24 +166,30 @@ def _infer_gqa(ins, attrs, consts):
     hq, hk = attrs.get("num_heads"), attrs.get("kv_num_heads")
     if not hq or not hk or hq % hk:
         raise ShapeError(f"{op}: num_heads ({hq}) must be a positive multiple of kv_num_heads ({hk})")
+    packed = k is None and v is None             # query holds [q | k | v] (onnxruntime-genai writes it so)
+    if (k is None) != (v is None):
+        raise ShapeError(f"{op}: key and value are given together (or both packed into query)")
     for name, t in (("query", q), ("key", k), ("value", v)):
-        if len(_need_rank(t, op)) != 3:
+        if t is not None and len(_need_rank(t, op)) != 3:
             raise ShapeError(f"{op}: {name} must be 3-D [batch, seq, heads*head_size], got {t}")
     for name, t in (("past_key", pk), ("past_value", pv)):
         if len(_need_rank(t, op)) != 4:
             raise ShapeError(f"{op}: {name} must be 4-D [batch, kv_heads, max_length, head_size], got {t}")
     if not q.dtype.is_float:
         raise ShapeError(f"{op} of a {q.dtype.name} tensor")
-    _same_dtype([q, k, v, pk, pv] + [t for i, t in enumerate(ins[7:], 7) if t is not None and i != 9], op)
+    _same_dtype([t for t in (q, k, v, pk, pv) if t is not None]
+                + [t for i, t in enumerate(ins[7:], 7) if t is not None and i != 9], op)   # 9: int position_ids
     head = pk.shape[3]
     if isinstance(pk.shape[1], int) and pk.shape[1] != hk:
         raise ShapeError(f"{op}: past_key has {pk.shape[1]} heads, kv_num_heads is {hk}")
     if isinstance(head, int):
         if head % 8:
             raise ShapeError(f"{op}: head size {head} must be a multiple of 8 (onnxruntime's kernel)")
-        for name, t, n in (("query", q, hq), ("key", k, hk), ("value", v, hk)):
+        sizes = (("query", q, hq + 2 * hk),) if packed else (("query", q, hq), ("key", k, hk), ("value", v, hk))
+        for name, t, n in sizes:
             if isinstance(t.shape[2], int) and t.shape[2] != n * head:
-                raise ShapeError(f"{op}: {name} hidden size {t.shape[2]} is not {n} heads x {head}")
+                raise ShapeError(f"{op}: {name} hidden size {t.shape[2]} is not {n} heads x {head}"
+                                 + (" (packed q, k, v)" if packed else ""))
     if seqlens.dtype is not DType.int32 or total.dtype is not DType.int32:
         raise ShapeError(f"{op}: seqlens_k and total_sequence_length must be int32")
     if attrs.get("do_rotary"):
@@ -288,3 +296,156 @@ def _infer_matmul_nbits(ins, attrs, consts):
 register(OpDef("MatMulNBits", _infer_matmul_nbits, matmul_nbits, (3, 6),
                attrs={"K": REQUIRED, "N": REQUIRED, "bits": 4, "block_size": REQUIRED, "accuracy_level": 0},
                domain=DOMAIN, doc="A @ dequantize(B, scales, zero_points) (+ bias): block-wise N-bit weights"))
+
+
+# ============================================================ more contrib ops exported LLMs carry
+# What onnxruntime's transformer optimizer and onnxruntime-genai's builder write besides the
+# ops above, so that such a graph can be inspected, run in NumPy and re-optimized:
+#
+# * ``FastGelu(X, bias?)``: tanh-approximated GELU of X (+ bias).
+# * ``BiasGelu(A, B)``: exact (erf) GELU of A + B.
+# * ``RotaryEmbedding(input, position_ids, cos_cache, sin_cache)``: input [B, S, N*H] or
+#   [B, N, S, H]; position_ids [B, S], or [1] holding the offset of position 0; caches
+#   [max_pos, R/2]; rotate_half pairs (i, i + R/2), or (2i, 2i + 1) when interleaved; the
+#   first R = rotary_embedding_dim (default: the head size) dims of each head rotate.
+# * ``EmbedLayerNormalization(input_ids, segment_ids?, word_emb, pos_emb, seg_emb?, gamma,
+#   beta, mask?, position_ids?) -> (output, mask_index, embedding_sum?)``: BERT's embedding
+#   sum then LayerNorm; mask_index [B] int32 counts each row's mask ones (the sequence length
+#   without a mask).
+def fast_gelu(x, bias=None):
+    if bias is not None:
+        x = x + bias
+    xf = x.astype(np.float32) if x.dtype != np.float64 else x
+    c = np.asarray(0.7978845608028654, xf.dtype)
+    y = np.asarray(0.5, xf.dtype) * xf * (1 + np.tanh(c * (xf + np.asarray(0.044715, xf.dtype) * xf * xf * xf)))
+    return y.astype(x.dtype)
+
+
+def bias_gelu(a, b):
+    x = (a + b).astype(np.float64)
+    t = 1.0 / (1.0 + 0.5 * np.abs(x / np.sqrt(2.0)))
+    z = np.abs(x / np.sqrt(2.0))
+    tau = t * np.exp(-z * z - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (
+        -0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277)))))))))
+    erf = np.where(x >= 0, 1.0 - tau, tau - 1.0)
+    return (0.5 * x * (1.0 + erf)).astype(a.dtype)
+
+
+def ms_rotary_embedding(x, position_ids, cos_cache, sin_cache, interleaved=0, is_packed_batching=0, num_heads=0,
+                        rotary_embedding_dim=0, scale=1.0):
+    shape = x.shape
+    r = rotary_embedding_dim or 2 * cos_cache.shape[1]
+    if x.ndim == 3:
+        heads = num_heads or shape[2] // r
+        x = x.reshape(shape[0], shape[1], heads, shape[2] // heads)            # [B, S, N, H]
+    else:
+        x = np.transpose(x, (0, 2, 1, 3))                                      # [B, S, N, H]
+    b, s = x.shape[0], x.shape[1]
+    pos = np.asarray(position_ids).astype(np.int64)
+    if pos.ndim == 1:                                                          # [1]: the offset of position 0
+        pos = np.broadcast_to(pos.reshape(1, 1) + np.arange(s)[None, :], (b, s))
+    cos, sin = cos_cache[pos][:, :, None, :r // 2], sin_cache[pos][:, :, None, :r // 2]   # [B, S, 1, R/2]
+    rot, rest = x[..., :r], x[..., r:]
+    x1, x2 = (rot[..., 0::2], rot[..., 1::2]) if interleaved else (rot[..., :r // 2], rot[..., r // 2:])
+    real, imag = cos * x1 - sin * x2, sin * x1 + cos * x2
+    rot = np.stack([real, imag], axis=-1).reshape(rot.shape) if interleaved else np.concatenate([real, imag], axis=-1)
+    y = np.concatenate([rot, rest], axis=-1).astype(x.dtype)
+    return y.reshape(shape) if len(shape) == 3 else np.transpose(y, (0, 2, 1, 3))
+
+
+def embed_layer_normalization(input_ids, segment_ids, word_embedding, position_embedding, segment_embedding=None,
+                              gamma=None, beta=None, mask=None, position_ids=None, epsilon=1e-12,
+                              mask_index_type=1):
+    b, s = input_ids.shape
+    pos = np.arange(s)[None, :] if position_ids is None else np.asarray(position_ids).astype(np.int64)
+    e = word_embedding[input_ids.astype(np.int64)] + position_embedding[np.broadcast_to(pos, (b, s))]
+    if segment_ids is not None and segment_embedding is not None:
+        e = e + segment_embedding[segment_ids.astype(np.int64)]
+    ef = e.astype(np.float32) if e.dtype != np.float64 else e
+    mean = np.mean(ef, axis=-1, keepdims=True)
+    d = ef - mean
+    var = np.mean(d * d, axis=-1, keepdims=True)
+    y = (d / np.sqrt(var + np.asarray(epsilon, ef.dtype))).astype(e.dtype) * gamma + beta
+    if mask is None:
+        index = np.full((b,), s, dtype=np.int32)
+    else:
+        index = np.sum(mask != 0, axis=1).astype(np.int32)
+    return y, index, e
+
+
+def _infer_fast_gelu(ins, attrs, consts):
+    x = ins[0]
+    if not x.dtype.is_float:
+        raise ShapeError(f"FastGelu of a {x.dtype.name} tensor")
+    if len(ins) > 1 and ins[1] is not None:
+        _same_dtype([x, ins[1]], "FastGelu")
+        if ins[1].shape is not None and (len(ins[1].shape) != 1 or ins[1].shape[0] != (x.shape or (None,))[-1]):
+            raise ShapeError(f"FastGelu: bias must be a vector over the last dim of {x}, got {ins[1]}")
+    return [x]
+
+
+def _infer_bias_gelu(ins, attrs, consts):
+    from .opdefs import broadcast_shapes
+
+    if not ins[0].dtype.is_float:
+        raise ShapeError(f"BiasGelu of a {ins[0].dtype.name} tensor")
+    return [TensorType(_same_dtype(ins, "BiasGelu"), broadcast_shapes(ins[0].shape, ins[1].shape))]
+
+
+def _infer_ms_rotary(ins, attrs, consts):
+    op = "com.microsoft.RotaryEmbedding"
+    x, pos, cos, sin = ins
+    shape = _need_rank(x, op)
+    if len(shape) not in (3, 4):
+        raise ShapeError(f"{op}: input must be [batch, seq, hidden] or [batch, heads, seq, head], got {x}")
+    if not x.dtype.is_float:
+        raise ShapeError(f"{op} of a {x.dtype.name} tensor")
+    _same_dtype([x, cos, sin], op)
+    if pos.dtype is not DType.int64:
+        raise ShapeError(f"{op}: position_ids must be int64, got {pos.dtype.name}")
+    if attrs.get("is_packed_batching"):
+        raise ShapeError(f"{op}: is_packed_batching=1 is not supported")
+    if attrs.get("scale", 1.0) != 1.0:
+        raise ShapeError(f"{op}: scale other than 1.0 is not supported")
+    half = cos.shape[1] if cos.shape is not None and len(cos.shape) == 2 else None
+    r = attrs.get("rotary_embedding_dim") or (2 * half if isinstance(half, int) else None)
+    if attrs.get("rotary_embedding_dim") and len(shape) == 3 and not attrs.get("num_heads"):
+        raise ShapeError(f"{op}: rotary_embedding_dim with a 3-D input needs num_heads")
+    head = shape[3] if len(shape) == 4 else (shape[2] // attrs["num_heads"] if attrs.get("num_heads") and
+                                              isinstance(shape[2], int) else r)
+    if isinstance(r, int) and isinstance(head, int) and (r % 2 or r > head):
+        raise ShapeError(f"{op}: rotary dim {r} must be even and at most the head size {head}")
+    return [x]
+
+
+def _infer_embed_layer_norm(ins, attrs, consts):
+    op = "EmbedLayerNormalization"
+    ids, seg, word, posemb = ins[0], ins[1], ins[2], ins[3]
+    gamma, beta = ins[5], ins[6]
+    if gamma is None or beta is None:
+        raise ShapeError(f"{op}: gamma and beta are required")
+    shape = _need_rank(ids, op)
+    if len(shape) != 2 or ids.dtype is not DType.int32:
+        raise ShapeError(f"{op}: input_ids must be int32 [batch, seq], got {ids}")
+    for name, t in (("segment_ids", seg), ("mask", ins[7] if len(ins) > 7 else None)):
+        if t is not None and (t.dtype is not DType.int32 or t.shape is None or len(t.shape) != 2):
+            raise ShapeError(f"{op}: {name} must be int32 [batch, seq], got {t}")
+    present = [word, posemb, gamma, beta] + ([ins[4]] if ins[4] is not None else [])
+    dtype = _same_dtype(present, op)
+    hidden = word.shape[1] if word.shape is not None and len(word.shape) == 2 else None
+    if attrs.get("mask_index_type", 1) != 1:
+        raise ShapeError(f"{op}: mask_index_type {attrs.get('mask_index_type')} is not supported (only 1)")
+    out = TensorType(dtype, (shape[0], shape[1], hidden))
+    return [out, TensorType(DType.int32, (shape[0],)), out]
+
+
+register(OpDef("FastGelu", _infer_fast_gelu, fast_gelu, (1, 2), domain=DOMAIN,
+               doc="tanh-approximated GELU of X (+ bias)"))
+register(OpDef("BiasGelu", _infer_bias_gelu, bias_gelu, (2, 2), domain=DOMAIN, doc="erf GELU of A + B"))
+register(OpDef("RotaryEmbedding", _infer_ms_rotary, ms_rotary_embedding, (4, 4), domain=DOMAIN,
+               attrs={"interleaved": 0, "is_packed_batching": 0, "num_heads": 0, "rotary_embedding_dim": 0,
+                      "scale": 1.0},
+               doc="rotary position embedding with position ids (or an offset) and cos/sin tables"))
+register(OpDef("EmbedLayerNormalization", _infer_embed_layer_norm, embed_layer_normalization, (7, 9),
+               attrs={"epsilon": ORT_SKIP_NORM_EPSILON, "mask_index_type": 1}, domain=DOMAIN, num_outputs=3,
+               doc="word + position (+ segment) embeddings, then LayerNorm; (output, mask_index, embedding_sum)"))

@@ -17,32 +17,60 @@ Dim = Union[int, str, None]
 
 
 class DType(enum.Enum):
-    """Element types; the value is the ONNX ``TensorProto`` enum number."""
+    """Element types; the value is the ONNX ``TensorProto`` enum number.
+
+    NumPy has no bfloat16, float8, float4, int4/uint4 or int2/uint2; those come from
+    `ml_dtypes` (the library JAX and ONNX use), whose arrays hold one value per element
+    (unpacked), as `onnx.numpy_helper` returns them.
+    """
 
     float32 = 1
     uint8 = 2
     int8 = 3
+    uint16 = 4
+    int16 = 5
     int32 = 6
     int64 = 7
     bool = 9
     float16 = 10
     float64 = 11
+    uint32 = 12
+    uint64 = 13
     bfloat16 = 16
+    float8e4m3fn = 17
+    float8e4m3fnuz = 18
+    float8e5m2 = 19
+    float8e5m2fnuz = 20
+    uint4 = 21
+    int4 = 22
+    float4e2m1 = 23
+    float8e8m0 = 24
+    uint2 = 25
+    int2 = 26
 
     @property
     def is_float(self) -> bool:
-        return self in (DType.float16, DType.float32, DType.float64, DType.bfloat16)
+        return self in _FLOATS
 
     @property
     def is_int(self) -> bool:
-        return self in (DType.uint8, DType.int8, DType.int32, DType.int64)
+        return self in _INTS
+
+    @property
+    def is_signed(self) -> bool:
+        return self.is_float or self in (DType.int2, DType.int4, DType.int8, DType.int16, DType.int32, DType.int64)
+
+    @property
+    def is_ml_dtype(self) -> bool:
+        """Whether NumPy needs `ml_dtypes` for it."""
+        return self.name in _ML_DTYPES
 
     @property
     def numpy(self) -> np.dtype:
-        if self is DType.bfloat16:
-            import ml_dtypes  # shipped with onnx; numpy has no bfloat16
+        if self.name in _ML_DTYPES:
+            import ml_dtypes
 
-            return np.dtype(ml_dtypes.bfloat16)
+            return np.dtype(getattr(ml_dtypes, _ML_DTYPES[self.name]))
         return np.dtype(self.name if self is not DType.bool else np.bool_)
 
     @property
@@ -63,7 +91,20 @@ class DType(enum.Enum):
             return DType.bool
         if name in DType.__members__:
             return DType[name]
+        if name in _FROM_ML_DTYPES:
+            return DType[_FROM_ML_DTYPES[name]]
         raise ValueError(f"unsupported dtype {x!r}")
+
+
+# tgraph name -> ml_dtypes attribute (ONNX's float8e8m0 is ml_dtypes' float8_e8m0fnu)
+_ML_DTYPES = {"bfloat16": "bfloat16", "float8e4m3fn": "float8_e4m3fn", "float8e4m3fnuz": "float8_e4m3fnuz",
+              "float8e5m2": "float8_e5m2", "float8e5m2fnuz": "float8_e5m2fnuz", "uint4": "uint4", "int4": "int4",
+              "float4e2m1": "float4_e2m1fn", "float8e8m0": "float8_e8m0fnu", "uint2": "uint2", "int2": "int2"}
+_FROM_ML_DTYPES = {v: k for k, v in _ML_DTYPES.items()}
+_FLOATS = frozenset({DType.float16, DType.float32, DType.float64, DType.bfloat16, DType.float8e4m3fn,
+                     DType.float8e4m3fnuz, DType.float8e5m2, DType.float8e5m2fnuz, DType.float4e2m1, DType.float8e8m0})
+_INTS = frozenset({DType.uint2, DType.int2, DType.uint4, DType.int4, DType.uint8, DType.int8, DType.uint16,
+                   DType.int16, DType.uint32, DType.int32, DType.uint64, DType.int64})
 
 
 def is_static(dim: Dim) -> bool:
