@@ -5,6 +5,7 @@ onnxruntime-genai, where importable (or TGRAPH_GENAI_PYTHON names a Python that 
 the same directory with the same greedy ids."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -183,3 +184,29 @@ def test_generation_options_without_the_task_are_refused(tmp_path, capsys, flags
     assert main(["export", "llama", "-o", str(out), *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert f"{flags[0]} needs --task generate" in err and "\n" not in err and not out.exists()
+
+
+def test_default_max_length_is_the_checkpoints_positions(llama_dir, tmp_path):
+    """Without --max-length a rotary checkpoint's cache holds its trained positions (HF
+    max_position_embeddings, 128 here), not DEFAULT_CACHE_LENGTH: both in tgraph.json and in
+    genai_config.json, and the rotary tables the graph carries agree."""
+    _, ckpt, _ = llama_dir
+    assert main(["export", str(ckpt), "--task", "generate", "-o", str(tmp_path / "d")]) == 0
+    assert read_manifest(tmp_path / "d")["max_length"] == 128
+    genai = json.loads((tmp_path / "d" / "genai_config.json").read_text())
+    assert genai["search"]["max_length"] == genai["model"]["context_length"] == 128
+
+
+def test_cache_length_defaults_to_trained_positions_capped():
+    from tgraph.models.decoding import DEFAULT_CACHE_LENGTH, cache_length
+    from tgraph.models.llama import config_from_hf as llama_from_hf
+    from tgraph.models.palm import config_from_hf as palm_from_hf
+
+    tiny = {"hidden_size": 32, "num_attention_heads": 4, "num_hidden_layers": 1, "intermediate_size": 48}
+    assert cache_length(llama_from_hf({**tiny, "max_position_embeddings": 256})) == 256
+    assert cache_length(palm_from_hf({**tiny, "max_position_embeddings": 256})) == 256
+    assert cache_length(llama_from_hf({**tiny, "max_position_embeddings": 131072})) == DEFAULT_CACHE_LENGTH
+    assert cache_length(llama_from_hf(tiny)) == DEFAULT_CACHE_LENGTH               # unknown: the default
+    # rotary positions extrapolate: an explicit size may exceed the trained positions, as HF allows
+    trained = llama_from_hf({**tiny, "max_position_embeddings": 256})
+    assert cache_length(dataclasses.replace(trained, cache_length=512)) == 512

@@ -16,7 +16,8 @@ inputs alike:
 `kv_cache="static"` (with use_cache) gives the static layout of `tgraph.dsl.cache` instead:
 attention_mask [batch, total_sequence_length], no position_ids, per-layer buffers
 [batch, kv_heads, max_length, head_dim] written in place, logits of the last token only.
-`cache_length` sizes the rotary tables of a static graph (0: DEFAULT_CACHE_LENGTH). An
+`cache_length` sizes the rotary tables of a static graph (0: the model's positions, capped at
+DEFAULT_CACHE_LENGTH). An
 encoder-decoder's static decoder (part="decoder") takes the same inputs plus the encoder's
 cross-attention K/V and encoder_attention_mask.
 """
@@ -40,12 +41,18 @@ def is_static(config: Any) -> bool:
 
 def cache_length(config: Any, position_limit: Any = None) -> int:
     """How many positions a static cache holds: `cache_length`, else the model's positions
-    (capped at DEFAULT_CACHE_LENGTH); never more than the model's positions."""
+    (capped at DEFAULT_CACHE_LENGTH); never more than the model's positions.
+
+    `position_limit` is a hard limit (a learned or sinusoidal table). A rotary model has none,
+    but its checkpoint says how many positions it was trained for (`trained_positions`, HF's
+    max_position_embeddings): that sizes the default cache, and an explicit cache_length may
+    exceed it (rotary positions extrapolate, as in HF)."""
     limit = int(position_limit) if position_limit else None
     asked = int(getattr(config, "cache_length", 0) or 0)
     if asked and limit and asked > limit:
         raise ConfigError(f"--set cache_length={asked} exceeds the model's {limit} positions")
-    return asked or min(limit or DEFAULT_CACHE_LENGTH, DEFAULT_CACHE_LENGTH)
+    positions = limit or int(getattr(config, "trained_positions", 0) or 0) or DEFAULT_CACHE_LENGTH
+    return asked or min(positions, DEFAULT_CACHE_LENGTH)
 
 
 def check_cache_options(config: Any, family: str, encoder_decoder: bool = False) -> None:

@@ -50,7 +50,8 @@ class LlamaConfig:
     use_cache: bool = False                # KV-cache inputs/outputs (tgraph.dsl.cache): past_key_values.*, present.*
     use_position_ids: Optional[bool] = None   # explicit position_ids input; None: = use_cache
     kv_cache: str = "dynamic"              # with use_cache: "dynamic" (Concat) or "static" (buffers written in place)
-    cache_length: int = 0                  # positions of a static cache (0: models.decoding.DEFAULT_CACHE_LENGTH)
+    cache_length: int = 0                  # positions of a static cache (0: trained_positions, capped at 4096)
+    trained_positions: int = bounded(0, ge=0)   # positions the checkpoint was trained for (HF max_position_embeddings; 0: unknown)
     sliding_window: int = bounded(0, ge=0)  # keys a local layer's query sees, itself included (0: full attention)
     layer_types: str = "sliding_attention"  # with sliding_window: full_attention / sliding_attention, repeating
 
@@ -171,6 +172,7 @@ def config_from_hf(hf: Dict[str, Any]) -> LlamaConfig:
         attention_out_bias=out_bias,
         mlp_bias=hf_get(hf, "mlp_bias", False),
         tie_word_embeddings=hf_get(hf, "tie_word_embeddings", False),
+        trained_positions=hf_get(hf, "max_position_embeddings", 0) or 0,
         sliding_window=window,
         layer_types=layer_types,
     )

@@ -27,7 +27,7 @@ from ..ir.lazy import contiguous
 from .hf_options import activation_from_hf, rope_from_hf
 from .decoding import (check_cache_options, decoder_input_specs, decoder_state, last_tokens, lm_logits, rotary_for,
                        token_positions)
-from .config_checks import check_fields, epsilon, fraction, positive, repeated
+from .config_checks import bounded, check_fields, epsilon, fraction, positive, repeated
 from .registry import register_model
 
 
@@ -53,7 +53,8 @@ class PaLMConfig:
     use_cache: bool = False                # KV-cache inputs/outputs (tgraph.dsl.cache): past_key_values.*, present.*
     use_position_ids: Optional[bool] = None   # explicit position_ids input; None: = use_cache
     kv_cache: str = "dynamic"              # with use_cache: "dynamic" (Concat) or "static" (buffers written in place)
-    cache_length: int = 0                  # positions of a static cache (0: the model's, capped at 4096)
+    cache_length: int = 0                  # positions of a static cache (0: trained_positions, capped at 4096)
+    trained_positions: int = bounded(0, ge=0)   # positions the checkpoint was trained for (HF max_position_embeddings; 0: unknown)
 
     def __post_init__(self):
         check_fields(self, "palm")
@@ -170,6 +171,7 @@ def config_from_hf(hf: Dict[str, Any]) -> PaLMConfig:
         rotary_pct=rope.partial_rotary_factor,
         rope_theta=rope.theta,
         tie_word_embeddings=hf_get(hf, "tie_word_embeddings", False),
+        trained_positions=hf_get(hf, "max_position_embeddings", 0) or 0,
     )
 
 
