@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", action="store_true", help="print what each pass changed")
     p.add_argument("--task", choices=["graph", "generate"], default="graph",
                    help="generate: write a generation directory (-o DIR; see tgraph.export_dir)")
-    p.add_argument("--max-length", type=int, default=None, help="--task generate: KV-cache capacity in positions (default: the model's, capped at 4096)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="--task generate: KV-cache capacity in positions (default: the model's, capped at 4096)")
     p.add_argument("--target", choices=["cpu", "cuda"], default=None, help="--task generate: the provider to tune for "
                    "(default cpu)")
     add_quantize_options(p)
