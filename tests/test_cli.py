@@ -237,6 +237,37 @@ def test_did_you_mean(tmp_path, capsys, monkeypatch, argv, suggestion):
     assert not (tmp_path / "x.onnx").exists()
 
 
+@pytest.mark.parametrize("argv, suggestion", [
+    (["generate", "gpt2", "--prompt-ids", "1", "--max-new-token", "3"], "did you mean --max-new-tokens?"),
+    (["export", "gpt2", "-o", "x.onnx", "--max-lengt=64"], "did you mean --max-length?"),
+    (["--verb", "export", "gpt2", "-o", "x.onnx"], "unrecognized arguments: --verb"),
+])
+def test_a_flag_prefix_is_refused_not_completed(tmp_path, capsys, monkeypatch, argv, suggestion):
+    """A unique prefix is an error (argparse completes it by default): it would change meaning
+    the day a second flag with that prefix is added."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("tgraph: error: ") and err.count("\n") == 1, err
+    assert suggestion in err
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_no_parser_completes_abbreviations():
+    """Every parser, including the nested ones other modules add (deploy triton), refuses prefixes."""
+    from tgraph.cli import build_parser
+    from tgraph.cli_args import _subparsers
+
+    stack, seen = [build_parser()], []
+    while stack:
+        parser = stack.pop()
+        seen.append(parser.prog)
+        assert parser.allow_abbrev is False, parser.prog
+        stack.extend(_subparsers(parser).values())
+    assert "tgraph deploy triton" in seen and "tgraph generate" in seen
+
+
 def test_no_suggestion_for_nonsense(capsys):
     err = usage_error(capsys, "zzzzqq")
     assert "did you mean" not in err and "invalid choice: 'zzzzqq'" in err

@@ -157,7 +157,14 @@ _INVALID_CHOICE = re.compile(r"invalid choice: '?(?P<word>[^']*?)'? \(choose fro
 
 
 class TgraphParser(argparse.ArgumentParser):
-    """One-line usage errors with suggestions; `--help` stays argparse's."""
+    """One-line usage errors with suggestions; `--help` stays argparse's. Flags are never
+    abbreviated (`--max-new-token` is an error with a suggestion, not `--max-new-tokens`): a
+    prefix that is unique today would silently change meaning when a flag is added. Subparsers
+    are made by `add_parser`, which uses this class, so every (nested) subcommand inherits it."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         m = _INVALID_CHOICE.search(message)
