@@ -177,11 +177,21 @@ def test_cli_refusals_are_one_line_and_write_nothing(repo, tmp_path, capsys):
         assert main(["deploy", "triton", str(root / "bert.onnx"), "-o", str(out), *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("tgraph: error: ") and message in err and "\n" not in err
-        assert not out.exists() or not any(out.iterdir())
+        assert not out.exists()
     assert main(["deploy", "triton", str(root / "bert.onnx"), "-o", str(out)]) == 0
     assert main(["deploy", "triton", str(root / "bert.onnx"), "-o", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["bert"]     # no staging directory left behind
+
+
+def test_a_corrupt_onnx_file_is_one_line_and_leaves_no_directory(tmp_path, capsys):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a protobuf")
+    out = tmp_path / "new" / "repo"
+    assert main(["deploy", "triton", str(bad), "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tgraph: error: cannot read ONNX file") and str(bad) in err and "\n" not in err
+    assert not (tmp_path / "new").exists()
 
 
 # ---------------------------------------------------------------- the Python-backend loop

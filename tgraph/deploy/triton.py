@@ -33,9 +33,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
-import onnx
 
 from ..errors import ConfigError
+from ..onnx_import import read_onnx_proto
 from .onnx_signature import TensorSig, batch_axis_problem, external_files, onnx_signature
 from .pbtxt import Enum, Map, to_text
 
@@ -140,7 +140,7 @@ def _stage_onnx_model(stage: Path, name: str, onnx_path: Path, *, max_batch_size
                       kind: str, dynamic_batching: bool) -> Dict[str, Any]:
     """REPO/NAME (in `stage`): config.pbtxt and 1/model.onnx (+ its external data files)."""
     where = str(onnx_path)
-    model = onnx.load(str(onnx_path), load_external_data=False)
+    model = read_onnx_proto(onnx_path, ConfigError)
     inputs, outputs = onnx_signature(model, where)
     why = batch_axis_problem(inputs + outputs)
     if max_batch_size is None:
@@ -167,7 +167,7 @@ def _decoder_description(onnx_path: Path, manifest: Mapping[str, Any]) -> Dict[s
     """What model.py needs to drive the decoder without reading the graph."""
     from ..runtime.device_cache import PAST
 
-    model = onnx.load(str(onnx_path), load_external_data=False)
+    model = read_onnx_proto(onnx_path, ConfigError)
     inputs, outputs = onnx_signature(model, str(onnx_path))
     out_names = {o.name for o in outputs}
     dtypes = {"TYPE_FP32": "float32", "TYPE_FP16": "float16", "TYPE_BF16": "bfloat16"}
@@ -230,6 +230,7 @@ def write_triton_repository(source: str, repo, *, name: Optional[str] = None, ma
     for n in names:
         if (repo / n).exists():
             raise ConfigError(f"{repo / n}: already exists; remove it or give another --name")
+    created = [p for p in (repo, *repo.parents) if not p.exists()]      # removed again on failure
     repo.mkdir(parents=True, exist_ok=True)
     # staged beside REPO, not in it: a server polling REPO never sees a half-written model
     stage = Path(tempfile.mkdtemp(prefix=f".{repo.name}.{name}.tgraph-", dir=repo.resolve().parent))
@@ -268,7 +269,12 @@ def write_triton_repository(source: str, repo, *, name: Optional[str] = None, ma
     except BaseException:
         for path in moved:
             shutil.rmtree(path, ignore_errors=True)
-        raise
-    finally:
         shutil.rmtree(stage, ignore_errors=True)
+        for path in created:                    # deepest first; only what this call made, and only if empty
+            try:
+                path.rmdir()
+            except OSError:
+                break
+        raise
+    shutil.rmtree(stage, ignore_errors=True)
     return {"models": names, "checked_with": checked_with}
