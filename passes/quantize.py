@@ -18,9 +18,16 @@ block), and the padded tail of the last block is zeros that the op ignores. Embe
 (Gather) stay float: MatMulNBits quantizes only MatMul weights. The LM head (a MatMul whose
 result is a graph output) is quantized unless ``head=false``. In a float16/bfloat16 graph the
 scales take the activations' dtype, as the op requires.
+
+Mixed precision (the ``bits=8`` form of the same op, no new kernel): ``head-bits=8`` keeps the LM
+head at 8 bits, and ``int8-layers=v_proj+down_proj`` every linear whose MatMul name contains one of
+the ``+``-separated fragments as whole ``_``-separated words (node names follow the checkpoint's module paths). On random
+12-layer LLaMA weights the value and down projections carry most of the int4 logit error (see
+README); llama.cpp's Q4_K_M mix keeps the same two at higher precision.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import ClassVar, Dict, List, Mapping, Optional, Tuple
 
@@ -257,6 +264,8 @@ class QuantizeWeights(Pass):
     method: str = "rtn"
     head: bool = True
     calibration: str = ""
+    head_bits: int = 0          # 0: the same as `bits`; 8: the LM head at 8 bits
+    int8_layers: str = ""       # "+"-separated MatMul name fragments kept at 8 bits
 
     def __post_init__(self):
         self.bits, self.block_size, self.accuracy_level = int(self.bits), int(self.block_size), int(self.accuracy_level)
@@ -267,6 +276,10 @@ class QuantizeWeights(Pass):
             raise ConfigError(f"quantize-weights: block-size must be one of {BLOCK_SIZES}, got {self.block_size}")
         if not 0 <= self.accuracy_level <= 4:
             raise ConfigError(f"quantize-weights: accuracy-level must be 0..4, got {self.accuracy_level}")
+        self.head_bits = int(self.head_bits)
+        if self.head_bits not in (0,) + BITS:
+            raise ConfigError(f"quantize-weights: head-bits must be 0 (same as bits), 4 or 8, got {self.head_bits}")
+        self.int8_fragments = tuple(f.strip() for f in str(self.int8_layers or "").split("+") if f.strip())
         if self.method not in METHODS:
             raise ConfigError(f"quantize-weights: method must be one of {', '.join(METHODS)}, got {self.method!r}")
         self.act_stats: Optional[Mapping[str, np.ndarray]] = None     # set by callers, or from `calibration`
@@ -284,7 +297,7 @@ class QuantizeWeights(Pass):
                                      gram=self.method == "gptq")
         if self.method == "gptq" and stats is None:
             raise ConfigError("quantize-weights: method=gptq needs calibration prompts (calibration=FILE)")
-        done = padded = 0
+        done = padded = promoted = 0
         shared: Dict = {}
         for lin in linears:
             reason = self._refusal(lin)
@@ -293,11 +306,15 @@ class QuantizeWeights(Pass):
                 self.near_misses.append(NearMiss(self.name, lin.matmul.name, reason))
                 continue
             padded += lin.weight.shape[0] % self.block_size != 0
+            promoted += self.bits_for(lin) != self.bits
             self._rewrite(graph, lin, None if stats is None else stats.get(lin.matmul.name), shared)
             done += 1
         graph.remove_unused_constants()
         # A refusal is not a change: a second run, refusing the same layer again, changes nothing.
-        return {"quantized": done, "padded": padded}
+        counts = {"quantized": done, "padded": padded}
+        if promoted:
+            counts["at_8_bits" if self.bits == 4 else "at_4_bits"] = promoted
+        return counts
 
     def _refusal(self, lin: LinearLayer) -> str:
         K, N = lin.weight.shape
@@ -309,21 +326,30 @@ class QuantizeWeights(Pass):
             return f"activations are {lin.matmul.inputs[0].dtype.name}"
         return ""
 
+    def bits_for(self, lin: LinearLayer) -> int:
+        """The layer's bits: `head-bits` for the LM head, 8 for an `int8-layers` match, else `bits`."""
+        if lin.is_head and self.head_bits:
+            return self.head_bits
+        if any(re.search(rf"(^|[_.]){re.escape(f)}($|[_.])", lin.matmul.name) for f in self.int8_fragments):
+            return 8
+        return self.bits
+
     def _rewrite(self, graph: Graph, lin: LinearLayer, act_sq: Optional[np.ndarray], shared: Dict) -> None:
         node, x = lin.matmul, lin.matmul.inputs[0]
         dtype = x.dtype
         w_in = node.inputs[1]
-        key = (id(w_in.producer.inputs[0]) if w_in.const is None else id(w_in), dtype)
+        bits = self.bits_for(lin)
+        key = (id(w_in.producer.inputs[0]) if w_in.const is None else id(w_in), dtype, bits)
         if key not in shared:      # a weight shared by several MatMuls (ALBERT) is stored once
             if self.method == "gptq":
-                qw = gptq_quantize(lin.weight, act_sq, self.bits, self.block_size, self.symmetric,
+                qw = gptq_quantize(lin.weight, act_sq, bits, self.block_size, self.symmetric,
                                    scale_dtype=dtype.numpy)
             else:
-                qw = quantize_weight(lin.weight.astype(np.float32), self.bits, self.block_size, self.symmetric,
+                qw = quantize_weight(lin.weight.astype(np.float32), bits, self.block_size, self.symmetric,
                                      self.method, act_sq, scale_dtype=dtype.numpy)
             B, scales, zp = matmul_nbits_inputs(qw)
             base = w_in.name if w_in.const is not None else f"{node.name}.weight"
-            shared[key] = [graph.add_constant(B, f"{base}_q{self.bits}", is_param=True),
+            shared[key] = [graph.add_constant(B, f"{base}_q{bits}", is_param=True),
                            graph.add_constant(scales, f"{base}_scales", is_param=True),
                            None if zp is None else graph.add_constant(zp, f"{base}_zero_points", is_param=True)]
         K, N = lin.weight.shape
@@ -333,7 +359,7 @@ class QuantizeWeights(Pass):
             bias = lin.bias_add.inputs[1] if lin.bias_add.inputs[0] is node.output else lin.bias_add.inputs[0]
             ins += [None, bias]
             out = lin.bias_add.output
-        attrs = {"K": K, "N": N, "bits": self.bits, "block_size": self.block_size,
+        attrs = {"K": K, "N": N, "bits": bits, "block_size": self.block_size,
                  "accuracy_level": self.accuracy_level}
         new_out = graph.new_value(TensorType(dtype, out.shape), node.name + "_nbits")
         anchor = lin.bias_add or node

@@ -203,11 +203,33 @@ def test_head_can_stay_float_and_is_reported():
     assert len(p.refused) == 1 and "LM head kept in float" in p.refused[0]
 
 
+@pytest.mark.parametrize("mix", ["head-bits=8", "int8-layers=v_proj", "int8-layers=up+v_proj"])
+def test_mixed_bits_keep_the_named_layers_at_8_bits(mix):
+    """head-bits / int8-layers: the chosen MatMulNBits carry bits=8 and 8-bit codes; onnxruntime's
+    outputs equal the float graph with each weight round-tripped at its own bits."""
+    g = linear_graph()
+    first, head = [n for n in g.nodes if n.op == "MatMul"]
+    first.name, head.name = "layers_0_self_attn_v_proj_matmul", "lm_head_matmul"    # as the importer names them
+    q, counts = quantized(g, "quantize-weights{" + mix + "}")
+    assert counts == {"quantized": 2, "padded": 1, "at_8_bits": 1}
+    bits = {n.name: n.attrs["bits"] for n in q.nodes if n.op == "MatMulNBits"}
+    eight = head.name if mix.startswith("head") else first.name
+    assert bits == {f"{first.name}_nbits": 8 if eight == first.name else 4, f"{head.name}_nbits": 8 if eight == head.name else 4}
+    r = g.copy()
+    for node in (first, head):
+        w = next(n for n in r.nodes if n.name == node.name).inputs[1]
+        w.const = quantize_weight(w.const, 8 if node.name == eight else 4, 32).dequantize()
+    x = {"x": RNG.standard_normal((2, 3, 64)).astype(np.float32)}
+    want = evaluate(r, x)[g.outputs[0].name]
+    np.testing.assert_allclose(run_onnx(q, x)[q.outputs[0].name], want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("spec,message", [
     ("quantize-weights{bits=3}", "bits must be one of (4, 8)"),
     ("quantize-weights{block-size=48}", "block-size must be one of (16, 32, 64, 128)"),
     ("quantize-weights{method=awq}", "method must be one of rtn, search, gptq"),
     ("quantize-weights{accuracy-level=7}", "accuracy-level must be 0..4"),
+    ("quantize-weights{head-bits=2}", "head-bits must be 0 (same as bits), 4 or 8"),
 ])
 def test_bad_options_are_refused_in_one_line(spec, message):
     with pytest.raises(ConfigError) as e:
