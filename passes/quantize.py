@@ -297,6 +297,10 @@ class QuantizeWeights(Pass):
                                      gram=self.method == "gptq")
         if self.method == "gptq" and stats is None:
             raise ConfigError("quantize-weights: method=gptq needs calibration prompts (calibration=FILE)")
+        unmatched = [f for f in self.int8_fragments if not any(self._matches(f, lin) for lin in linears)]
+        if unmatched:
+            raise ConfigError(f"quantize-weights: int8-layers {'+'.join(unmatched)} names no linear layer "
+                              f"(linears are named like {linears[0].matmul.name if linears else 'nothing: none found'})")
         done = padded = promoted = 0
         shared: Dict = {}
         for lin in linears:
@@ -330,9 +334,14 @@ class QuantizeWeights(Pass):
         """The layer's bits: `head-bits` for the LM head, 8 for an `int8-layers` match, else `bits`."""
         if lin.is_head and self.head_bits:
             return self.head_bits
-        if any(re.search(rf"(^|[_.]){re.escape(f)}($|[_.])", lin.matmul.name) for f in self.int8_fragments):
+        if any(self._matches(f, lin) for f in self.int8_fragments):
             return 8
         return self.bits
+
+    @staticmethod
+    def _matches(fragment: str, lin: LinearLayer) -> bool:
+        """`fragment` is a run of whole ``_``-separated words of the MatMul's name (v_proj, mlp_down)."""
+        return re.search(rf"(^|[_.]){re.escape(fragment)}($|[_.])", lin.matmul.name) is not None
 
     def _rewrite(self, graph: Graph, lin: LinearLayer, act_sq: Optional[np.ndarray], shared: Dict) -> None:
         node, x = lin.matmul, lin.matmul.inputs[0]

@@ -203,7 +203,7 @@ def test_head_can_stay_float_and_is_reported():
     assert len(p.refused) == 1 and "LM head kept in float" in p.refused[0]
 
 
-@pytest.mark.parametrize("mix", ["head-bits=8", "int8-layers=v_proj", "int8-layers=up+v_proj"])
+@pytest.mark.parametrize("mix", ["head-bits=8", "int8-layers=v_proj", "int8-layers=self_attn_v_proj"])
 def test_mixed_bits_keep_the_named_layers_at_8_bits(mix):
     """head-bits / int8-layers: the chosen MatMulNBits carry bits=8 and 8-bit codes; onnxruntime's
     outputs equal the float graph with each weight round-tripped at its own bits."""
@@ -410,6 +410,23 @@ def test_cli_export_quantize_report(tmp_path, capsys):
     onnx.checker.check_model(model, full_check=True)
 
 
+def test_cli_mixed_bits(tmp_path, capsys):
+    """--head-bits 8 --int8-layers v_proj: those MatMulNBits carry bits=8, the rest 4, and --report says so."""
+    from tgraph.cli import main
+
+    out = tmp_path / "g.onnx"
+    assert main(["export", "gpt2", "-o", str(out), "--set", "n_embd=64", "--set", "n_head=4", "--set", "n_layer=1",
+                 "--set", "vocab_size=96", "--quantize", "int4", "--head-bits", "8", "--int8-layers", "v_proj",
+                 "--report"]) == 0
+    text = capsys.readouterr().out
+    assert "LM head int8" in text and "2 at 8 bits (v_proj)" in text
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits")
+            for n in onnx.load(out).graph.node if n.op_type == "MatMulNBits"}
+    head = list(bits)[-1]                                  # GPT-2's tied head, the last projection
+    assert {k for k, b in bits.items() if b == 8} == {"h_0_attn_v_proj_matmul_nbits", head}, bits
+    assert sum(b == 4 for b in bits.values()) == 5
+
+
 def test_cli_optimize_quantizes_a_foreign_onnx(tmp_path, capsys):
     from tgraph.cli import main
 
@@ -430,6 +447,9 @@ def test_cli_optimize_quantizes_a_foreign_onnx(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["--symmetric"], "--symmetric needs --quantize int4|int8"),
+    (["--head-bits", "8"], "--head-bits needs --quantize int4|int8"),
+    (["--quantize", "int4", "--float-head", "--head-bits", "8"], "--float-head and --head-bits contradict"),
+    (["--quantize", "int4", "--int8-layers", "v_prj"], "int8-layers v_prj names no linear layer"),
     (["--quantize", "int4", "--calibration", "missing.txt", "--quant-method", "search"],
      "--calibration file not found: missing.txt"),
 ])
