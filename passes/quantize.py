@@ -7,8 +7,9 @@ weights are ~6x smaller than float32. The pass rewrites ``MatMul(x, W)`` (``W`` 
 (the layout of onnxruntime's ContribOperators.md, see `tgraph.ir.contrib`):
 
 * round-to-nearest (``method=rtn``, the default): per block, asymmetric ``[min, max]`` (widened
-  to include 0 so the zero point is representable) or symmetric ``max |w|`` with the op's
-  default zero point 2^(bits-1) (no zero_points input);
+  to include 0 so the zero point is representable) or symmetric, onnxruntime's rule (scale =
+  the signed value of largest magnitude / -2^(bits-1)) with the op's default zero point
+  2^(bits-1) (no zero_points input);
 * ``method=search``: per block, the clipping ratio of that range is searched on a grid to
   minimise the block's output error ``sum_k E[x_k^2] (w_k - w'_k)^2``; ``E[x_k^2]`` comes from
   calibration prompts (``calibration=FILE``), else it is 1 (plain weight MSE).
@@ -80,10 +81,13 @@ def _codes(wb: np.ndarray, lo: np.ndarray, hi: np.ndarray, bits: int, symmetric:
     """Codes, scales and zero points of blocks `wb` for the range [lo, hi] (per block, [N, nb, 1])."""
     qmax = (1 << bits) - 1
     if symmetric:
-        half = (1 << (bits - 1)) - 1
-        scale = np.maximum(np.abs(lo), np.abs(hi)) / half
-        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-        zero = np.full(scale.shape, 1 << (bits - 1), np.float32)
+        # onnxruntime's (MLAS) rule: the value of largest magnitude, with its sign, maps to code 0,
+        # so all 2^bits codes are used (max|w| / (2^(bits-1) - 1) would leave one unused); the
+        # scale is negative when that value is positive.
+        mid = 1 << (bits - 1)
+        scale = np.where(-lo > hi, lo, hi) / -mid
+        scale = np.where(scale != 0, scale, 1.0).astype(np.float32)
+        zero = np.full(scale.shape, mid, np.float32)
     else:
         scale = (hi - lo) / qmax
         scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
@@ -125,7 +129,7 @@ def quantize_weight(w: np.ndarray, bits: int = 4, block_size: int = 32, symmetri
     # Dequantization uses the stored (possibly half-precision) scales: recompute codes for them.
     if np.dtype(scale_dtype) != np.float32:
         s32 = scales.astype(np.float32)[..., None]
-        q = np.clip(np.round(wb / np.where(s32 > 0, s32, 1)) + zero, 0, (1 << bits) - 1)
+        q = np.clip(np.round(wb / np.where(s32 != 0, s32, 1)) + zero, 0, (1 << bits) - 1)
     return Quantized(q.astype(np.uint8), scales, None if symmetric else zero[..., 0].astype(np.uint8),
                      bits, block_size, K)
 
@@ -155,7 +159,7 @@ def gptq_quantize(w: np.ndarray, gram: np.ndarray, bits: int = 4, block_size: in
         lo, hi = np.minimum(Wb.min(axis=0), 0), np.maximum(Wb.max(axis=0), 0)
         _, scale, zero = _codes(Wb[:1], lo[None], hi[None], bits, symmetric)
         scale = scale.reshape(N).astype(scale_dtype).astype(np.float64)
-        scale = np.where(scale > 0, scale, 1.0)
+        scale = np.where(scale != 0, scale, 1.0)
         zero = zero.reshape(N).astype(np.float64)
         err_block = np.zeros_like(Wb)
         for i in range(b1 - b0):

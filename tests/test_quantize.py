@@ -103,6 +103,27 @@ def test_rtn_error_is_bounded_by_half_a_step(bits, tol):
     assert np.abs(qw.dequantize() - w).max() / np.abs(w).max() < tol
 
 
+def test_symmetric_rtn_equals_onnxruntimes_quantizer():
+    """Symmetric int4: scales and codes are those of onnxruntime's MatMulNBitsQuantizer (MLAS's rule:
+    the signed extreme maps to code 0, all 16 codes used), except the ignored padded tail."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    w = RNG.standard_normal((80, 24)).astype(np.float32)                    # K=80: a padded third block
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 80])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 24])],
+                              [numpy_helper.from_array(w, "W")])
+    theirs = MatMulNBitsQuantizer(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]),
+                                  block_size=32, is_symmetric=True)
+    theirs.process()
+    inits = {i.name: numpy_helper.to_array(i) for i in theirs.model.model.graph.initializer}
+    B, scales, zp = matmul_nbits_inputs(quantize_weight(w, 4, 32, symmetric=True))
+    assert zp is None and "W_zero_points" not in inits
+    np.testing.assert_array_equal(scales, inits["W_scales"].reshape(-1))
+    np.testing.assert_array_equal(B[:, :2], inits["W_Q4"].reshape(B.shape)[:, :2])            # whole blocks
+    np.testing.assert_array_equal(B[:, 2, :8], inits["W_Q4"].reshape(B.shape)[:, 2, :8])      # K 64..79
+
+
 def test_search_never_worse_than_rtn_per_block():
     w = RNG.standard_t(3, (128, 64)).astype(np.float32)       # heavy tails: clipping helps
     act = RNG.uniform(0.1, 3, 128).astype(np.float32)
