@@ -134,8 +134,20 @@ def quantize_weight(w: np.ndarray, bits: int = 4, block_size: int = 32, symmetri
                      bits, block_size, K)
 
 
+def gptq_factor(gram: np.ndarray, damp: float = 0.01) -> Tuple[np.ndarray, np.ndarray]:
+    """(U, dead): the upper Cholesky factor of the damped inverse Gram matrix, ``inv(H) = U^T U``,
+    and the input channels that never fire. Computed once per activation: layers reading the
+    same input (q/k/v, gate/up) share it, and it is most of GPTQ's time."""
+    H = np.asarray(gram, np.float64).copy()
+    dead = np.diag(H) <= 0
+    H[dead, dead] = 1.0
+    H[np.diag_indices(H.shape[0])] += damp * float(np.mean(np.diag(H)))
+    return np.linalg.cholesky(np.linalg.inv(H)).T, dead
+
+
 def gptq_quantize(w: np.ndarray, gram: np.ndarray, bits: int = 4, block_size: int = 32, symmetric: bool = False,
-                  damp: float = 0.01, scale_dtype=np.float32) -> Quantized:
+                  damp: float = 0.01, scale_dtype=np.float32,
+                  factor: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> Quantized:
     """GPTQ (Frantar et al. 2022) with block-wise scales: quantize W [K, N] row by row along K,
     spreading each row's rounding error over the rows not yet quantized through the inverse of
     the activations' Gram matrix ``X^T X`` [K, K]. Each block's scale and zero point are taken
@@ -143,12 +155,8 @@ def gptq_quantize(w: np.ndarray, gram: np.ndarray, bits: int = 4, block_size: in
     K, N = w.shape
     qmax = (1 << bits) - 1
     W = np.asarray(w, np.float64).copy()
-    H = np.asarray(gram, np.float64).copy()
-    dead = np.diag(H) <= 0
-    H[dead, dead] = 1.0
+    U, dead = factor if factor is not None else gptq_factor(gram, damp)
     W[dead, :] = 0.0
-    H[np.diag_indices(K)] += damp * float(np.mean(np.diag(H)))
-    U = np.linalg.cholesky(np.linalg.inv(H)).T             # inv(H) = U^T U, U upper triangular
     n_blocks = -(-K // block_size)
     Q = np.zeros((n_blocks * block_size, N), np.float64)
     scales = np.zeros((N, n_blocks), np.float64)
@@ -355,8 +363,11 @@ class QuantizeWeights(Pass):
         key = (id(w_in.producer.inputs[0]) if w_in.const is None else id(w_in), dtype, bits)
         if key not in shared:      # a weight shared by several MatMuls (ALBERT) is stored once
             if self.method == "gptq":
+                factors = shared.setdefault("gptq factors", {})       # one per shared activation
+                if id(act_sq) not in factors:
+                    factors[id(act_sq)] = (act_sq, gptq_factor(act_sq))
                 qw = gptq_quantize(lin.weight, act_sq, bits, self.block_size, self.symmetric,
-                                   scale_dtype=dtype.numpy)
+                                   scale_dtype=dtype.numpy, factor=factors[id(act_sq)][1])
             else:
                 qw = quantize_weight(lin.weight.astype(np.float32), bits, self.block_size, self.symmetric,
                                      self.method, act_sq, scale_dtype=dtype.numpy)

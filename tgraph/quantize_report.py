@@ -108,15 +108,23 @@ def graph_model(graph: Graph):
 
 def activation_stats(graph: Graph, rows: Sequence[Sequence[int]], matmuls, gram: bool = False) -> Dict[str, np.ndarray]:
     """``{MatMul node name: E[x_k^2]}`` over the calibration tokens of each MatMul's activation
-    input (``gram``: the whole ``E[x x^T]`` [K, K], for GPTQ), read with the reference
-    interpreter (every intermediate value). MatMuls reading the same activation share one array."""
-    from .ir.evaluate import evaluate
+    input (``gram``: the whole ``E[x x^T]`` [K, K], for GPTQ). onnxruntime computes them: the
+    activations become extra graph outputs (10x faster than the reference interpreter on MiniLM).
+    MatMuls reading the same activation share one array."""
+    from onnx import helper
 
     wanted = {m.name: m.inputs[0].name for m in matmuls}
+    by_name = {m.inputs[0].name: m.inputs[0] for m in matmuls}
+    model = graph_model(graph)
+    present = {o.name for o in model.graph.output}
+    for name in sorted(set(wanted.values()) - present):
+        elem = helper.np_dtype_to_tensor_dtype(np.dtype(by_name[name].dtype.numpy))
+        model.graph.output.append(helper.make_tensor_value_info(name, elem, None))
+    sess = _session(model)
     sums: Dict[str, np.ndarray] = {}
     counts: Dict[str, int] = {}
     for ids in rows:
-        values = evaluate(graph, _feeds(graph, ids), all_values=True)
+        values = _run(sess, _feeds(graph, ids))
         for value in set(wanted.values()):
             x = np.asarray(values[value], np.float64)
             x = x.reshape(-1, x.shape[-1])
