@@ -3,7 +3,8 @@
 The LLaMA-150M-shaped checkpoint (hidden 768, 12 layers, 12 heads over 4 KV heads,
 intermediate 3072, vocab 32000; tgraph's random init, seed 0) is exported with the KV cache
 at -O2, once in float32 and once per quantization scheme (``acc4``: accuracy_level 4, int8
-activations inside onnxruntime's kernel; ``fhead``: LM head kept in float). Each model runs in a plain
+activations inside onnxruntime's kernel; ``fhead``: LM head kept in float; ``head8``: LM head at 8
+bits; ``vo8``: value and output projections at 8 bits). Each model runs in a plain
 onnxruntime CPU session (default graph optimizations, `--threads` intra-op threads) on one
 decode step: batch `--batch`, one new token after `--past` cached positions. Contenders
 alternate, one warm-up each; the table holds the median ms/step over `--repeats` rounds of
@@ -15,9 +16,13 @@ embedding cosine on six sentences and file size for int8 / int4 RTN / int4 searc
 calibrated), and what quantizing the word embeddings would cost: their table replaced by its
 int4/int8 block-32 round trip (fake quantization; tgraph keeps embeddings in float).
 
+`--sensitivity` quantizes one kind of linear at a time (q/k/v/o, gate/up/down, head; the rest
+stays float) to int4 RTN and prints the logit cosine each costs: which layers the error comes from.
+
 Other processes on this machine disturb the timings: the load average is printed.
 
     python bench/quantize.py [--repeats 5] [--steps 10] [--past 32] [--batch 1] [--threads 2] [--minilm]
+        [--sensitivity] [--no-llama]
 """
 from __future__ import annotations
 
@@ -72,7 +77,9 @@ def llama(args):
     schemes = [("float32", None), ("int4", QuantizeOptions("int4")),
                ("int4 acc4", QuantizeOptions("int4", accuracy_level=4)),
                ("int8 acc4", QuantizeOptions("int8", accuracy_level=4)),
-               ("int4 acc4 fhead", QuantizeOptions("int4", accuracy_level=4, head=False))]
+               ("int4 acc4 fhead", QuantizeOptions("int4", accuracy_level=4, head=False)),
+               ("int4 acc4 head8", QuantizeOptions("int4", accuracy_level=4, head_bits=8)),
+               ("int4 acc4 vo8", QuantizeOptions("int4", accuracy_level=4, int8_layers=("v_proj", "o_proj")))]
     if args.schemes:
         schemes = [s for s in schemes if s[0] == "float32" or s[0] in args.schemes.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="tgraph-bench-q-"))
@@ -109,6 +116,38 @@ def llama(args):
         greedy = f"{acc['greedy']['agreement']:.2f}" if acc else "-"
         print(f"{n:<16} {ms:8.2f} {base / ms:7.2f}x {sizes[n] / 1e6:8.1f} {sizes[n] / sizes['float32']:5.3f}x "
               f"{cos:>10} {rel:>8} {greedy:>7}")
+
+
+KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate", "up", "down", "lm_head")
+
+
+def one_kind_pass(kind):
+    """A quantize-weights pass (int4 RTN) that quantizes only the linears of one kind (a MatMul name word)."""
+    import re
+
+    from tgraph.passes.quantize import QuantizeWeights
+
+    class OneKind(QuantizeWeights):
+        def _refusal(self, lin):
+            if not re.search(rf"(^|_){kind}(_|$)", lin.matmul.name):
+                return f"not {kind}"
+            return super()._refusal(lin)
+
+    return OneKind(bits=4, block_size=32)
+
+
+def sensitivity():
+    from tgraph.api import build
+    from tgraph.passes import optimize
+    from tgraph.quantize_report import error_report
+
+    g = build("llama", LLAMA_150M, level=2).graph
+    print(f"LLaMA-150M shape (tgraph init), int4 RTN block 32 on one kind at a time, load average {os.getloadavg()}")
+    for kind in KINDS:
+        q = g.copy()
+        optimize(q, pipeline=[one_kind_pass(kind)])
+        cos = error_report(g, q, greedy_tokens=0, vocab_size=32000)["outputs"]["logits"]["cosine_mean"]
+        print(f"{kind:<10} logit cosine {cos:.5f}  (1 - cos {1 - cos:.4f})")
 
 
 def minilm():
@@ -170,10 +209,13 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--minilm", action="store_true", help="also the MiniLM accuracy table")
     ap.add_argument("--no-llama", action="store_true")
+    ap.add_argument("--sensitivity", action="store_true", help="also the one-kind-at-a-time int4 table")
     ap.add_argument("--schemes", default=None, help="comma-separated subset, e.g. int4,int4 acc4")
     args = ap.parse_args()
     if not args.no_llama:
         llama(args)
+    if args.sensitivity:
+        sensitivity()
     if args.minilm:
         minilm()
 

@@ -7,8 +7,9 @@ weights are ~6x smaller than float32. The pass rewrites ``MatMul(x, W)`` (``W`` 
 (the layout of onnxruntime's ContribOperators.md, see `tgraph.ir.contrib`):
 
 * round-to-nearest (``method=rtn``, the default): per block, asymmetric ``[min, max]`` (widened
-  to include 0 so the zero point is representable) or symmetric ``max |w|`` with the op's
-  default zero point 2^(bits-1) (no zero_points input);
+  to include 0 so the zero point is representable) or symmetric, onnxruntime's rule (scale =
+  the signed value of largest magnitude / -2^(bits-1)) with the op's default zero point
+  2^(bits-1) (no zero_points input);
 * ``method=search``: per block, the clipping ratio of that range is searched on a grid to
   minimise the block's output error ``sum_k E[x_k^2] (w_k - w'_k)^2``; ``E[x_k^2]`` comes from
   calibration prompts (``calibration=FILE``), else it is 1 (plain weight MSE).
@@ -18,9 +19,16 @@ block), and the padded tail of the last block is zeros that the op ignores. Embe
 (Gather) stay float: MatMulNBits quantizes only MatMul weights. The LM head (a MatMul whose
 result is a graph output) is quantized unless ``head=false``. In a float16/bfloat16 graph the
 scales take the activations' dtype, as the op requires.
+
+Mixed precision (the ``bits=8`` form of the same op, no new kernel): ``head-bits=8`` keeps the LM
+head at 8 bits, and ``int8-layers=v_proj+down_proj`` every linear whose MatMul name contains one of
+the ``+``-separated fragments as whole ``_``-separated words (node names follow the checkpoint's module paths). On random
+12-layer LLaMA weights the value and down projections carry most of the int4 logit error (see
+README); llama.cpp's Q4_K_M mix keeps the same two at higher precision.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import ClassVar, Dict, List, Mapping, Optional, Tuple
 
@@ -73,10 +81,13 @@ def _codes(wb: np.ndarray, lo: np.ndarray, hi: np.ndarray, bits: int, symmetric:
     """Codes, scales and zero points of blocks `wb` for the range [lo, hi] (per block, [N, nb, 1])."""
     qmax = (1 << bits) - 1
     if symmetric:
-        half = (1 << (bits - 1)) - 1
-        scale = np.maximum(np.abs(lo), np.abs(hi)) / half
-        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-        zero = np.full(scale.shape, 1 << (bits - 1), np.float32)
+        # onnxruntime's (MLAS) rule: the value of largest magnitude, with its sign, maps to code 0,
+        # so all 2^bits codes are used (max|w| / (2^(bits-1) - 1) would leave one unused); the
+        # scale is negative when that value is positive.
+        mid = 1 << (bits - 1)
+        scale = np.where(-lo > hi, lo, hi) / -mid
+        scale = np.where(scale != 0, scale, 1.0).astype(np.float32)
+        zero = np.full(scale.shape, mid, np.float32)
     else:
         scale = (hi - lo) / qmax
         scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
@@ -118,13 +129,25 @@ def quantize_weight(w: np.ndarray, bits: int = 4, block_size: int = 32, symmetri
     # Dequantization uses the stored (possibly half-precision) scales: recompute codes for them.
     if np.dtype(scale_dtype) != np.float32:
         s32 = scales.astype(np.float32)[..., None]
-        q = np.clip(np.round(wb / np.where(s32 > 0, s32, 1)) + zero, 0, (1 << bits) - 1)
+        q = np.clip(np.round(wb / np.where(s32 != 0, s32, 1)) + zero, 0, (1 << bits) - 1)
     return Quantized(q.astype(np.uint8), scales, None if symmetric else zero[..., 0].astype(np.uint8),
                      bits, block_size, K)
 
 
+def gptq_factor(gram: np.ndarray, damp: float = 0.01) -> Tuple[np.ndarray, np.ndarray]:
+    """(U, dead): the upper Cholesky factor of the damped inverse Gram matrix, ``inv(H) = U^T U``,
+    and the input channels that never fire. Computed once per activation: layers reading the
+    same input (q/k/v, gate/up) share it, and it is most of GPTQ's time."""
+    H = np.asarray(gram, np.float64).copy()
+    dead = np.diag(H) <= 0
+    H[dead, dead] = 1.0
+    H[np.diag_indices(H.shape[0])] += damp * float(np.mean(np.diag(H)))
+    return np.linalg.cholesky(np.linalg.inv(H)).T, dead
+
+
 def gptq_quantize(w: np.ndarray, gram: np.ndarray, bits: int = 4, block_size: int = 32, symmetric: bool = False,
-                  damp: float = 0.01, scale_dtype=np.float32) -> Quantized:
+                  damp: float = 0.01, scale_dtype=np.float32,
+                  factor: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> Quantized:
     """GPTQ (Frantar et al. 2022) with block-wise scales: quantize W [K, N] row by row along K,
     spreading each row's rounding error over the rows not yet quantized through the inverse of
     the activations' Gram matrix ``X^T X`` [K, K]. Each block's scale and zero point are taken
@@ -132,12 +155,8 @@ def gptq_quantize(w: np.ndarray, gram: np.ndarray, bits: int = 4, block_size: in
     K, N = w.shape
     qmax = (1 << bits) - 1
     W = np.asarray(w, np.float64).copy()
-    H = np.asarray(gram, np.float64).copy()
-    dead = np.diag(H) <= 0
-    H[dead, dead] = 1.0
+    U, dead = factor if factor is not None else gptq_factor(gram, damp)
     W[dead, :] = 0.0
-    H[np.diag_indices(K)] += damp * float(np.mean(np.diag(H)))
-    U = np.linalg.cholesky(np.linalg.inv(H)).T             # inv(H) = U^T U, U upper triangular
     n_blocks = -(-K // block_size)
     Q = np.zeros((n_blocks * block_size, N), np.float64)
     scales = np.zeros((N, n_blocks), np.float64)
@@ -148,7 +167,7 @@ def gptq_quantize(w: np.ndarray, gram: np.ndarray, bits: int = 4, block_size: in
         lo, hi = np.minimum(Wb.min(axis=0), 0), np.maximum(Wb.max(axis=0), 0)
         _, scale, zero = _codes(Wb[:1], lo[None], hi[None], bits, symmetric)
         scale = scale.reshape(N).astype(scale_dtype).astype(np.float64)
-        scale = np.where(scale > 0, scale, 1.0)
+        scale = np.where(scale != 0, scale, 1.0)
         zero = zero.reshape(N).astype(np.float64)
         err_block = np.zeros_like(Wb)
         for i in range(b1 - b0):
@@ -257,6 +276,8 @@ class QuantizeWeights(Pass):
     method: str = "rtn"
     head: bool = True
     calibration: str = ""
+    head_bits: int = 0          # 0: the same as `bits`; 8: the LM head at 8 bits
+    int8_layers: str = ""       # "+"-separated MatMul name fragments kept at 8 bits
 
     def __post_init__(self):
         self.bits, self.block_size, self.accuracy_level = int(self.bits), int(self.block_size), int(self.accuracy_level)
@@ -267,6 +288,10 @@ class QuantizeWeights(Pass):
             raise ConfigError(f"quantize-weights: block-size must be one of {BLOCK_SIZES}, got {self.block_size}")
         if not 0 <= self.accuracy_level <= 4:
             raise ConfigError(f"quantize-weights: accuracy-level must be 0..4, got {self.accuracy_level}")
+        self.head_bits = int(self.head_bits)
+        if self.head_bits not in (0,) + BITS:
+            raise ConfigError(f"quantize-weights: head-bits must be 0 (same as bits), 4 or 8, got {self.head_bits}")
+        self.int8_fragments = tuple(f.strip() for f in str(self.int8_layers or "").split("+") if f.strip())
         if self.method not in METHODS:
             raise ConfigError(f"quantize-weights: method must be one of {', '.join(METHODS)}, got {self.method!r}")
         self.act_stats: Optional[Mapping[str, np.ndarray]] = None     # set by callers, or from `calibration`
@@ -284,7 +309,11 @@ class QuantizeWeights(Pass):
                                      gram=self.method == "gptq")
         if self.method == "gptq" and stats is None:
             raise ConfigError("quantize-weights: method=gptq needs calibration prompts (calibration=FILE)")
-        done = padded = 0
+        unmatched = [f for f in self.int8_fragments if not any(self._matches(f, lin) for lin in linears)]
+        if unmatched:
+            raise ConfigError(f"quantize-weights: int8-layers {'+'.join(unmatched)} names no linear layer "
+                              f"(linears are named like {linears[0].matmul.name if linears else 'nothing: none found'})")
+        done = padded = promoted = 0
         shared: Dict = {}
         for lin in linears:
             reason = self._refusal(lin)
@@ -293,11 +322,15 @@ class QuantizeWeights(Pass):
                 self.near_misses.append(NearMiss(self.name, lin.matmul.name, reason))
                 continue
             padded += lin.weight.shape[0] % self.block_size != 0
+            promoted += self.bits_for(lin) != self.bits
             self._rewrite(graph, lin, None if stats is None else stats.get(lin.matmul.name), shared)
             done += 1
         graph.remove_unused_constants()
         # A refusal is not a change: a second run, refusing the same layer again, changes nothing.
-        return {"quantized": done, "padded": padded}
+        counts = {"quantized": done, "padded": padded}
+        if promoted:
+            counts["at_8_bits" if self.bits == 4 else "at_4_bits"] = promoted
+        return counts
 
     def _refusal(self, lin: LinearLayer) -> str:
         K, N = lin.weight.shape
@@ -309,21 +342,38 @@ class QuantizeWeights(Pass):
             return f"activations are {lin.matmul.inputs[0].dtype.name}"
         return ""
 
+    def bits_for(self, lin: LinearLayer) -> int:
+        """The layer's bits: `head-bits` for the LM head, 8 for an `int8-layers` match, else `bits`."""
+        if lin.is_head and self.head_bits:
+            return self.head_bits
+        if any(self._matches(f, lin) for f in self.int8_fragments):
+            return 8
+        return self.bits
+
+    @staticmethod
+    def _matches(fragment: str, lin: LinearLayer) -> bool:
+        """`fragment` is a run of whole ``_``-separated words of the MatMul's name (v_proj, mlp_down)."""
+        return re.search(rf"(^|[_.]){re.escape(fragment)}($|[_.])", lin.matmul.name) is not None
+
     def _rewrite(self, graph: Graph, lin: LinearLayer, act_sq: Optional[np.ndarray], shared: Dict) -> None:
         node, x = lin.matmul, lin.matmul.inputs[0]
         dtype = x.dtype
         w_in = node.inputs[1]
-        key = (id(w_in.producer.inputs[0]) if w_in.const is None else id(w_in), dtype)
+        bits = self.bits_for(lin)
+        key = (id(w_in.producer.inputs[0]) if w_in.const is None else id(w_in), dtype, bits)
         if key not in shared:      # a weight shared by several MatMuls (ALBERT) is stored once
             if self.method == "gptq":
-                qw = gptq_quantize(lin.weight, act_sq, self.bits, self.block_size, self.symmetric,
-                                   scale_dtype=dtype.numpy)
+                factors = shared.setdefault("gptq factors", {})       # one per shared activation
+                if id(act_sq) not in factors:
+                    factors[id(act_sq)] = (act_sq, gptq_factor(act_sq))
+                qw = gptq_quantize(lin.weight, act_sq, bits, self.block_size, self.symmetric,
+                                   scale_dtype=dtype.numpy, factor=factors[id(act_sq)][1])
             else:
-                qw = quantize_weight(lin.weight.astype(np.float32), self.bits, self.block_size, self.symmetric,
+                qw = quantize_weight(lin.weight.astype(np.float32), bits, self.block_size, self.symmetric,
                                      self.method, act_sq, scale_dtype=dtype.numpy)
             B, scales, zp = matmul_nbits_inputs(qw)
             base = w_in.name if w_in.const is not None else f"{node.name}.weight"
-            shared[key] = [graph.add_constant(B, f"{base}_q{self.bits}", is_param=True),
+            shared[key] = [graph.add_constant(B, f"{base}_q{bits}", is_param=True),
                            graph.add_constant(scales, f"{base}_scales", is_param=True),
                            None if zp is None else graph.add_constant(zp, f"{base}_zero_points", is_param=True)]
         K, N = lin.weight.shape
@@ -333,7 +383,7 @@ class QuantizeWeights(Pass):
             bias = lin.bias_add.inputs[1] if lin.bias_add.inputs[0] is node.output else lin.bias_add.inputs[0]
             ins += [None, bias]
             out = lin.bias_add.output
-        attrs = {"K": K, "N": N, "bits": self.bits, "block_size": self.block_size,
+        attrs = {"K": K, "N": N, "bits": bits, "block_size": self.block_size,
                  "accuracy_level": self.accuracy_level}
         new_out = graph.new_value(TensorType(dtype, out.shape), node.name + "_nbits")
         anchor = lin.bias_add or node

