@@ -17,8 +17,7 @@ from ..checkpoints import HFAdapter, WeightRule, hf_get, refuse_if, register_ada
 from ..dsl import Embedding, LayerNorm, LearnedPositions, Linear, Module, ModuleList
 from ..errors import ConfigError
 from . import gpt_common
-from .decoding import (cache_length, check_cache_options, decoder_input_specs, decoder_state, last_tokens, lm_logits,
-                       token_positions)
+from .decoding import cache_length, check_cache_options, decoder_input_specs
 from .config_checks import check_fields, epsilon, repeated
 from .registry import register_model
 
@@ -81,15 +80,7 @@ class GPT2(Module):
         return decoder_input_specs(c, c.n_layer, c.n_head, c.n_embd // c.n_head, mask=c.use_attention_mask)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, **past):
-        c = self.config
-        keep, cache, layer_slots = decoder_state(c, c.n_layer, attention_mask, past, input_ids)  # (B, 1, 1, P + T)
-        pos = token_positions(cache, input_ids, position_ids)            # None, (T,) or (B, T)
-        x = gpt_common.embed(self.wte, self.wpe, input_ids, position_ids=pos)   # (B, T, C)
-        for block, layer_cache in zip(self.h, layer_slots):
-            x = block(x, keep, layer_cache)
-        x = self.ln_f(last_tokens(cache, x))                              # static cache: (B, 1, C)
-        logits = lm_logits(x, self.wte, self.lm_head)
-        return {"logits": logits, **(cache.outputs() if cache else {})}   # (B, T, V)
+        return gpt_common.pre_ln_forward(self, self.config.n_layer, input_ids, attention_mask, position_ids, past)
 
 
 @register_model("gpt2", GPT2Config)

@@ -16,6 +16,7 @@ from ..ir.lazy import contiguous
 from ..dsl import ACTIVATIONS, Embedding, FeedForward, LayerNorm, LearnedPositions, Module, MultiHeadAttention
 from ..dsl.cache import positions as cache_positions
 from ..errors import ConfigError
+from .decoding import decoder_state, last_tokens, lm_logits, token_positions
 
 
 # ---------------------------------------------------------------- config checks
@@ -50,6 +51,19 @@ def embed(tokens: Embedding, positions: LearnedPositions, input_ids, past_length
 
 
 # ---------------------------------------------------------------- Hugging Face checkpoints
+def pre_ln_forward(model: Any, num_layers: int, input_ids, attention_mask, position_ids, past) -> Dict[str, Any]:
+    """The forward of a GPT-2-layout decoder (`wte`, `wpe`, blocks `h`, `ln_f`, tied or own
+    `lm_head`), shared by gpt2 and gpt_neo: learned positions, pre-LN blocks, a final norm."""
+    keep, cache, layer_slots = decoder_state(model.config, num_layers, attention_mask, past, input_ids)  # (B, 1, 1, P + T)
+    pos = token_positions(cache, input_ids, position_ids)            # None, (T,) or (B, T)
+    x = embed(model.wte, model.wpe, input_ids, position_ids=pos)     # (B, T, C)
+    for block, layer_cache in zip(model.h, layer_slots):
+        x = block(x, keep, layer_cache)
+    x = model.ln_f(last_tokens(cache, x))                            # static cache: (B, 1, C)
+    logits = lm_logits(x, model.wte, model.lm_head)
+    return {"logits": logits, **(cache.outputs() if cache else {})}  # (B, T, V)
+
+
 def columns(i: int, n: int, width: int) -> Callable[[np.ndarray], np.ndarray]:
     """The i-th of n column blocks of a fused [..., n*width] tensor (Q, K, V of `c_attn`)."""
     def take(x: np.ndarray) -> np.ndarray:

@@ -20,8 +20,7 @@ from ..dsl import Embedding, FeedForward, LayerNorm, LearnedPositions, Linear, M
 from ..errors import ConfigError
 from . import gpt_common
 from .config_checks import bounded, check_fields, epsilon, repeated
-from .decoding import (cache_length, check_cache_options, decoder_input_specs, decoder_state, last_tokens, lm_logits,
-                       token_positions)
+from .decoding import cache_length, check_cache_options, decoder_input_specs
 from .gpt2 import HF_ACTIVATIONS
 from .registry import register_model
 from .windows import layer_windows, parse_pattern, shortest_pattern
@@ -105,15 +104,7 @@ class GPTNeo(Module):
                                    mask=c.use_attention_mask)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, **past):
-        c = self.config
-        keep, cache, layer_slots = decoder_state(c, c.num_layers, attention_mask, past, input_ids)  # (B, 1, 1, P + T)
-        pos = token_positions(cache, input_ids, position_ids)            # None, (T,) or (B, T)
-        x = gpt_common.embed(self.wte, self.wpe, input_ids, position_ids=pos)   # (B, T, C)
-        for block, layer_cache in zip(self.h, layer_slots):
-            x = block(x, keep, layer_cache)
-        x = self.ln_f(last_tokens(cache, x))                              # static cache: (B, 1, C)
-        logits = lm_logits(x, self.wte, self.lm_head)
-        return {"logits": logits, **(cache.outputs() if cache else {})}   # (B, T, V)
+        return gpt_common.pre_ln_forward(self, self.config.num_layers, input_ids, attention_mask, position_ids, past)
 
 
 @register_model("gpt_neo", GPTNeoConfig)
