@@ -29,12 +29,13 @@ import numpy as np
 
 from tgraph.ir import DType, Graph, Node, Value
 from tgraph.ir.opdefs import OPS
+from tgraph.ir.traits import ops_with
 
 from .base import Pass, register_pass
 from .rewrite import can_replace, is_output, replace_value
 
 #: Standard ops whose result does not depend on the order of their two inputs.
-COMMUTATIVE = frozenset({"Add", "Mul", "And", "Or", "Equal", "Max", "Min", "Sum"})
+COMMUTATIVE = ops_with("commutative")
 
 
 def attr_key(value: Any) -> Hashable:

@@ -22,14 +22,10 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from tgraph.ir import Builder, Graph, Node, Value
+from tgraph.ir.traits import has_trait
 
 from .base import register_pass
 from .pattern import ConstPat, Match, NoMatch, OpBuilder, OpPat, RewritePass, Rule, Var, Matcher, escapes
-
-# Ops that act elementwise (with broadcasting): a value computed only by them from tables
-# whose last-axis halves are equal has equal halves too.
-_ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Neg", "Cos", "Sin", "Cast", "Identity", "Exp", "Sqrt",
-                          "Reciprocal", "Pow", "Tanh", "Sigmoid", "Where"})
 
 
 def _last_axis_ok(axis, rank: Optional[int]) -> bool:
@@ -233,7 +229,7 @@ def _halves_equal(v: Value, depth: int = 12) -> bool:
         if rank is not None and node.attrs.get("axis", 0) % rank == rank - 1:    # cat(f, f): HF's emb
             return len(node.inputs) == 2 and node.inputs[0] is node.inputs[1]
         return all(_halves_equal(i, depth - 1) for i in node.inputs)
-    if node.op not in _ELEMENTWISE:
+    if not has_trait(node, "elementwise"):
         return False
     return all(i is not None and _halves_equal(i, depth - 1) for i in node.inputs)
 

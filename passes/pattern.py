@@ -1,50 +1,66 @@
 """Pattern rewriting: fusion rules that read like the math they replace.
 
-After onnxscript's rewriter. A `Rule` gives one or more `pattern`s built with an op
-builder (``op.Exp(op.Sub(x, op.ReduceMax(x, axes=axes)))``), a `check` that returns a
-reason when a structurally matching subgraph must still be refused, and a `rewrite`
-that builds the replacement with the IR `Builder`. `RewritePass` applies a list of rules
-to a fixed point.
+After onnxscript's rewriter. A `Rule` gives its `pattern` built with an op builder
+(``op.Exp(op.Sub(x, op.ReduceMax(x, axes=axes)))``), a `check` that returns a reason
+when a structurally matching subgraph must still be refused, and a `rewrite` that
+builds the replacement with the IR `Builder`. `RewritePass` applies a list of rules to a
+fixed point. Rules never match by hand: everything a rule accepts is in its pattern.
 
-Matching rules:
-* a `Var` binds a value (or an attribute); used twice, it must bind the same thing,
-  which is how ``x`` in softmax's Sub and ReduceMax is required to be one tensor;
-* a pattern node object used twice must match one graph node (DAG patterns);
-* Add and Mul are tried in both input orders;
-* every matched node except the root must have no users outside the match, or the
-  rewrite would have to keep it alive and compute things twice: such a match is refused
-  with the reason "intermediate ... used elsewhere".
+Pattern elements:
+* `Var` binds a value (or an attribute); used twice, it must bind the same thing, which
+  is how ``x`` in softmax's Sub and ReduceMax is required to be one tensor. `ANY`
+  matches any value and binds nothing.
+* `ConstPat` (``op.const(0.5)``) matches a constant, optionally of a given value.
+* `OpPat` (``op.MatMul(a, b)``) matches a node; the same pattern object used twice must
+  match one graph node (DAG patterns, `Shared` sub-patterns).
+* `Or(p1, p2, ...)` matches any alternative; `optional(wrap, x)` is ``Or(wrap(x), x)``,
+  for layers a spelling may or may not have (a Cast, a scale, a mask).
+
+The matcher backtracks: an alternative that matched a subtree is given up again when a
+later sibling fails under its bindings. Ops whose `OpDef` has the trait "commutative"
+are tried in both input orders. Every matched node except the root must have no users
+outside the match (nodes that only feed the match, such as the Shape arithmetic of a
+Reshape being replaced, count as part of it), or the rewrite would have to keep it alive
+and compute things twice: such a match is refused with "intermediate ... used elsewhere".
 
 A rule that does not fire where its root op appears records a near miss (the node and
-the first reason), which `tgraph export --report` and `explain()` show.
+the reason from the attempt that got furthest), which `tgraph export --report` and
+`explain()` show.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, ClassVar, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from tgraph.ir import Builder, Graph, Node, Value
+from tgraph.ir.traits import has_trait
 
 from .base import Pass
-from .rewrite import replace_value
+from .rewrite import builder_at, replace_match
 
-COMMUTATIVE = frozenset({"Add", "Mul", "And", "Or", "Equal"})
+#: A constant pattern with a `value` reads at most this many elements to compare them
+#: (a larger constant, e.g. a checkpoint weight, is never read to find out).
+MAX_COMPARED_ELEMENTS = 4096
 
 
 class NoMatch(Exception):
-    """Raised inside the matcher with a human-readable reason."""
+    """Raised with a human-readable reason when a subgraph is refused."""
 
 
 # ---------------------------------------------------------------- pattern objects
 @dataclass(eq=False)
 class Var:
-    """Binds any value (or, in an attribute position, any attribute value)."""
+    """Binds any value (or, in an attribute position, any attribute value); an empty
+    name binds nothing."""
 
     name: str
     predicate: Optional[Callable[[Any], bool]] = None
     describe: str = ""
+
+
+ANY = Var("")
 
 
 @dataclass(eq=False)
@@ -69,7 +85,35 @@ class OpPat:
     index: int = 0                      # which output of the node this pattern stands for
 
 
-Pattern = Union[Var, ConstPat, OpPat]
+@dataclass(eq=False)
+class Or:
+    """Matches the first alternative that leads to a whole match (backtracking)."""
+
+    alternatives: Tuple[Any, ...]
+    name: Optional[str] = None          # bind the index of the alternative that matched
+
+    def __init__(self, *alternatives, name: Optional[str] = None):
+        if not alternatives:
+            raise ValueError("Or needs at least one alternative")
+        self.alternatives = tuple(alternatives)
+        self.name = name
+
+
+Pattern = Union[Var, ConstPat, OpPat, Or]
+
+
+def optional(wrap: Callable[[Any], Any], inner: Any) -> Or:
+    """``Or(wrap(inner), inner)``: a layer that a spelling may or may not put around `inner`."""
+    return Or(wrap(inner), inner)
+
+
+def root_ops(p: Pattern) -> FrozenSet[Tuple[str, str]]:
+    """The (domain, op) pairs a pattern's root can be, so a rule is tried only where it can fire."""
+    if isinstance(p, OpPat):
+        return frozenset({(p.domain, p.op)})
+    if isinstance(p, Or):
+        return frozenset().union(*(root_ops(a) for a in p.alternatives))
+    raise TypeError(f"a pattern's root must be an op or an Or of ops, got {p!r}")
 
 
 class OpBuilder:
@@ -82,8 +126,10 @@ class OpBuilder:
         if op.startswith("_"):
             raise AttributeError(op)
 
-        def make(*inputs, _name: Optional[str] = None, _domain: Optional[str] = None, **attrs) -> OpPat:
-            return OpPat(op, tuple(inputs), attrs, domain=self._domain if _domain is None else _domain, name=_name)
+        def make(*inputs, _name: Optional[str] = None, _domain: Optional[str] = None, _outputs: int = 1,
+                 _index: int = 0, **attrs) -> OpPat:
+            return OpPat(op, tuple(inputs), attrs, domain=self._domain if _domain is None else _domain,
+                         name=_name, outputs=_outputs, index=_index)
         return make
 
     @staticmethod
@@ -97,6 +143,7 @@ class Match:
     root: Node
     bindings: Dict[str, Any] = field(default_factory=dict)
     nodes: List[Node] = field(default_factory=list)
+    root_index: int = 0                 # which output of the root the pattern stands for
 
     def __getattr__(self, name: str):
         try:
@@ -116,101 +163,178 @@ def _norm_attr(v: Any) -> Any:
     return v
 
 
+@dataclass
+class _State:
+    """One branch of the search: what is bound so far. Copied when a branch forks."""
+
+    bindings: Dict[str, Any] = field(default_factory=dict)
+    pats: Dict[int, Value] = field(default_factory=dict)      # id(OpPat) -> the value it matched
+    nodes: Dict[int, Node] = field(default_factory=dict)
+
+    def fork(self) -> "_State":
+        return _State(dict(self.bindings), dict(self.pats), dict(self.nodes))
+
+
 class Matcher:
-    """Matches one pattern rooted at one node; raises NoMatch with the first reason."""
+    """Matches one pattern rooted at one node; raises NoMatch with the furthest reason."""
 
     def __init__(self, graph: Graph):
         self.graph = graph
+        self._best: Tuple[int, str] = (-1, "no alternative matched")
 
-    def match(self, pattern: OpPat, node: Node) -> Match:
-        m = Match(node)
-        state = {"b": {}, "pats": {}, "nodes": {}}
-        self._op(pattern, node.outputs[pattern.index], state)
-        m.bindings = state["b"]
-        m.nodes = list(state["nodes"].values())
-        return m
+    def all_matches(self, pattern: Pattern, node: Node) -> Iterator[Match]:
+        """Every structural match of `pattern` at `node` (alternatives in order)."""
+        index = pattern.index if isinstance(pattern, OpPat) else 0
+        for st in self._value(pattern, node.outputs[index], _State(), "root"):
+            yield Match(node, st.bindings, list(st.nodes.values()), index)
 
-    def _bind(self, name: str, value: Any, state) -> None:
-        b = state["b"]
+    def match(self, pattern: Pattern, node: Node) -> Match:
+        for m in self.all_matches(pattern, node):
+            return m
+        raise NoMatch(self._best[1])
+
+    @property
+    def reason(self) -> str:
+        return self._best[1]
+
+    def _fail(self, st: _State, reason: str) -> None:
+        if len(st.nodes) > self._best[0]:
+            self._best = (len(st.nodes), reason)
+
+    def _bind(self, name: Optional[str], value: Any, st: _State) -> bool:
+        if not name:
+            return True
+        b = st.bindings
         if name in b:
             old = b[name]
             same = old is value if isinstance(value, Value) or isinstance(old, Value) else \
                 _norm_attr(old) == _norm_attr(value)
             if not same:
-                raise NoMatch(f"{name!r} would bind two different things")
-        else:
-            b[name] = value
+                self._fail(st, f"{name!r} would bind two different things")
+            return same
+        b[name] = value
+        return True
 
-    def _value(self, p: Pattern, v: Optional[Value], state, where: str) -> None:
+    def _value(self, p: Pattern, v: Optional[Value], st: _State, where: str) -> Iterator[_State]:
+        if isinstance(p, Or):
+            for i, alt in enumerate(p.alternatives):
+                trial = st.fork()
+                if p.name and not self._bind(p.name, i, trial):
+                    continue
+                yield from self._value(alt, v, trial, where)
+            return
+        if v is None:
+            self._fail(st, f"{where}: missing input")
+            return
         if isinstance(p, Var):
-            if v is None:
-                raise NoMatch(f"{where}: missing input")
             if p.predicate is not None and not p.predicate(v):
-                raise NoMatch(f"{where}: {v.name} is not {p.describe or p.name}")
-            self._bind(p.name, v, state)
+                self._fail(st, f"{where}: {v.name} is not {p.describe or p.name}")
+            elif self._bind(p.name, v, st):
+                yield st
         elif isinstance(p, ConstPat):
-            if v is None or v.const is None:
-                raise NoMatch(f"{where}: expected a constant, found {'nothing' if v is None else v.name}")
-            arr = v.const
-            if p.value is not None:
-                if arr.size == 0 or not np.allclose(arr.astype(np.float64), p.value, rtol=p.rtol, atol=0):
-                    raise NoMatch(f"{where}: constant {v.name} is not {p.value}")
-            if p.predicate is not None and not p.predicate(arr):
-                raise NoMatch(f"{where}: constant {v.name} fails the rule's test")
-            if p.name:
-                self._bind(p.name, arr, state)
+            reason = _const_refusal(p, v)
+            if reason:
+                self._fail(st, f"{where}: {reason}")
+            elif self._bind(p.name, v.const, st):
+                yield st
         elif isinstance(p, OpPat):
-            if v is None:
-                raise NoMatch(f"{where}: missing input")
-            self._op(p, v, state)
+            yield from self._op(p, v, st)
         else:  # a literal attribute-like value in an input slot is a pattern bug
             raise TypeError(f"bad pattern element {p!r}")
 
-    def _op(self, p: OpPat, v: Value, state) -> None:
-        seen = state["pats"].get(id(p))
+    def _op(self, p: OpPat, v: Value, st: _State) -> Iterator[_State]:
+        seen = st.pats.get(id(p))
         if seen is not None:
-            if seen is not v:
-                raise NoMatch(f"{p.op}: a shared subpattern matched two different values")
+            if seen is v:
+                yield st
+            else:
+                self._fail(st, f"{p.op}: a shared subpattern matched two different values")
             return
         node = v.producer
         if node is None or node.op != p.op or node.domain != p.domain or v.index != p.index:
             found = "a graph input/constant" if node is None else node.qualified_op
-            raise NoMatch(f"expected {p.op} for {v.name}, found {found}")
+            self._fail(st, f"expected {p.op} for {v.name}, found {found}")
+            return
         ins = list(node.inputs)
         while len(ins) > len(p.inputs) and ins[-1] is None:
             ins.pop()
         if len(ins) != len(p.inputs):
-            raise NoMatch(f"{node.name}: {p.op} has {len(ins)} inputs, pattern wants {len(p.inputs)}")
+            self._fail(st, f"{node.name}: {p.op} has {len(ins)} inputs, pattern wants {len(p.inputs)}")
+            return
+        if p.outputs != 1 and len(node.outputs) != p.outputs:
+            self._fail(st, f"{node.name}: {p.op} has {len(node.outputs)} outputs, pattern wants {p.outputs}")
+            return
+        st = st.fork()
         for key, want in p.attrs.items():
             have = node.attrs.get(key)
             if isinstance(want, Var):
                 if want.predicate is not None and not want.predicate(have):
-                    raise NoMatch(f"{node.name}: attribute {key}={have!r} is not {want.describe or want.name}")
-                self._bind(want.name, have, state)
+                    self._fail(st, f"{node.name}: attribute {key}={have!r} is not {want.describe or want.name}")
+                    return
+                if not self._bind(want.name, have, st):
+                    return
             elif callable(want):
                 if not want(have):
-                    raise NoMatch(f"{node.name}: attribute {key}={have!r} rejected")
+                    self._fail(st, f"{node.name}: attribute {key}={have!r} rejected")
+                    return
             elif _norm_attr(have) != _norm_attr(want):
-                raise NoMatch(f"{node.name}: attribute {key}={have!r}, pattern wants {want!r}")
-        orders = [list(range(len(ins)))]
-        if p.op in COMMUTATIVE and len(ins) == 2:
-            orders.append([1, 0])
-        last: Optional[NoMatch] = None
-        for order in orders:
-            trial = {"b": dict(state["b"]), "pats": dict(state["pats"]), "nodes": dict(state["nodes"])}
-            try:
-                for pi, gi in enumerate(order):
-                    self._value(p.inputs[pi], ins[gi], trial, f"{node.name} input {gi}")
-            except NoMatch as e:
-                last = e
-                continue
-            state.update(trial)
-            state["pats"][id(p)] = v
-            state["nodes"][id(node)] = node
-            if p.name:
-                self._bind(p.name, v, state)
+                self._fail(st, f"{node.name}: attribute {key}={have!r}, pattern wants {want!r}")
+                return
+        st.pats[id(p)] = v
+        st.nodes[id(node)] = node
+        if p.name and not self._bind(p.name, v, st):
             return
-        raise last  # type: ignore[misc]
+        orders = [list(range(len(ins)))]
+        if len(ins) == 2 and has_trait(node, "commutative"):
+            orders.append([1, 0])
+        for order in orders:
+            yield from self._inputs(p, node, [ins[i] for i in order], order, 0, st.fork())
+
+    def _inputs(self, p: OpPat, node: Node, ins: List[Optional[Value]], order: List[int], k: int,
+                st: _State) -> Iterator[_State]:
+        if k == len(ins):
+            yield st
+            return
+        for after in self._value(p.inputs[k], ins[k], st.fork(), f"{node.name} input {order[k]}"):
+            yield from self._inputs(p, node, ins, order, k + 1, after)
+
+
+def _const_refusal(p: ConstPat, v: Value) -> Optional[str]:
+    if v.const is None:
+        return f"expected a constant, found {v.name}"
+    arr = v.const
+    if p.value is not None:
+        if arr.size == 0 or arr.size > MAX_COMPARED_ELEMENTS:
+            return f"constant {v.name} is not {p.value}"
+        if not np.allclose(np.asarray(arr, np.float64), p.value, rtol=p.rtol, atol=0):
+            return f"constant {v.name} is not {p.value}"
+    if p.predicate is not None and not p.predicate(arr):
+        return f"constant {v.name} fails the rule's test"
+    return None
+
+
+def with_feeders(graph: Graph, nodes: Sequence[Node], keep: Sequence[Optional[Value]]) -> List[Node]:
+    """`nodes` plus the nodes that only feed them (e.g. the Shape -> Slice -> Concat that
+    computes a replaced Reshape's target): they die with the match, so their reading a
+    match intermediate is not a use "elsewhere". Producers of `keep` (values the rewrite
+    may use) stay."""
+    inside = {id(n) for n in nodes}
+    kept = {id(v.producer) for v in keep if isinstance(v, Value) and v.producer is not None}
+    outputs = {id(v) for v in graph.outputs}
+    out = list(nodes)
+    changed = True
+    while changed:
+        changed = False
+        for node in list(out):
+            for v in node.inputs:
+                p = v.producer if v is not None else None
+                if p is None or id(p) in inside or id(p) in kept or any(id(o) in outputs for o in p.outputs):
+                    continue
+                if all(id(u) in inside for o in p.outputs for u, _ in o.uses):
+                    inside.add(id(p))
+                    out.append(p)
+                    changed = True
+    return out
 
 
 def escapes(graph: Graph, m: Match) -> Optional[str]:
@@ -231,43 +355,75 @@ def escapes(graph: Graph, m: Match) -> Optional[str]:
 
 # ---------------------------------------------------------------- rules and the pass
 class Rule:
-    """A fusion rule. Subclasses define `name`, `pattern(op)` (or `patterns(op)`),
-    optionally `check(match, graph)` returning a refusal reason, and `rewrite(b, match)`
-    returning the replacement value for the root's output."""
+    """A fusion rule. Subclasses define `name`, `pattern(op)`, optionally
+    `check(match, graph)` returning a refusal reason, and `rewrite(b, match)` returning
+    the replacement value(s) for the root's output(s)."""
 
     name: ClassVar[str] = ""
+    #: Refuse a match whose intermediates are used elsewhere (a rule whose rewrite keeps
+    #: them alive, e.g. one that only adds an input, sets this False).
+    private_intermediates: ClassVar[bool] = True
 
-    def pattern(self, op: OpBuilder) -> OpPat:
-        raise NotImplementedError
-
-    def patterns(self, op: OpBuilder) -> List[OpPat]:
-        return [self.pattern(op)]
+    def pattern(self, op: OpBuilder) -> Pattern:
+        legacy = getattr(self, "patterns", None)      # TRANSITION: rules not yet written as one pattern
+        if legacy is None:
+            raise NotImplementedError
+        return Or(*legacy(op))
 
     def check(self, m: Match, graph: Graph) -> Optional[str]:
         return None
 
-    def match(self, graph: Graph, node: Node, patterns: Sequence[OpPat], reasons: List[str]) -> Optional[Tuple[Match, int]]:
-        """Find this rule's match rooted at `node`, or None (appending why to `reasons`).
-        The default tries each pattern; rules whose shapes vary too much for a table of
-        patterns (attention) override this with a procedural matcher raising NoMatch."""
-        matcher = Matcher(graph)
-        for pat in patterns:
-            if pat.op != node.op or pat.domain != node.domain:
-                continue
-            try:
-                m = matcher.match(pat, node)
-            except NoMatch as e:
-                reasons.append(str(e))
-                continue
-            reason = escapes(graph, m) or self.check(m, graph)
-            if reason is not None:
-                reasons.append(reason)
-                continue
-            return m, pat.index
-        return None
-
     def rewrite(self, b: Builder, m: Match) -> Union[Value, Sequence[Value]]:
         raise NotImplementedError
+
+
+@dataclass
+class CompiledRule:
+    rule: Rule
+    pattern: Pattern
+    roots: FrozenSet[Tuple[str, str]]
+
+    @classmethod
+    def of(cls, rule: Rule) -> "CompiledRule":
+        if hasattr(rule, "match"):                   # TRANSITION: a hand matcher, tried everywhere
+            return cls(rule, None, frozenset())
+        pattern = rule.pattern(OpBuilder())
+        return cls(rule, pattern, root_ops(pattern))
+
+    def find(self, graph: Graph, node: Node) -> Tuple[Optional[Match], Optional[str]]:
+        """This rule's first acceptable match at `node`, or (None, the reason to report).
+        A refusal of a structural match (by `check` or escaping intermediates) is reported
+        in preference to spellings that did not match."""
+        if self.pattern is None:
+            return self._legacy(graph, node)
+        if (node.domain, node.op) not in self.roots:
+            return None, None
+        matcher = Matcher(graph)
+        refused: Optional[str] = None
+        for m in matcher.all_matches(self.pattern, node):
+            keep = [v for v in m.bindings.values() if isinstance(v, Value) and not _is_inside(v, m)]
+            m.nodes = with_feeders(graph, m.nodes, keep)
+            reason = (escapes(graph, m) if self.rule.private_intermediates else None) or self.rule.check(m, graph)
+            if reason is None:
+                return m, None
+            refused = refused or reason
+        return None, refused or matcher.reason
+
+
+    def _legacy(self, graph: Graph, node: Node) -> Tuple[Optional[Match], Optional[str]]:
+        reasons: List[str] = []
+        try:
+            found = self.rule.match(graph, node, self.rule.patterns(OpBuilder()), reasons)
+        except NoMatch as e:
+            return None, str(e)
+        if found is None:
+            return None, reasons[0] if reasons else None
+        m, m.root_index = found
+        return m, None
+
+
+def _is_inside(v: Value, m: Match) -> bool:
+    return v.producer is not None and any(v.producer is n for n in m.nodes)
 
 
 @dataclass
@@ -284,7 +440,7 @@ def apply_rules(graph: Graph, rules: Sequence[Rule], near_misses: Optional[List[
                 max_rounds: int = 8) -> Dict[str, int]:
     """Apply rules until none fires; returns {rule name: rewrites}."""
     counts = {r.name: 0 for r in rules}
-    compiled = [(r, r.patterns(OpBuilder())) for r in rules]
+    compiled = [CompiledRule.of(r) for r in rules]
     for _ in range(max_rounds):
         fired = False
         # Consumers first: the outermost root is tried before the subexpressions it contains,
@@ -292,19 +448,14 @@ def apply_rules(graph: Graph, rules: Sequence[Rule], near_misses: Optional[List[
         for node in list(reversed(graph.nodes)):
             if node.graph is not graph:          # removed by an earlier rewrite this round
                 continue
-            for rule, pats in compiled:
-                reasons: List[str] = []
-                try:
-                    found = rule.match(graph, node, pats, reasons)
-                except NoMatch as e:
-                    found = None
-                    reasons.append(str(e))
-                if found is None:
-                    if reasons and near_misses is not None:
-                        near_misses.append(NearMiss(rule.name, node.name, reasons[0]))
+            for c in compiled:
+                m, reason = c.find(graph, node)
+                if m is None:
+                    if reason and near_misses is not None:
+                        near_misses.append(NearMiss(c.rule.name, node.name, reason))
                     continue
-                _replace(graph, rule, *found)
-                counts[rule.name] += 1
+                _rewrite(graph, c, m)
+                counts[c.rule.name] += 1
                 fired = True
                 break
         if not fired:
@@ -312,22 +463,12 @@ def apply_rules(graph: Graph, rules: Sequence[Rule], near_misses: Optional[List[
     return counts
 
 
-def _replace(graph: Graph, rule: Rule, m: Match, index: int) -> None:
-    root = m.root
-    b = Builder(graph)
-    b.insert_before = root
-    scope = root.meta.get("scope", "")
-    b.scope = scope.split(".") if scope else []
-    new = rule.rewrite(b, m)
+def _rewrite(graph: Graph, c: CompiledRule, m: Match) -> None:
+    b = builder_at(graph, m.root)
+    new = c.rule.rewrite(b, m)
     news = list(new) if isinstance(new, (list, tuple)) else [new]
-    old_outs = [root.outputs[index]] if len(news) == 1 else list(root.outputs)
-    for old, nv in zip(old_outs, news):
-        if nv.type.dtype != old.type.dtype:
-            raise TypeError(f"rule {rule.name} changed dtype of {old.name}: {old.type} -> {nv.type}")
-        replace_value(graph, old, nv)
-    # The match's intermediates were used only inside it (checked before rewriting), so
-    # with the root's uses moved to the replacement the whole match is dead.
-    graph.remove_nodes(m.nodes)
+    olds = [m.root.outputs[m.root_index]] if len(news) == 1 else list(m.root.outputs)
+    replace_match(graph, olds, news, m.nodes, who=f"rule {c.rule.name}")
 
 
 @dataclass

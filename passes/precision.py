@@ -52,6 +52,7 @@ import numpy as np
 from tgraph.errors import ConfigError
 from tgraph.ir import DType, Graph, TensorType
 from tgraph.ir.core import Node, Value
+from tgraph.ir.traits import ops_with
 from tgraph.numerics import clamp_summary, warn
 from tgraph.ir.lazy import fold_blocks, is_lazy
 
@@ -59,16 +60,17 @@ from .base import Pass, register_pass
 
 #: Ops always computed in float32 (inputs cast up, outputs cast down).
 ALWAYS_FP32 = frozenset({"ReduceMean", "ReduceSum", "Softmax", "CumSum", "Range", "Cos", "Sin"})
-ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Neg", "Sqrt", "Reciprocal", "Exp", "Log", "Erf",
-                         "Tanh", "Sigmoid", "Relu", "Where", "Identity", "tgraph.CausalMask"})
-LAYOUT = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Expand", "Concat", "Split", "Slice", "Gather"})
+#: Float arithmetic that may run in either precision (the op table's elementwise ops that
+#: neither compare nor convert), and ops that only move elements.
+ELEMENTWISE = ops_with("elementwise") - ops_with("comparison") - ops_with("conversion")
+LAYOUT = ops_with("layout")
 #: Exact, order-preserving reads (a row maximum, comparisons): they run in their inputs'
 #: precision and never pull a float32 producer down (the fully-masked-row guard's ReduceMax
 #: reads the float32 masked scores next to the softmax).
 FOLLOW_INPUTS = frozenset({"ReduceMax", "Max", "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual",
                            "IsNaN"})
 #: Ops whose float inputs are read for their shape only: they never need a Cast.
-SHAPE_ONLY = frozenset({"Shape"})
+SHAPE_ONLY = ops_with("shape_only")
 #: Target dtypes by the names the CLI and `api.build` accept.
 TARGETS = {"float16": DType.float16, "fp16": DType.float16, "half": DType.float16,
            "bfloat16": DType.bfloat16, "bf16": DType.bfloat16}

@@ -75,12 +75,12 @@ _SKIP_NORM_ONNX = OnnxInterface(outputs=(0, 3))
 
 register(OpDef("SkipLayerNormalization", _infer_skip_norm("SkipLayerNormalization", ("gamma", "beta", "bias")),
                skip_layer_normalization, (3, 5), attrs={"epsilon": ORT_SKIP_NORM_EPSILON}, domain=DOMAIN,
-               num_outputs=2, onnx=_SKIP_NORM_ONNX, doc="input + skip (+ bias), then LayerNorm; outputs (normalised, sum)"))
+               num_outputs=2, onnx=_SKIP_NORM_ONNX, doc="input + skip (+ bias), then LayerNorm; outputs (normalised, sum)", traits=frozenset({"fused"})))
 register(OpDef("SkipSimplifiedLayerNormalization",
                _infer_skip_norm("SkipSimplifiedLayerNormalization", ("gamma", "bias")),
                skip_simplified_layer_normalization, (3, 4), attrs={"epsilon": ORT_SKIP_NORM_EPSILON},
                domain=DOMAIN, num_outputs=2, onnx=_SKIP_NORM_ONNX,
-               doc="input + skip (+ bias), then RMSNorm; outputs (normalised, sum)"))
+               doc="input + skip (+ bias), then RMSNorm; outputs (normalised, sum)", traits=frozenset({"fused"})))
 
 
 # ---------------------------------------------------------------- GroupQueryAttention
@@ -214,7 +214,7 @@ register(OpDef("GroupQueryAttention", _infer_gqa, group_query_attention, (7, 11)
                attrs={"num_heads": None, "kv_num_heads": None, "scale": None, "do_rotary": 0,
                       "rotary_interleaved": 0, "softcap": 0.0, "local_window_size": -1},
                domain=DOMAIN, num_outputs=3,
-               doc="causal attention over a static KV cache written in place, per-row valid lengths"))
+               doc="causal attention over a static KV cache written in place, per-row valid lengths", traits=frozenset({"fused"})))
 
 
 # ============================================================ MatMulNBits (weight-only quantization)
@@ -295,7 +295,7 @@ def _infer_matmul_nbits(ins, attrs, consts):
 
 register(OpDef("MatMulNBits", _infer_matmul_nbits, matmul_nbits, (3, 6),
                attrs={"K": REQUIRED, "N": REQUIRED, "bits": 4, "block_size": REQUIRED, "accuracy_level": 0},
-               domain=DOMAIN, doc="A @ dequantize(B, scales, zero_points) (+ bias): block-wise N-bit weights"))
+               domain=DOMAIN, doc="A @ dequantize(B, scales, zero_points) (+ bias): block-wise N-bit weights", traits=frozenset({"fused"})))
 
 
 # ============================================================ more contrib ops exported LLMs carry
@@ -440,12 +440,12 @@ def _infer_embed_layer_norm(ins, attrs, consts):
 
 
 register(OpDef("FastGelu", _infer_fast_gelu, fast_gelu, (1, 2), domain=DOMAIN,
-               doc="tanh-approximated GELU of X (+ bias)"))
-register(OpDef("BiasGelu", _infer_bias_gelu, bias_gelu, (2, 2), domain=DOMAIN, doc="erf GELU of A + B"))
+               doc="tanh-approximated GELU of X (+ bias)", traits=frozenset({"fused"})))
+register(OpDef("BiasGelu", _infer_bias_gelu, bias_gelu, (2, 2), domain=DOMAIN, doc="erf GELU of A + B", traits=frozenset({"fused"})))
 register(OpDef("RotaryEmbedding", _infer_ms_rotary, ms_rotary_embedding, (4, 4), domain=DOMAIN,
                attrs={"interleaved": 0, "is_packed_batching": 0, "num_heads": 0, "rotary_embedding_dim": 0,
                       "scale": 1.0},
-               doc="rotary position embedding with position ids (or an offset) and cos/sin tables"))
+               doc="rotary position embedding with position ids (or an offset) and cos/sin tables", traits=frozenset({"fused"})))
 register(OpDef("EmbedLayerNormalization", _infer_embed_layer_norm, embed_layer_normalization, (7, 9),
                attrs={"epsilon": ORT_SKIP_NORM_EPSILON, "mask_index_type": 1}, domain=DOMAIN, num_outputs=3,
-               doc="word + position (+ segment) embeddings, then LayerNorm; (output, mask_index, embedding_sum)"))
+               doc="word + position (+ segment) embeddings, then LayerNorm; (output, mask_index, embedding_sum)", traits=frozenset({"fused"})))

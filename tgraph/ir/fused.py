@@ -203,12 +203,12 @@ def _infer_rotary(ins, attrs, consts):
 
 
 register(OpDef("LayerNormalization", _infer_norm, layer_normalization, (2, 3),
-               attrs={"axis": -1, "epsilon": 1e-5, "stash_type": 1}))
+               attrs={"axis": -1, "epsilon": 1e-5, "stash_type": 1}, traits=frozenset({"fused"})))
 register(OpDef("RMSNormalization", _infer_norm, rms_normalization, (2, 2),
-               attrs={"axis": -1, "epsilon": 1e-5, "stash_type": 1}))
-register(OpDef("Gelu", _infer_gelu, gelu, (1, 1), attrs={"approximate": "none"}))
+               attrs={"axis": -1, "epsilon": 1e-5, "stash_type": 1}, traits=frozenset({"fused"})))
+register(OpDef("Gelu", _infer_gelu, gelu, (1, 1), attrs={"approximate": "none"}, traits=frozenset({"elementwise", "fused"})))
 register(OpDef("Attention", _infer_attention, attention, (3, 4),
                attrs={"is_causal": 0, "scale": None, "q_num_heads": None, "kv_num_heads": None,
-                      "softmax_precision": None}))
+                      "softmax_precision": None}, traits=frozenset({"fused"})))
 register(OpDef("RotaryEmbedding", _infer_rotary, rotary_embedding, (3, 4),
-               attrs={"interleaved": 0, "rotary_embedding_dim": 0, "num_heads": None}))
+               attrs={"interleaved": 0, "rotary_embedding_dim": 0, "num_heads": None}, traits=frozenset({"fused"})))

@@ -16,7 +16,7 @@ inputs, as in ONNX.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -106,6 +106,8 @@ class OpDef:
     # -> tuple of dims or None. Only ops that move shape values around define it.
     sym: Optional[Callable] = None
     onnx: OnnxInterface = NO_ONNX_CHANGES
+    # What passes may assume about the op (see tgraph.ir.traits): "commutative", "elementwise", ...
+    traits: FrozenSet[str] = frozenset()
 
     @property
     def qualified(self) -> str:
@@ -130,6 +132,10 @@ OPS: Dict[str, OpDef] = {}
 
 
 def register(opdef: OpDef) -> OpDef:
+    from .traits import TRAITS
+    unknown = set(opdef.traits) - TRAITS
+    if unknown:
+        raise ValueError(f"op {opdef.qualified}: unknown trait(s) {sorted(unknown)}")
     OPS[opdef.qualified] = opdef
     return opdef
 
@@ -605,34 +611,34 @@ def _def(name, infer, kernel, inputs=(1, 1), **kw):
 
 
 _np = np
-_def("Add", infer_elementwise, _np.add, (2, 2), sym=_sym_arith(dim_add))
-_def("Sub", infer_elementwise, _np.subtract, (2, 2), sym=_sym_arith(_sym_sub))
-_def("Mul", infer_elementwise, _np.multiply, (2, 2), sym=_sym_arith(dim_mul))
-_def("Div", infer_elementwise, kernels.div, (2, 2))
-_def("Pow", infer_elementwise, _np.power, (2, 2))
+_def("Add", infer_elementwise, _np.add, (2, 2), sym=_sym_arith(dim_add), traits=frozenset({"commutative", "elementwise"}))
+_def("Sub", infer_elementwise, _np.subtract, (2, 2), sym=_sym_arith(_sym_sub), traits=frozenset({"elementwise"}))
+_def("Mul", infer_elementwise, _np.multiply, (2, 2), sym=_sym_arith(dim_mul), traits=frozenset({"commutative", "elementwise"}))
+_def("Div", infer_elementwise, kernels.div, (2, 2), traits=frozenset({"elementwise"}))
+_def("Pow", infer_elementwise, _np.power, (2, 2), traits=frozenset({"elementwise"}))
 _def("MatMul", infer_matmul, _np.matmul, (2, 2))
 _def("Gemm", infer_gemm, kernels.gemm, (2, 3), attrs={"alpha": 1.0, "beta": 1.0, "transA": 0, "transB": 0})
-_def("Sqrt", infer_float_unary, _np.sqrt)
-_def("Reciprocal", infer_float_unary, _np.reciprocal)
-_def("Neg", infer_unary, _np.negative)
-_def("Exp", infer_float_unary, _np.exp)
-_def("Log", infer_float_unary, _np.log)
-_def("Erf", infer_float_unary, kernels.erf)
-_def("Tanh", infer_float_unary, _np.tanh)
-_def("Sigmoid", infer_float_unary, kernels.sigmoid)
-_def("Relu", infer_unary, kernels.relu)
-_def("Cos", infer_float_unary, _np.cos)
-_def("Sin", infer_float_unary, _np.sin)
-_def("Identity", infer_unary, _np.asarray, sym=_sym_passthrough)
-_def("Not", infer_unary, _np.logical_not)
-_def("And", infer_compare, _np.logical_and, (2, 2))
-_def("Or", infer_compare, _np.logical_or, (2, 2))
-_def("Equal", infer_compare, _np.equal, (2, 2))
-_def("Less", infer_compare, _np.less, (2, 2))
-_def("Greater", infer_compare, _np.greater, (2, 2))
-_def("LessOrEqual", infer_compare, _np.less_equal, (2, 2))
-_def("GreaterOrEqual", infer_compare, _np.greater_equal, (2, 2))
-_def("IsNaN", infer_isnan, _np.isnan)
+_def("Sqrt", infer_float_unary, _np.sqrt, traits=frozenset({"elementwise"}))
+_def("Reciprocal", infer_float_unary, _np.reciprocal, traits=frozenset({"elementwise"}))
+_def("Neg", infer_unary, _np.negative, traits=frozenset({"elementwise"}))
+_def("Exp", infer_float_unary, _np.exp, traits=frozenset({"elementwise"}))
+_def("Log", infer_float_unary, _np.log, traits=frozenset({"elementwise"}))
+_def("Erf", infer_float_unary, kernels.erf, traits=frozenset({"elementwise"}))
+_def("Tanh", infer_float_unary, _np.tanh, traits=frozenset({"elementwise"}))
+_def("Sigmoid", infer_float_unary, kernels.sigmoid, traits=frozenset({"elementwise"}))
+_def("Relu", infer_unary, kernels.relu, traits=frozenset({"elementwise"}))
+_def("Cos", infer_float_unary, _np.cos, traits=frozenset({"elementwise"}))
+_def("Sin", infer_float_unary, _np.sin, traits=frozenset({"elementwise"}))
+_def("Identity", infer_unary, _np.asarray, sym=_sym_passthrough, traits=frozenset({"elementwise", "layout"}))
+_def("Not", infer_unary, _np.logical_not, traits=frozenset({"elementwise", "comparison"}))
+_def("And", infer_compare, _np.logical_and, (2, 2), traits=frozenset({"commutative", "elementwise", "comparison"}))
+_def("Or", infer_compare, _np.logical_or, (2, 2), traits=frozenset({"commutative", "elementwise", "comparison"}))
+_def("Equal", infer_compare, _np.equal, (2, 2), traits=frozenset({"commutative", "elementwise", "comparison"}))
+_def("Less", infer_compare, _np.less, (2, 2), traits=frozenset({"elementwise", "comparison"}))
+_def("Greater", infer_compare, _np.greater, (2, 2), traits=frozenset({"elementwise", "comparison"}))
+_def("LessOrEqual", infer_compare, _np.less_equal, (2, 2), traits=frozenset({"elementwise", "comparison"}))
+_def("GreaterOrEqual", infer_compare, _np.greater_equal, (2, 2), traits=frozenset({"elementwise", "comparison"}))
+_def("IsNaN", infer_isnan, _np.isnan, traits=frozenset({"elementwise", "comparison"}))
 _def("Softmax", infer_softmax, kernels.softmax, attrs={"axis": -1})
 _def("ReduceMean", infer_reduce, kernels.reduce_mean, attrs={"axes": None, "keepdims": 1},
      onnx=OnnxInterface((AttrInput("axes", 1, since=18),)))
@@ -640,27 +646,27 @@ _def("ReduceSum", infer_reduce, kernels.reduce_sum, attrs={"axes": None, "keepdi
      onnx=OnnxInterface((AttrInput("axes", 1, since=13),)))
 _def("ReduceMax", infer_reduce, kernels.reduce_max, attrs={"axes": None, "keepdims": 1},
      onnx=OnnxInterface((AttrInput("axes", 1, since=18),)))
-_def("Transpose", infer_transpose, kernels.transpose, attrs={"perm": None})
-_def("Reshape", infer_reshape, kernels.reshape, (2, 2), attrs={"allowzero": 0})
+_def("Transpose", infer_transpose, kernels.transpose, attrs={"perm": None}, traits=frozenset({"layout"}))
+_def("Reshape", infer_reshape, kernels.reshape, (2, 2), attrs={"allowzero": 0}, traits=frozenset({"layout"}))
 _def("Squeeze", infer_squeeze, kernels.squeeze, attrs={"axes": None}, sym=_sym_passthrough,
-     onnx=OnnxInterface((AttrInput("axes", 1, since=13),)))
+     onnx=OnnxInterface((AttrInput("axes", 1, since=13),)), traits=frozenset({"layout"}))
 _def("Unsqueeze", infer_unsqueeze, kernels.unsqueeze, attrs={"axes": REQUIRED}, sym=_sym_passthrough,
-     onnx=OnnxInterface((AttrInput("axes", 1, since=13),)))
-_def("Expand", infer_expand, kernels.expand, (2, 2))
-_def("Concat", infer_concat, kernels.concat, (1, 1 << 16), attrs={"axis": REQUIRED}, sym=_sym_concat)
+     onnx=OnnxInterface((AttrInput("axes", 1, since=13),)), traits=frozenset({"layout"}))
+_def("Expand", infer_expand, kernels.expand, (2, 2), traits=frozenset({"layout"}))
+_def("Concat", infer_concat, kernels.concat, (1, 1 << 16), attrs={"axis": REQUIRED}, sym=_sym_concat, traits=frozenset({"layout"}))
 _def("Split", infer_split, kernels.split, attrs={"axis": 0, "split": None, "num_outputs": None}, num_outputs=None,
-     onnx=OnnxInterface((AttrInput("split", 1, since=13),)))
-_def("Slice", infer_slice, kernels.slice, (3, 5), sym=_sym_slice)
-_def("Gather", infer_gather, kernels.gather, (2, 2), attrs={"axis": 0}, sym=_sym_gather)
-_def("GatherElements", infer_gather_elements, kernels.gather_elements, (2, 2), attrs={"axis": 0})
-_def("GatherND", infer_gather_nd, kernels.gather_nd, (2, 2), attrs={"batch_dims": 0})
-_def("Max", infer_elementwise, kernels.maximum, (1, 1 << 16))
-_def("Flatten", infer_flatten, kernels.flatten, attrs={"axis": 1})
-_def("Where", infer_where, _np.where, (3, 3))
+     onnx=OnnxInterface((AttrInput("split", 1, since=13),)), traits=frozenset({"layout"}))
+_def("Slice", infer_slice, kernels.slice, (3, 5), sym=_sym_slice, traits=frozenset({"layout"}))
+_def("Gather", infer_gather, kernels.gather, (2, 2), attrs={"axis": 0}, sym=_sym_gather, traits=frozenset({"layout"}))
+_def("GatherElements", infer_gather_elements, kernels.gather_elements, (2, 2), attrs={"axis": 0}, traits=frozenset({"layout"}))
+_def("GatherND", infer_gather_nd, kernels.gather_nd, (2, 2), attrs={"batch_dims": 0}, traits=frozenset({"layout"}))
+_def("Max", infer_elementwise, kernels.maximum, (1, 1 << 16), traits=frozenset({"commutative", "elementwise"}))
+_def("Flatten", infer_flatten, kernels.flatten, attrs={"axis": 1}, traits=frozenset({"layout"}))
+_def("Where", infer_where, _np.where, (3, 3), traits=frozenset({"elementwise"}))
 _def("Cast", infer_cast, kernels.cast, attrs={"to": REQUIRED},
-     sym=lambda c, a, i: _sym_passthrough(c, a, i) if DType.of(a["to"]) in (DType.int64, DType.int32) else None)
+     sym=lambda c, a, i: _sym_passthrough(c, a, i) if DType.of(a["to"]) in (DType.int64, DType.int32) else None, traits=frozenset({"elementwise", "conversion"}))
 _def("Trilu", infer_trilu, kernels.trilu, (1, 2), attrs={"upper": 1})
-_def("Shape", infer_shape, kernels.shape, attrs={"start": 0, "end": None}, sym=_sym_shape)
+_def("Shape", infer_shape, kernels.shape, attrs={"start": 0, "end": None}, sym=_sym_shape, traits=frozenset({"shape_only"}))
 _def("ConstantOfShape", infer_constant_of_shape, kernels.constant_of_shape, attrs={"value": None})
 _def("Range", infer_range, kernels.range_, (3, 3))
 _def("CumSum", infer_cumsum, kernels.cumsum, attrs={"axis": REQUIRED, "exclusive": 0, "reverse": 0},
@@ -668,4 +674,4 @@ _def("CumSum", infer_cumsum, kernels.cumsum, attrs={"axis": REQUIRED, "exclusive
      doc="Running sum along `axis` (an attribute here; an input in ONNX).")
 _def("CausalMask", infer_causal_mask, kernels.causal_mask, domain="tgraph", attrs={"window": 0},
      doc="Keep scores[..., i, j] where j <= i + (Tk - Tq) (and, with window W > 0, j > i + (Tk - Tq) - W), "
-         "else the dtype's lowest value.")
+         "else the dtype's lowest value.", traits=frozenset({"elementwise"}))

@@ -15,12 +15,10 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import networkx as nx
 
 from tgraph.ir import Graph, Node, Value
+from tgraph.ir.traits import ops_with
 
 #: Ops that only a fusion produces (or a foreign exporter that already fused them).
-FUSED_OPS = frozenset({"Attention", "LayerNormalization", "RMSNormalization", "Gelu", "RotaryEmbedding",
-                       "SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "GroupQueryAttention",
-                       "MultiHeadAttention", "FastGelu", "BiasGelu", "MatMulNBits", "SimplifiedLayerNormalization",
-                       "EmbedLayerNormalization"})
+FUSED_OPS = ops_with("fused")
 
 
 def type_label(v: Optional[Value]) -> str:
@@ -51,7 +49,7 @@ def scope_levels(scope: str) -> Tuple[str, ...]:
 
 def is_fused(node: Node) -> bool:
     created = node.meta.get("created_by", "")
-    return created.startswith("fuse-") or node.op in FUSED_OPS
+    return created.startswith("fuse-") or node.qualified_op in FUSED_OPS
 
 
 def ir_to_networkx(graph: Graph) -> nx.DiGraph:
