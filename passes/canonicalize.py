@@ -91,11 +91,6 @@ def _builder(graph: Graph, node: Node) -> Builder:
     return b
 
 
-def _const_like(b: Builder, array, like: Value) -> Value:
-    """A new constant with `like`'s dtype and shape."""
-    return b.const(np.asarray(array, np.float64).astype(like.dtype.numpy).reshape(like.type.shape), hint="canon")
-
-
 def _perm(node: Node) -> Optional[List[int]]:
     rank = node.inputs[0].type.rank
     perm = node.attrs.get("perm")
@@ -117,7 +112,7 @@ def div_by_constant(node: Node, graph: Graph) -> Optional[Value]:
     if not np.isfinite(inverse) or (c.dtype in (F16, BF16) and float(inverse) != 1.0 / value):
         return None
     b = _builder(graph, node)
-    return b.op("Mul", x, _const_like(b, inverse, c))
+    return b.op("Mul", x, b.const(inverse.reshape(c.type.shape), hint="canon"))
 
 
 def mul_by_reciprocal(node: Node, graph: Graph) -> Optional[Value]:
@@ -128,7 +123,7 @@ def mul_by_reciprocal(node: Node, graph: Graph) -> Optional[Value]:
         rec, one_div = _make(r, "Reciprocal"), _make(r, "Div")
         y = rec.inputs[0] if rec is not None else \
             one_div.inputs[1] if one_div is not None and _is(one_div.inputs[0], 1.0) else None
-        if y is not None and _private(graph, r) and not _is_const(y):
+        if y is not None and _private(graph, r):
             return _builder(graph, node).op("Div", x, y)
     return None
 
@@ -313,8 +308,9 @@ def _drop_dead(graph: Graph, nodes: Sequence[Optional[Node]]) -> None:
         stack.extend(feeders)
 
 
-def _drop_new_constants(graph: Graph, before: set) -> None:
-    for name in [n for n in graph.constants if n not in before and not graph.constants[n].uses]:
+def _drop_new_constants(graph: Graph, count_before: int) -> None:
+    """Remove the unused constants added since the graph had `count_before` (dicts keep order)."""
+    for name in [n for n in list(graph.constants)[count_before:] if not graph.constants[n].uses]:
         del graph.constants[name]
         graph.names.release(name)
 
@@ -326,7 +322,7 @@ def _acceptable(graph: Graph, old: Value, new: Value) -> bool:
 
 def _rewrite(graph: Graph, node: Node, rule: Rule) -> bool:
     old = node.outputs[0]
-    constants = set(graph.constants)
+    constants = len(graph.constants)
     new = rule(node, graph)
     if new is None or new is old:
         return False

@@ -306,6 +306,21 @@ def test_slice_with_unit_steps_drops_them():
     assert [len(v.producer.inputs) for v in g.outputs] == [4, 5]
 
 
+# ------------------------------------------------------------------ at -O2
+def test_softmax_spelled_with_a_reciprocal_fuses_at_O2():
+    """fuse-softmax knows Div(e, ReduceSum(e)); the Mul-by-Reciprocal spelling reaches it through canonicalize."""
+    from tgraph.passes import optimize
+
+    g, b, (x,) = new(("x", (2, 5)))
+    e = b.op("Exp", b.op("Sub", x, b.op("ReduceMax", x, axes=[-1], keepdims=1)))
+    g.outputs = [b.op("Mul", b.op("Reciprocal", b.op("ReduceSum", e, axes=[-1], keepdims=1)), e)]
+    feeds = feeds_for(g)
+    want = evaluate(g, feeds)
+    optimize(g, level=2)
+    assert g.op_histogram() == {"Softmax": 1}
+    np.testing.assert_allclose(evaluate(g, feeds)[g.outputs[0].name], want[g.outputs[0].name], rtol=1e-6)
+
+
 # ------------------------------------------------------------------ outputs and weights
 def test_a_graph_output_produced_by_a_rewritten_node_keeps_its_name_and_dtype():
     g, b, (x,) = new(("x", (2, 4)), dtype=F16)
@@ -368,12 +383,14 @@ def spellings(draw):
     g, b, (x, y) = new(("x", SHAPE), ("y", SHAPE), dtype=dtype)
     c = lambda v: const(b, v, dtype)                                     # noqa: E731
     scalar = st.sampled_from([0.5, 2.0, 4.0, 0.25, 3.0, 0.7, 1.5, -1.0, 1.0])
-    t = x
+    t, made = x, [x]
     for _ in range(draw(st.integers(1, 6))):
         kind = draw(st.sampled_from(["div", "recip", "one-div", "pow2", "sqrt", "pow1", "neg-mul", "neg-sub",
                                      "swap-mul", "swap-add", "mul-chain", "add-chain", "cast-trip", "cast-self",
-                                     "transpose", "slice", "identity", "tanh"]))
-        if kind == "div":
+                                     "transpose", "slice", "identity", "tanh", "share"]))
+        if kind == "share":                 # an intermediate with a second user
+            t = b.op("Add", t, made[draw(st.integers(0, len(made) - 1))])
+        elif kind == "div":
             t = b.op("Div", t, c(draw(scalar)))
         elif kind == "recip":
             t = b.op("Mul", t, b.op("Reciprocal", y)) if draw(st.booleans()) else b.op("Mul", b.op("Reciprocal", y), t)
@@ -416,6 +433,7 @@ def spellings(draw):
             t = b.op("Add", b.op("Mul", t, c(1.0)), c(0.0))
         else:
             t = b.op("Tanh", t)
+        made.append(t)
     g.outputs = [b.op("Identity", t, hint="out")] if t is x else [t]
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     feeds = {v.name: (rng.uniform(0.5, 2.0, SHAPE) * rng.choice([-1, 1], SHAPE)).astype(dtype.numpy)
