@@ -283,11 +283,11 @@ RULES: List[Tuple[str, Rule]] = [
     ("div-by-constant", div_by_constant),    # ≤1 ulp in fp32/64 (1/c rounds); exact in fp16/bf16 (only exact 1/c)
     ("mul-by-reciprocal", mul_by_reciprocal),  # ≤1 ulp: Div rounds once where x·(1/y) rounds twice
     ("one-over", one_over),                  # exact: Reciprocal(y) is 1/y
-    ("small-powers", small_powers),          # exact (Sqrt(-0) is -0 where Pow(-0, 0.5) is +0)
+    ("small-powers", small_powers),          # x·x exact; Sqrt correctly rounded, powf ≤1 ulp (and ±0, -inf differ)
     ("negation", negation),                  # exact (Neg(+0) is -0 where 0 - 0 is +0)
-    ("identity-element", identity_element),  # exact (x + 0 turns -0 into +0; x·1 keeps it)
+    ("identity-element", identity_element),  # exact (but for -0 + 0, which is +0)
     ("constant-right", constant_right),      # exact: Add and Mul commute
-    ("merge-scalars", merge_scalars),        # reassociation, fp32/64 only: ≤2 ulp for Mul, ≤1 ulp of the largest term for Add
+    ("merge-scalars", merge_scalars),        # reassociation, fp32/64 only: Mul ≤2 ulp; Add ≤1 ulp of its largest term
     ("cast-chain", cast_chain),              # exact: the middle dtype holds the values exactly
     ("transpose-chain", transpose_chain),    # exact: a permutation of a permutation
     ("folded-heads-kt", folded_heads_kt),    # exact: the same permutation of K's elements
