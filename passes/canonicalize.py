@@ -287,7 +287,7 @@ RULES: List[Tuple[str, Rule]] = [
     ("negation", negation),                  # exact (Neg(+0) is -0 where 0 - 0 is +0)
     ("identity-element", identity_element),  # exact (but for -0 + 0, which is +0)
     ("constant-right", constant_right),      # exact: Add and Mul commute
-    ("merge-scalars", merge_scalars),        # reassociation, fp32/64 only: Mul ≤2 ulp; Add ≤1 ulp of its largest term
+    ("merge-scalars", merge_scalars),        # reassociates, fp32/64 only: Mul ≤2 ulp, Add ≤1 ulp of the largest term
     ("cast-chain", cast_chain),              # exact: the middle dtype holds the values exactly
     ("transpose-chain", transpose_chain),    # exact: a permutation of a permutation
     ("folded-heads-kt", folded_heads_kt),    # exact: the same permutation of K's elements
