@@ -18,7 +18,10 @@ short table of local rewrites, each a function ``(node, graph) -> replacement va
 None`` whose comment says how exact it is. The pass sweeps the nodes in order, trying the
 table on each, until a sweep changes nothing. A rewrite keeps the output's dtype and shape
 (and symbolic contents), and graph outputs keep their names; nodes it leaves dead go with
-it. Nodes whose inputs are all constants are left to `fold-constants`.
+it. Constant subexpressions are folded first (by `fold-constants` itself), so that a
+constant the graph computes (``Sqrt(64.0)``, a static dim's `Shape`) is one to the rules,
+and a later run, after the cleanup has folded it, finds the same forms; nodes still on
+constants only (of parameters, or too big to fold) are left alone.
 
 Constants are read only when they are small and not checkpoint parameters, decided from
 the declared type (`_small`), so a lazy weight is never read.
@@ -34,6 +37,7 @@ from tgraph.ir import Builder, DType, Graph, Node, Value
 from tgraph.ir.lazy import is_lazy
 
 from .base import Pass, register_pass
+from .fold_constants import FoldConstants
 from .rewrite import can_replace, is_output, replace_value
 
 F16, BF16, F32, F64 = DType.float16, DType.bfloat16, DType.float32, DType.float64
@@ -343,7 +347,7 @@ class Canonicalize(Pass):
     name = "canonicalize"
 
     def run(self, graph: Graph) -> Dict[str, int]:
-        counts = {name: 0 for name, _ in RULES}
+        counts = {"folded": FoldConstants().run(graph)["folded"], **{name: 0 for name, _ in RULES}}
         for _ in range(MAX_SWEEPS):
             changed = False
             for node in list(graph.nodes):
