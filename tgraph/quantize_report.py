@@ -106,13 +106,16 @@ def graph_model(graph: Graph):
     return to_onnx(graph)
 
 
-def activation_stats(graph: Graph, rows: Sequence[Sequence[int]], matmuls, gram: bool = False) -> Dict[str, np.ndarray]:
+def activation_stats(graph: Graph, rows: Sequence[Sequence[int]], matmuls, gram: bool = False,
+                     abs_mean: bool = False) -> Dict[str, np.ndarray]:
     """``{MatMul node name: E[x_k^2]}`` over the calibration tokens of each MatMul's activation
-    input (``gram``: the whole ``E[x x^T]`` [K, K], for GPTQ). onnxruntime computes them: the
-    activations become extra graph outputs (10x faster than the reference interpreter on MiniLM).
-    MatMuls reading the same activation share one array."""
+    input (``gram``: the whole ``E[x x^T]`` [K, K], for GPTQ; ``abs_mean``: `Moments` of the Gram
+    matrix and ``E|x|``, for AWQ). onnxruntime computes them: the activations become extra graph
+    outputs (10x faster than the reference interpreter on MiniLM). MatMuls reading the same
+    activation share one array."""
     from onnx import helper
 
+    gram = gram or abs_mean
     wanted = {m.name: m.inputs[0].name for m in matmuls}
     by_name = {m.inputs[0].name: m.inputs[0] for m in matmuls}
     model = graph_model(graph)
@@ -122,16 +125,38 @@ def activation_stats(graph: Graph, rows: Sequence[Sequence[int]], matmuls, gram:
         model.graph.output.append(helper.make_tensor_value_info(name, elem, None))
     sess = _session(model)
     sums: Dict[str, np.ndarray] = {}
+    abs_sums: Dict[str, np.ndarray] = {}
+    tokens: Dict[str, List[np.ndarray]] = {}       # awq: the tokens themselves while there are at most K
     counts: Dict[str, int] = {}
     for ids in rows:
         values = _run(sess, _feeds(graph, ids))
         for value in set(wanted.values()):
             x = np.asarray(values[value], np.float64)
             x = x.reshape(-1, x.shape[-1])
-            sums[value] = sums.get(value, 0) + (x.T @ x if gram else np.sum(x * x, axis=0))
             counts[value] = counts.get(value, 0) + x.shape[0]
-    means = {v: sums[v] / counts[v] for v in sums}
+            if abs_mean:
+                abs_sums[value] = abs_sums.get(value, 0) + np.sum(np.abs(x), axis=0)
+                if value not in sums:
+                    tokens.setdefault(value, []).append(x)
+                    if counts[value] <= x.shape[1]:
+                        continue
+                    x = np.concatenate(tokens.pop(value))      # too many: sum the Gram matrix instead
+            sums[value] = sums.get(value, 0) + (x.T @ x if gram else np.sum(x * x, axis=0))
+    if abs_mean:
+        from .passes.quant_awq import Moments, gram_factor
+
+        means = {v: Moments(abs_sums[v] / counts[v],
+                            gram_factor(sums[v] / counts[v] if v in sums else None,
+                                        np.concatenate(tokens[v]) if v in tokens else None))
+                 for v in counts}
+    else:
+        means = {v: sums[v] / counts[v] for v in sums}
     return {node: means[value] for node, value in wanted.items()}
+
+
+def calibration_stats(graph: Graph, rows: Sequence[Sequence[int]], matmuls, method: str) -> Dict:
+    """The statistics `method` needs: E[x^2] (search), the Gram matrix (gptq), Moments (awq*)."""
+    return activation_stats(graph, rows, matmuls, gram=method == "gptq", abs_mean=method.startswith("awq"))
 
 
 def quantize_graph(graph: Graph, options: QuantizeOptions, tokenizer=None):
@@ -143,8 +168,7 @@ def quantize_graph(graph: Graph, options: QuantizeOptions, tokenizer=None):
         from .passes.quantize import find_linears
 
         rows = read_calibration_ids(options.calibration, tokenizer)
-        qpass.act_stats = activation_stats(graph, rows, [lin.matmul for lin in find_linears(graph)],
-                                           gram=options.method == "gptq")
+        qpass.act_stats = calibration_stats(graph, rows, [lin.matmul for lin in find_linears(graph)], options.method)
     result = optimize(graph, pipeline=[qpass])
     result.refused = list(qpass.refused)
     return result
