@@ -119,7 +119,8 @@ def _fold_into_norm(graph: Graph, x: Value, inv: np.ndarray, group: Sequence[Nod
 def _fold_into_linear(graph: Graph, x: Value, inv: np.ndarray, group: Sequence[Node], linears: Dict) -> bool:
     """x = a * b with b a linear's output read only by that product: scale that linear's columns."""
     mul = x.producer
-    if mul is None or mul.op != "Mul" or mul.domain or not _only_users(x, group, graph):
+    if mul is None or mul.op != "Mul" or mul.domain or mul.inputs[0] is mul.inputs[1] \
+            or not _only_users(x, group, graph):
         return False
     for factor in mul.inputs:
         lin = linears.get(id(factor))
@@ -150,7 +151,7 @@ def _insert_mul(graph: Graph, x: Value, inv: np.ndarray, group: Sequence[Node]) 
 
 def scale_linears(graph: Graph, groups: Sequence[Tuple[Value, List]], stats: Dict[str, Moments],
                   quantize: Callable[[np.ndarray, int], np.ndarray], bits_for: Callable,
-                  all_linears: Sequence) -> Dict[str, Scaled]:
+                  all_linears: Sequence, alphas: Sequence[float] = ALPHAS) -> Dict[str, Scaled]:
     """Scale each group's weights in place (``lin.weight``) and fold ``1/s`` into the graph; returns
     ``{first MatMul name: Scaled}`` for the groups whose best alpha is not 0."""
     by_output = {}
@@ -161,7 +162,8 @@ def scale_linears(graph: Graph, groups: Sequence[Tuple[Value, List]], stats: Dic
         moments = stats.get(lins[0].matmul.name)
         if moments is None:
             continue
-        alpha, s, _ = choose_scales([lin.weight for lin in lins], moments, quantize, [bits_for(lin) for lin in lins])
+        alpha, s, _ = choose_scales([lin.weight for lin in lins], moments, quantize, [bits_for(lin) for lin in lins],
+                                    alphas)
         if alpha == 0.0:
             continue
         for lin in lins:

@@ -337,11 +337,12 @@ def add_quantize_options(p) -> None:
     p.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=4,
                    help="onnxruntime's accuracy_level; default 4 (int8 activations inside the CPU kernel: "
                         "2.6x faster int4 decode than 0 in bench/quantize.py, same logit cosine)")
-    p.add_argument("--quant-method", choices=["rtn", "search", "gptq"], default="rtn",
-                   help="round-to-nearest; a per-block clipping search (weighted by --calibration); or GPTQ "
-                        "(error feedback through the calibration activations, needs --calibration)")
+    p.add_argument("--quant-method", choices=["rtn", "search", "gptq", "awq", "awq+gptq"], default="rtn",
+                   help="round-to-nearest; a per-block clipping search (weighted by --calibration); GPTQ "
+                        "(error feedback through the calibration activations); AWQ (activation-aware "
+                        "per-channel scales, then RTN or GPTQ); gptq and awq need --calibration")
     p.add_argument("--calibration", default=None, metavar="FILE",
-                   help="prompts, one per line (text or token ids), for --quant-method search")
+                   help="prompts, one per line (text or token ids), for --quant-method search, gptq, awq")
     p.add_argument("--float-head", action="store_true", help="keep the LM head in float")
     p.add_argument("--head-bits", type=int, choices=[4, 8], default=None,
                    help="bits of the LM head (default: those of --quantize)")
@@ -358,9 +359,9 @@ def options_from_args(args) -> Optional[QuantizeOptions]:
             raise ConfigError("--calibration needs --quantize int4|int8")
         return None
     if args.calibration and args.quant_method == "rtn":
-        raise ConfigError("--calibration is used by --quant-method search or gptq, not rtn")
-    if args.quant_method == "gptq" and not args.calibration:
-        raise ConfigError("--quant-method gptq needs --calibration FILE")
+        raise ConfigError("--calibration is used by --quant-method search, gptq or awq, not rtn")
+    if args.quant_method in ("gptq", "awq", "awq+gptq") and not args.calibration:
+        raise ConfigError(f"--quant-method {args.quant_method} needs --calibration FILE")
     if args.float_head and getattr(args, "head_bits", None):
         raise ConfigError("--float-head and --head-bits contradict each other; give one")
     fragments = tuple(f.strip() for f in (getattr(args, "int8_layers", None) or "").split(",") if f.strip())
