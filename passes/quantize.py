@@ -367,13 +367,19 @@ class QuantizeWeights(Pass):
 
         eligible = [lin for _, group in groups.values() for lin in group]
         scaled = quant_awq.scale_linears(graph, list(groups.values()), stats, round_trip, self.bits_for, eligible)
-        new_stats = {name: m.gram for name, m in stats.items()}
-        for x, group in groups.values():
-            done = scaled.get(group[0].matmul.name)
-            if done is not None:
-                gram = quant_awq.scaled_gram(stats[group[0].matmul.name].gram, done.scales)
-                new_stats.update({lin.matmul.name: gram for lin in group})
-        self._gram = new_stats
+        self._gram = {}                    # awq+gptq: one Gram matrix of x / s per activation
+        if self.method == "awq+gptq":
+            by_moments: Dict[int, np.ndarray] = {}
+            for lin in linears:
+                moments = stats[lin.matmul.name]
+                if id(moments) not in by_moments:
+                    by_moments[id(moments)] = moments.gram
+                self._gram[lin.matmul.name] = by_moments[id(moments)]
+            for _, group in groups.values():
+                done = scaled.get(group[0].matmul.name)
+                if done is not None:
+                    gram = quant_awq.scaled_gram(self._gram[group[0].matmul.name], done.scales)
+                    self._gram.update({lin.matmul.name: gram for lin in group})
         return scaled
 
     def _refusal(self, lin: LinearLayer) -> str:
