@@ -318,9 +318,13 @@ def test_random_checkpoint_logit_cosine(tmp_path_factory, kind):
     from tgraph.quantize_report import QuantizeOptions, error_report, quantize_graph
 
     g = build(_hf_checkpoint(tmp_path_factory, kind), level=2).graph
+    calib = str(_ids_calibration(tmp_path_factory.mktemp("calib"), 256, rows=8, length=24))
     got = {}
     for scheme, opts in (("int8", QuantizeOptions("int8")), ("int4", QuantizeOptions("int4")),
-                         ("int4 head8", QuantizeOptions("int4", head_bits=8))):
+                         ("int4 head8", QuantizeOptions("int4", head_bits=8)),
+                         ("int4 awq", QuantizeOptions("int4", method="awq", calibration=calib)),
+                         ("int4 awq+gptq head8", QuantizeOptions("int4", method="awq+gptq", head_bits=8,
+                                                                 calibration=calib))):
         q = g.copy()
         quantize_graph(q, opts)
         got[scheme] = error_report(g, q, greedy_tokens=4)
@@ -329,6 +333,11 @@ def test_random_checkpoint_logit_cosine(tmp_path_factory, kind):
     # Measured: RTN GPT-2 0.9908, LLaMA 0.9868; head at 8 bits GPT-2 0.9937, LLaMA 0.9907.
     assert cos["int4"] >= (0.99 if kind == "gpt2" else 0.985), cos
     assert cos["int4 head8"] >= 0.99 and cos["int4 head8"] > cos["int4"], cos
+    # Gaussian weights have no outlier channel for AWQ to protect: it stays at RTN's level
+    # (measured, calibrated on 8 x 24 random ids: awq GPT-2 0.9909, LLaMA 0.9876; awq+gptq with the
+    # head at 8 bits GPT-2 0.9971, LLaMA 0.98995, which misses 0.99).
+    assert cos["int4 awq"] >= cos["int4"] - 0.002, cos
+    assert cos["int4 awq+gptq head8"] >= (0.99 if kind == "gpt2" else cos["int4 head8"] - 0.002), cos
     assert got["int8"]["greedy"]["tokens"] == 4
     assert got["int4"]["file_bytes"]["ratio"] < got["int4 head8"]["file_bytes"]["ratio"] < got["int8"]["file_bytes"]["ratio"] < 1
 
