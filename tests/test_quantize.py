@@ -570,7 +570,11 @@ def test_cli_calibrated_methods_read_an_ids_file(tmp_path, capsys, method):
     assert main(["export", "gpt2", "-o", str(out), "--set", "n_embd=64", "--set", "n_head=4", "--set", "n_layer=1",
                  "--set", "vocab_size=96", "--quantize", "int4", "--quant-method", method,
                  "--calibration", str(calib), "--report"]) == 0
-    assert f"int4 block 32 asymmetric {method}" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert f"int4 block 32 asymmetric {method}" in text
+    # GPT-2 is pre-LN: at most ln_1, ln_2 and ln_f fold; o_proj and the GELU's down need Muls.
+    awq = re.search(r"awq scales: ([0-3]) folded into norms, 0 into linears, ([0-2]) Muls inserted", text)
+    assert (awq is not None) == method.startswith("awq"), text
 
 
 def test_calibration_text_without_tokenizer_is_refused(tmp_path):

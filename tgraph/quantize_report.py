@@ -297,6 +297,8 @@ def report_dict(options: QuantizeOptions, result, error: Optional[Dict] = None) 
          "embeddings_quantized": False,
          "quantized_matmuls": counts.get("quantized", 0), "padded": counts.get("padded", 0),
          "refused": list(getattr(result, "refused", []) or [])}
+    if options.method.startswith("awq"):     # where each group's 1/s went (see passes/quant_awq.py)
+        d["awq_scaled_into"] = {k[len("awq_into_"):]: v for k, v in counts.items() if k.startswith("awq_into_")}
     if error is not None:
         d["error"] = error
     return d
@@ -308,6 +310,10 @@ def format_report(d: Dict) -> str:
              f"{d['quantized_matmuls']} MatMuls -> MatMulNBits ({d['padded']} padded), LM head "
              f"{'int%d' % d['lm_head_bits'] if d.get('lm_head_bits') else 'float'}, embeddings float"
              + (f", {d['at_8_bits']} at 8 bits ({', '.join(d['int8_layers'])})" if d.get("int8_layers") else "")]
+    if "awq_scaled_into" in d:
+        where = d["awq_scaled_into"]
+        lines.append(f"  awq scales: {where.get('norm', 0)} folded into norms, {where.get('linear', 0)} into linears, "
+                     f"{where.get('mul', 0)} Muls inserted")
     for r in d.get("refused", []):
         lines.append(f"  kept float: {r}")
     err = d.get("error")
