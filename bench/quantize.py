@@ -162,12 +162,13 @@ def sensitivity():
         print(f"{kind:<10} logit cosine {cos:.5f}  (1 - cos {1 - cos:.4f})")
 
 
-def awq_folds(graph) -> str:
-    """Where AWQ put its 1/s: inserted Muls and folded norm scales (empty for other methods)."""
-    muls = sum(n.op == "Mul" and n.name.endswith("_awq_mul") for n in graph.nodes)
-    norms = sum(n.op in ("LayerNormalization", "RMSNormalization") and n.inputs[1].name.endswith("_awq")
-                for n in graph.nodes)
-    return f"  (awq: {norms} norms folded, {muls} Muls)" if muls or norms else ""
+def awq_folds(result) -> str:
+    """Where AWQ put its 1/s (the pass's counts; empty for other methods)."""
+    c = result.counts().get("quantize-weights", {})
+    if not any(k.startswith("awq_into_") for k in c):
+        return ""
+    return (f"  (awq: {c.get('awq_into_norm', 0)} into norms, {c.get('awq_into_linear', 0)} into linears, "
+            f"{c.get('awq_into_mul', 0)} Muls)")
 
 
 def minilm():
@@ -199,12 +200,12 @@ def minilm():
     for name, opts in runs:
         q = g.copy()
         t0 = time.perf_counter()
-        quantize_graph(q, opts, tok)
+        result = quantize_graph(q, opts, tok)
         took = time.perf_counter() - t0
         e = error_report(g, q, feeds, greedy_tokens=0)
         h = e["outputs"]["last_hidden_state"]
         print(f"{name:<34} {h['mean_pooled_cosine']:10.5f} {h['mean_pooled_cosine_min']:8.5f} "
-              f"{e['file_bytes']['ratio']:5.3f}x {took:8.1f}{awq_folds(q)}")
+              f"{e['file_bytes']['ratio']:5.3f}x {took:8.1f}{awq_folds(result)}")
     emb = next(v for v in g.constants.values() if v.const is not None and v.const.shape == (30522, 384))
     float_bytes = to_onnx(g).ByteSize()
     for bits in (8, 4):

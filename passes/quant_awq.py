@@ -12,9 +12,10 @@ from the activations' Gram matrix. The linears then quantize ``diag(s) W`` and r
 * into a LayerNormalization / RMSNormalization's scale (and bias) when x is its output and feeds
   only the group (pre-LN decoders: GPT-2, LLaMA);
 * into the output columns (and bias) of a linear whose output is one factor of ``x = a * b``
-  read only by that product (LLaMA's ``down(silu(gate) * up)``: up's columns);
+  read only by that product (LLaMA's ``down(silu(gate) * up)``: up's columns), or the value of
+  the Attention producing x when query and key/value heads are as many (o_proj: v_proj's columns);
 * else ``Mul(x, 1/s)`` before the group (post-LN encoders such as BERT/MiniLM, whose LayerNorm
-  output also feeds the residual; GELU outputs).
+  output also feeds the residual; GELU outputs; o_proj under grouped-query attention).
 
 A weight read by several MatMuls (ALBERT's shared layers) is left unscaled: one stored copy
 cannot carry two input scalings.
@@ -116,15 +117,32 @@ def _fold_into_norm(graph: Graph, x: Value, inv: np.ndarray, group: Sequence[Nod
     return True
 
 
+def _channel_factors(node: Node) -> List[Value]:
+    """Inputs of `node` whose channel c scales output channel c alone (scaling them by 1/s scales
+    the output by 1/s): either factor of a Mul; the value of a 3-D Attention without a cache
+    whose query and key/value head counts are equal (the output is P V per head, channel for channel)."""
+    if node.domain:
+        return []
+    if node.op == "Mul" and node.inputs[0] is not node.inputs[1]:
+        return list(node.inputs)
+    if node.op == "Attention" and len(node.outputs) == 1 and len([v for v in node.inputs if v is not None]) <= 4 \
+            and node.attrs.get("q_num_heads") and node.attrs.get("q_num_heads") == node.attrs.get("kv_num_heads") \
+            and node.attrs.get("qk_matmul_output_mode") is None and node.inputs[2] is not None \
+            and len(node.inputs[2].shape or ()) == 3 and node.inputs[2] is not node.inputs[0] \
+            and node.inputs[2] is not node.inputs[1]:
+        return [node.inputs[2]]
+    return []
+
+
 def _fold_into_linear(graph: Graph, x: Value, inv: np.ndarray, group: Sequence[Node], linears: Dict) -> bool:
-    """x = a * b with b a linear's output read only by that product: scale that linear's columns."""
-    mul = x.producer
-    if mul is None or mul.op != "Mul" or mul.domain or mul.inputs[0] is mul.inputs[1] \
-            or not _only_users(x, group, graph):
+    """x = a * b, or Attention(q, k, v), with b / v a linear's output read only there: scale that
+    linear's output columns (and bias) by 1/s instead."""
+    node = x.producer
+    if node is None or not _only_users(x, group, graph):
         return False
-    for factor in mul.inputs:
+    for factor in _channel_factors(node):
         lin = linears.get(id(factor))
-        if lin is not None and factor.users == [mul] and factor.shape and factor.shape[-1] == len(inv) \
+        if lin is not None and factor.users == [node] and factor.shape and factor.shape[-1] == len(inv) \
                 and all(o is not factor for o in graph.outputs):
             lin.weight = np.asarray(lin.weight, np.float32) * inv[None, :].astype(np.float32)
             if lin.bias is not None:

