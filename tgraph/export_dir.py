@@ -70,6 +70,21 @@ def target_plan(target: str, dtype: str) -> Dict[str, Any]:
     }
 
 
+#: onnxruntime rewrites for the static-cache decoder, after -O`level`'s passes: GroupQueryAttention
+#: reads the packed QKV projection (no Split per layer).
+GENERATION_PASSES = ("fuse-packed-gqa",)
+
+
+def generation_pipeline(level: int) -> list:
+    """The passes a generation build runs: -O`level`'s, then `GENERATION_PASSES` where the level
+    runs the onnxruntime fusions (-O3), which they build on."""
+    from .passes import level_pipeline
+    from .passes.levels import ORT_FUSIONS
+
+    names = level_pipeline(level)
+    return names + (list(GENERATION_PASSES) if set(ORT_FUSIONS) <= set(names) else [])
+
+
 def logits_to_float32(graph: Graph) -> bool:
     """Cast a half-precision `logits` output to float32 in the graph (the output keeps its name)."""
     for i, v in enumerate(graph.outputs):
@@ -187,7 +202,7 @@ def export_generation_dir(model: str, out_dir, *, overrides: Optional[Mapping[st
 
     limit = next((int(getattr(config, k)) for k in POSITION_LIMITS if hasattr(config, k)), None)
     capacity = cache_length(config, limit)
-    graph = build(loaded, seed=seed, level=level, dtype=dtype).graph
+    graph = build(loaded, seed=seed, pipeline=generation_pipeline(level), dtype=dtype).graph
     encoder = build(load_model(model, {**overrides, "part": "encoder", "use_cache": "true"}), seed=seed, level=level,
                     dtype=dtype).graph if encoder_decoder else None
     quantization = None

@@ -189,7 +189,9 @@ class Generator:
         self.cache_note = None          # why "auto" fell back to the dynamic cache, if it did
         if static:
             try:
-                built["decoder"] = build(decoder, seed=seed, level=level, dtype=dtype).graph
+                from .export_dir import generation_pipeline
+
+                built["decoder"] = build(decoder, seed=seed, pipeline=generation_pipeline(level), dtype=dtype).graph
             except ShapeError as e:     # e.g. a head size GroupQueryAttention's kernels do not take
                 if kv_cache != "auto" or not str(e).startswith("GroupQueryAttention"):
                     raise
