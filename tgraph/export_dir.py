@@ -110,6 +110,32 @@ def _family_name(model: str) -> str:
     return "custom" if sep and head.endswith(".py") else model
 
 
+#: onnxruntime-genai 0.18's names for the checkpoints the llama family reads; every other decoder
+#: family (gpt, gpt2, gpt_neo, palm) is written as its generic "decoder" type. Measured with
+#: og.Model(DIR): "gpt2" is refused at the first step ("Model input was not found"), since genai's
+#: gpt2 type expects its own builder's inputs; "decoder", "llama", "mistral" and "qwen2" run tgraph's
+#: static-cache interface with the same greedy ids as `Generator(DIR)`.
+GENAI_LLAMA_TYPES = ("llama", "mistral", "qwen2")
+GENAI_GENERIC_TYPE = "decoder"
+
+
+def genai_model_type(family: str, checkpoint_model_type: Optional[str] = None) -> str:
+    """genai_config.json's model "type" for a decoder of `family` (from a checkpoint whose
+    config.json says `checkpoint_model_type`)."""
+    if family == "llama":
+        return checkpoint_model_type if checkpoint_model_type in GENAI_LLAMA_TYPES else "llama"
+    return GENAI_GENERIC_TYPE
+
+
+def _checkpoint_model_type(model: str) -> Optional[str]:
+    if not os.path.isdir(model):
+        return None
+    from .checkpoints import read_config
+
+    value = read_config(Path(model)).get("model_type")
+    return value if isinstance(value, str) else None
+
+
 def _graph_facts(graph: Graph) -> Dict[str, int]:
     pasts = [v for v in graph.inputs if v.name.startswith("past_key_values.") and v.name.endswith(".key")]
     attn = next((n for n in graph.nodes if n.qualified_op == "com.microsoft.GroupQueryAttention"), None)
@@ -244,8 +270,8 @@ def export_generation_dir(model: str, out_dir, *, overrides: Optional[Mapping[st
         if encoder is not None:
             save_onnx(encoder, tmp / files["encoder_file"], external_data=True)
         else:
-            (tmp / GENAI_CONFIG).write_text(json.dumps(genai_config(facts, capacity, special_ids, target,
-                                                                    "llama" if family_type != "gpt2" else "gpt2"),
+            model_type = genai_model_type(family_type, _checkpoint_model_type(model))
+            (tmp / GENAI_CONFIG).write_text(json.dumps(genai_config(facts, capacity, special_ids, target, model_type),
                                                        indent=2) + "\n")
         if os.path.isdir(model):
             for name in COPIED_FILES:
