@@ -13,8 +13,10 @@ tgraph's StaticDecoder and onnxruntime-genai run them). Per model and step it re
     run       onnxruntime's own `model_run` event (enable_profiling)
     kernels   the sum of its node events, per op type (the top ones printed)
     overhead  run - kernels: the executor between kernels; wall - run: binding and the call
+    CPU time  the process's CPU seconds per step (all threads; with --no-spinning, work done)
 
-Models alternate step by step (round-robin), so machine load hits both alike. Standard library
+Models alternate step by step, the first of each round rotating (a fixed order measurably
+favours the later ones), so machine load hits all alike. Standard library
 + NumPy + onnxruntime only, so it runs in any venv (onnxruntime-genai's venv has a different
 onnxruntime version than tgraph's: run it under both to separate graph from runtime version).
 """
@@ -39,7 +41,8 @@ def _elem(onnx_type: str):
 class Bound:
     """One decoder on fixed buffers, profiled."""
 
-    def __init__(self, name: str, path: str, batch: int, max_length: int, threads: int, profile_dir: str):
+    def __init__(self, name: str, path: str, batch: int, max_length: int, threads: int, profile_dir: str,
+                 config=(), spinning: bool = True):
         import onnxruntime as ort
 
         self.name, self.ort = name, ort
@@ -47,6 +50,10 @@ class Bound:
         so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
         so.enable_profiling = True
         so.profile_file_prefix = os.path.join(profile_dir, name)
+        if not spinning:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        for key, value in config:
+            so.add_session_config_entry(key, value)
         self.session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
         ins = {i.name: i for i in self.session.get_inputs()}
         outs = {o.name: o for o in self.session.get_outputs()}
@@ -68,7 +75,7 @@ class Bound:
         self.pairs = [(n, "present." + n[len("past_key_values."):]) for n in ins if n.startswith("past_key_values.")]
         self.decode_binding = self._binding(self.values["input_ids"], self.values["attention_mask"],
                                             self.values["logits"])
-        self.walls = []
+        self.walls, self.cpus = [], []
 
     def _value(self, key, array):
         self.arrays[key] = array
@@ -103,9 +110,10 @@ class Bound:
         self.arrays["input_ids"][:, 0] = tokens
         self.arrays["attention_mask"][:, self.length] = 1
         self.length += 1
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         self.session.run_with_iobinding(self.decode_binding)
         self.walls.append(time.perf_counter() - start)
+        self.cpus.append(time.process_time() - cpu)
         return self.arrays["logits"][:, 0, :]
 
     def end_profile(self) -> str:
@@ -133,12 +141,17 @@ def summarise(path: str, steps: int):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", action="append", required=True, metavar="NAME=PATH")
+    p.add_argument("--config", action="append", default=[], metavar="NAME:KEY=VALUE",
+                   help="a session config entry for model NAME (e.g. base:session.disable_prepacking=1)")
     p.add_argument("--prompt", type=int, default=32)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-length", type=int, default=1280)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-spinning", action="store_true",
+                   help="threads sleep instead of spinning, so CPU time is work done (a loaded machine "
+                        "inflates wall time by its time slicing, CPU time much less)")
     args = p.parse_args(argv)
     import onnxruntime as ort
 
@@ -148,15 +161,18 @@ def main(argv=None) -> int:
     models = []
     for item in args.model:
         name, _, path = item.partition("=")
-        models.append(Bound(name, path, args.batch, args.max_length, args.threads, tmp))
+        config = [tuple(c.split(":", 1)[1].split("=", 1)) for c in args.config if c.split(":", 1)[0] == name]
+        models.append(Bound(name, path, args.batch, args.max_length, args.threads, tmp, config,
+                            spinning=not args.no_spinning))
     rng = np.random.default_rng(args.seed)
     prompt = rng.integers(3, 32000, size=(args.batch, args.prompt))
     tokens = {}
     for m in models:
         tokens[m.name] = m.prefill(prompt).argmax(-1)
     ids = {m.name: [] for m in models}
-    for _ in range(args.steps):
-        for m in models:
+    for step in range(args.steps):
+        k = step % len(models)                          # rotate who goes first: the order itself biases
+        for m in models[k:] + models[:k]:
             t = m.step(tokens[m.name]).argmax(-1)
             tokens[m.name] = t
             ids[m.name].append(int(t[0]))
@@ -166,9 +182,11 @@ def main(argv=None) -> int:
         run_ms, per_op, count = summarise(m.end_profile(), args.steps)
         wall = statistics.median(m.walls) * 1000.0
         low = sorted(m.walls)[len(m.walls) // 10] * 1000.0       # p10: nearer the uncontended time under load
+        least = min(m.walls) * 1000.0
+        cpu = statistics.median(m.cpus) * 1000.0
         kernels = sum(per_op.values())
         print(f"\n{m.name}: {sum(count.values())} kernel launches per step; ids {'==' if same else '!='} {first}'s")
-        print(f"  wall {wall:7.2f} ms/step (p10 {low:7.2f})   model_run {run_ms:7.2f}   kernels {kernels:7.2f}   "
+        print(f"  wall {wall:7.2f} ms/step (p10 {low:7.2f}, min {least:7.2f}; CPU time {cpu:7.2f})   model_run {run_ms:7.2f}   kernels {kernels:7.2f}   "
               f"executor {run_ms - kernels:6.2f}   call+binding {wall - run_ms:6.2f}")
         for op, t in sorted(per_op.items(), key=lambda kv: -kv[1])[:12]:
             print(f"    {op:32s} {t:7.3f} ms  x{count[op]}")

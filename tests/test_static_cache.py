@@ -110,13 +110,18 @@ def test_static_graph_has_no_mask_tensor_and_one_attention_op_per_layer():
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_generation_graph_feeds_the_packed_projection_to_attention(family):
     """fuse-packed-gqa: each GroupQueryAttention reads the packed QKV MatMul (Add for gpt2's
-    biases) whole, key and value left out; no Split is left between them."""
+    biases) whole, key and value left out; no Split is left between them. fuse-skip-layer-norm
+    joins the residual Adds to the norms."""
     g = graph(family, "generation", use_cache="true", kv_cache="static", cache_length=MAX_LEN)
     attn = [n for n in g.nodes if n.qualified_op == "com.microsoft.GroupQueryAttention"]
     assert len(attn) == 2
     for n in attn:
         assert n.inputs[1] is None and n.inputs[2] is None
         assert n.inputs[0].producer.op in ("MatMul", "Add"), n.inputs[0].producer
+    skip = {"llama": "SkipSimplifiedLayerNormalization", "gpt2": "SkipLayerNormalization"}[family]
+    # float32 on the CPU: every residual Add + norm (not the first norm, of the embedding; llama's final
+    # norm reads the gathered last tokens, not an Add)
+    assert sum(n.op == skip for n in g.nodes) == {"llama": 3, "gpt2": 4}[family]
     plain = graph(family, 3, use_cache="true", kv_cache="static", cache_length=MAX_LEN)
     assert sum(n.op == "Split" for n in plain.nodes) - sum(n.op == "Split" for n in g.nodes) == 2
 

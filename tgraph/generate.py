@@ -191,7 +191,9 @@ class Generator:
             try:
                 from .export_dir import generation_pipeline
 
-                built["decoder"] = build(decoder, seed=seed, pipeline=generation_pipeline(level), dtype=dtype).graph
+                target = "cuda" if provider == "cuda" else "cpu"     # the CPU's passes also suit CUDA's kernels
+                built["decoder"] = build(decoder, seed=seed, pipeline=generation_pipeline(level, target, dtype),
+                                         dtype=dtype).graph
             except ShapeError as e:     # e.g. a head size GroupQueryAttention's kernels do not take
                 if kv_cache != "auto" or not str(e).startswith("GroupQueryAttention"):
                     raise
