@@ -12,6 +12,8 @@ from . import fuse_attention, fuse_elementwise, fuse_rotary, ort_fusions  # noqa
 # Passes in no level: precision conversion (to-fp16, to-bf16; api.build(dtype=...)) and weight-only
 # quantization (quantize-weights; --quantize).
 from . import precision, quantize  # noqa: E402,F401
+# Generation-only onnxruntime rewrites (fuse-packed-gqa; tgraph.export_dir.generation_pipeline adds them).
+from . import packed_gqa  # noqa: E402,F401
 
 __all__ = ["DEFAULT_LEVEL", "LEVELS", "LEVEL_TABLE", "MAX_LEVEL", "PASSES", "Pass", "PassError", "PassManager",
            "PassRecord", "PipelineResult", "describe_passes", "format_pipeline", "get_pass", "level_pipeline",

@@ -18,7 +18,7 @@ import pytest
 
 from tgraph.cli import main
 from tgraph.errors import ConfigError
-from tgraph.export_dir import export_generation_dir, read_manifest, target_plan
+from tgraph.export_dir import export_generation_dir, genai_model_type, read_manifest, target_plan
 from tgraph.generate import Generator
 
 torch = pytest.importorskip("torch")
@@ -159,6 +159,34 @@ def test_onnxruntime_genai_runs_the_directory_with_the_same_greedy_ids(llama_dir
     assert done.returncode == 0, done.stderr[-2000:]
     theirs = json.loads(done.stdout.strip().splitlines()[-1])
     ours = Generator(str(out), provider="cpu").generate([prompt], max_new_tokens=NEW).ids[0]
+    assert theirs == ours
+
+
+def test_genai_model_type_is_one_onnxruntime_genai_knows():
+    assert genai_model_type("llama", "mistral") == "mistral" and genai_model_type("llama", "qwen2") == "qwen2"
+    assert genai_model_type("llama", None) == "llama" and genai_model_type("llama", "weird") == "llama"
+    for family in ("gpt", "gpt2", "gpt_neo", "palm"):
+        assert genai_model_type(family, family) == "decoder"
+
+
+@pytest.mark.parametrize("family,sets", [
+    ("gpt2", {"n_embd": "64", "n_layer": "2", "n_head": "4", "vocab_size": "101", "n_positions": "64"}),
+    ("palm", {"d_model": "64", "num_layers": "2", "num_heads": "4", "d_ff": "96", "vocab_size": "101"}),
+])
+def test_onnxruntime_genai_runs_other_families_with_the_same_greedy_ids(tmp_path, family, sets):
+    """genai 0.18's own "gpt2" type refuses this interface at the first step; "decoder" runs it."""
+    python = _genai_python()
+    if python is None:
+        pytest.skip("onnxruntime_genai is not importable here (set TGRAPH_GENAI_PYTHON to a Python that has it)")
+    out = tmp_path / "d"
+    export_generation_dir(family, out, overrides=sets, max_length=48, seed=1)
+    assert json.loads((out / "genai_config.json").read_text())["model"]["type"] == "decoder"
+    prompt = PROMPTS[0]
+    done = subprocess.run([python, "-c", GENAI_SCRIPT, str(out), json.dumps(prompt), str(NEW)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": ""})
+    assert done.returncode == 0, done.stderr[-2000:]
+    theirs = json.loads(done.stdout.strip().splitlines()[-1])
+    ours = Generator(str(out), provider="cpu", eos_token_id=None).generate([prompt], max_new_tokens=len(theirs)).ids[0]
     assert theirs == ours
 
 

@@ -11,6 +11,7 @@ import pytest
 from tgraph.api import build
 from tgraph.codegen.onnx import to_onnx
 from tgraph.errors import ConfigError
+from tgraph.export_dir import generation_pipeline
 from tgraph.ir.evaluate import evaluate
 from tgraph.runtime import Session
 from tgraph.runtime.static_cache import StaticDecoder, static_signature
@@ -27,8 +28,10 @@ MAX_LEN = 24
 
 
 def graph(family, level, **extra):
+    """level "generation": the generation builds' pipeline (-O3 + `GENERATION_PASSES`)."""
     sets = {**SMALL[family], **{k: str(v) for k, v in extra.items()}}
-    return build(load_model(family, sets), seed=3, level=level).graph
+    pipeline = generation_pipeline(3) if level == "generation" else None
+    return build(load_model(family, sets), seed=3, level=3 if pipeline else level, pipeline=pipeline).graph
 
 
 def reference_logits(family, ids, **extra):
@@ -50,7 +53,8 @@ def rows_and_steps(rng, lengths, new):
 
 
 @pytest.mark.parametrize("family,level,extra", [
-    ("llama", 0, {}), ("llama", 3, {}), ("gpt2", 2, {}), ("palm", 3, {}), ("gpt", 2, {}),
+    ("llama", 0, {}), ("llama", 3, {}), ("llama", "generation", {}), ("gpt2", "generation", {}),
+    ("gpt2", 2, {}), ("palm", 3, {}), ("palm", "generation", {}), ("gpt", 2, {}),
     ("palm", 2, {"rotary_pct": 0.5}),      # R/2 = 4: onnxruntime cannot rotate in the op, the graph does
 ])
 def test_static_cache_logits_equal_uncached_logits(family, level, extra):
@@ -101,6 +105,25 @@ def test_static_graph_has_no_mask_tensor_and_one_attention_op_per_layer():
     # the mask is only reduced to lengths and its width: no node broadcasts it to 4-D
     users = [n.op for n in g.nodes if any(v is not None and v.name == "attention_mask" for v in n.inputs)]
     assert set(users) <= {"ReduceSum", "Shape"}, users
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_generation_graph_feeds_the_packed_projection_to_attention(family):
+    """fuse-packed-gqa: each GroupQueryAttention reads the packed QKV MatMul (Add for gpt2's
+    biases) whole, key and value left out; no Split is left between them. fuse-skip-layer-norm
+    joins the residual Adds to the norms."""
+    g = graph(family, "generation", use_cache="true", kv_cache="static", cache_length=MAX_LEN)
+    attn = [n for n in g.nodes if n.qualified_op == "com.microsoft.GroupQueryAttention"]
+    assert len(attn) == 2
+    for n in attn:
+        assert n.inputs[1] is None and n.inputs[2] is None
+        assert n.inputs[0].producer.op in ("MatMul", "Add"), n.inputs[0].producer
+    skip = {"llama": "SkipSimplifiedLayerNormalization", "gpt2": "SkipLayerNormalization"}[family]
+    # float32 on the CPU: every residual Add + norm (not the first norm, of the embedding; llama's final
+    # norm reads the gathered last tokens, not an Add)
+    assert sum(n.op == skip for n in g.nodes) == {"llama": 3, "gpt2": 4}[family]
+    plain = graph(family, 3, use_cache="true", kv_cache="static", cache_length=MAX_LEN)
+    assert sum(n.op == "Split" for n in plain.nodes) - sum(n.op == "Split" for n in g.nodes) == 2
 
 
 def test_static_cache_options_are_checked():

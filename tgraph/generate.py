@@ -189,7 +189,11 @@ class Generator:
         self.cache_note = None          # why "auto" fell back to the dynamic cache, if it did
         if static:
             try:
-                built["decoder"] = build(decoder, seed=seed, level=level, dtype=dtype).graph
+                from .export_dir import generation_pipeline
+
+                target = "cuda" if provider == "cuda" else "cpu"     # the CPU's passes also suit CUDA's kernels
+                built["decoder"] = build(decoder, seed=seed, pipeline=generation_pipeline(level, target, dtype),
+                                         dtype=dtype).graph
             except ShapeError as e:     # e.g. a head size GroupQueryAttention's kernels do not take
                 if kv_cache != "auto" or not str(e).startswith("GroupQueryAttention"):
                     raise

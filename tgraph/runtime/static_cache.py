@@ -188,7 +188,11 @@ class StaticDecoder:
         self.mask_host = np.zeros(self.shapes["attention_mask"], np.int64)
         self.ids = self._device_copy(self.ids_host)
         self.mask = self._device_copy(self.mask_host)
-        self.logits = self._zeros(self.shapes["logits"], out_specs["logits"])
+        self.logits_host = self._host_buffer(self.shapes["logits"], out_specs["logits"])
+        self.logits = self._device_copy(self.logits_host) if self.logits_host is not None else \
+            self._zeros(self.shapes["logits"], out_specs["logits"])
+        self._rows = np.arange(self.batch)
+        self._fixed = len(self._alive)                     # host arrays kept for the decoder's life
         self.lengths = np.zeros(batch, np.int64)
         self.cuda_graph = bool(cuda_graph)
         self.graph_id = next(self._graph_ids) if self.cuda_graph else None
@@ -206,6 +210,14 @@ class StaticDecoder:
         array = np.ascontiguousarray(array)
         self._alive.append(array)
         return self._ort.OrtValue.ortvalue_from_numpy(array, self.device, self._index)
+
+    def _host_buffer(self, shape, spec: TensorSpec) -> Optional[np.ndarray]:
+        """On the CPU, a NumPy array for onnxruntime to write the output into: reading it is then
+        one copy, with no OrtValue conversion per step. None on a device, or for dtypes NumPy
+        lacks (bfloat16)."""
+        if self.device != "cpu" or spec.dtype is None or spec.dtype.name not in ("float32", "float16", "float64"):
+            return None
+        return np.zeros(shape, spec.dtype)
 
     def _zeros(self, shape, spec: TensorSpec):
         elem = cache_element_type(spec)
@@ -273,7 +285,9 @@ class StaticDecoder:
                 self.session.ort_session.run_with_iobinding(binding, options)
         except Exception as exc:  # onnxruntime's own exception types
             raise self.session._ort_failure(exc) from exc
-        return np.array(host_array(self.logits)[:, 0, :])   # a copy: the buffer is rewritten next step
+        if self.logits_host is not None:                         # a copy: the buffer is rewritten next step
+            return self.logits_host[:, 0, :].copy()
+        return np.array(host_array(self.logits)[:, 0, :])
 
     def prefill(self, ids: np.ndarray, lengths: Sequence[int]) -> np.ndarray:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
@@ -288,7 +302,7 @@ class StaticDecoder:
         if len(self.request) != len(self.request_names):
             raise ConfigError(f"static decoder: bind_request first (it reads {self.request_names[0]!r})")
         mask = (np.arange(ids.shape[1])[None, :] < lengths[:, None]).astype(np.int64)
-        del self._alive[2:]                                    # the previous prefill's ids and mask
+        del self._alive[self._fixed:]                          # the previous prefill's ids and mask
         binding = self._binding(self._device_copy(ids), self._device_copy(mask))
         self.lengths = lengths.copy()
         self.mask_host[:] = 0
@@ -301,9 +315,10 @@ class StaticDecoder:
         if int(self.lengths.max()) >= self.max_length:
             raise InputError(f"the cache's {self.max_length} positions are full")
         self.ids_host[:, 0] = tokens
-        self.mask_host[np.arange(self.batch), self.lengths] = 1
+        self.mask_host[self._rows, self.lengths] = 1
         self.lengths += 1
-        self.ids.update_inplace(self.ids_host)                 # same buffers, new contents
-        self.mask.update_inplace(self.mask_host)
+        if self.device != "cpu":          # on the CPU the OrtValues wrap ids_host / mask_host themselves
+            self.ids.update_inplace(self.ids_host)             # same buffers, new contents
+            self.mask.update_inplace(self.mask_host)
         self.steps += 1
         return self._run(self.decode_binding, self.decode_options)
