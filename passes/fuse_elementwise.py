@@ -75,7 +75,7 @@ def island_refusal(m: Match) -> Optional[str]:
 
 def _norm_refusal(m: Match, graph: Graph, *weights: str) -> Optional[str]:
     """What LayerNorm and RMSNorm refuse: non-float input, other than the last axis, a
-    computed epsilon, weights that are not vectors over the last axis, a bad island."""
+    computed epsilon, a bad island, weights that are not vectors over the last axis."""
     x = m.x
     if not x.type.dtype.is_float:
         return "not a float tensor"
@@ -83,12 +83,11 @@ def _norm_refusal(m: Match, graph: Graph, *weights: str) -> Optional[str]:
         return f"normalises over axes {m.axes}, not the last one"
     if _scalar(m, "eps") is None:
         return "epsilon is not a scalar constant"
+    reason = island_refusal(m)
     for name in weights:
-        if m.get(name) is not None:
+        if reason is None and m.get(name) is not None:
             reason = _vector_for(graph, m.get(name), x)
-            if reason:
-                return reason
-    return island_refusal(m)
+    return reason
 
 
 # ------------------------------------------------------------------------------ softmax

@@ -2,7 +2,9 @@
 
 Positive cases cover tgraph's own layers and the spellings other exporters write
 (scale before or after the matmul, Div or Mul, Pow or Mul squares, pre-transposed keys,
-additive masks, fp32 softmax between casts). Every rewrite is checked numerically with
+additive masks, fp32 softmax between casts, fp16 norms computed in float32 between
+casts). The elementwise rules match canonical spellings, so their tests run
+`canonicalize` first, as -O2 does. Every rewrite is checked numerically with
 the reference interpreter and with onnxruntime (its own optimizer disabled).
 """
 import math
@@ -165,6 +167,84 @@ def test_fuse_rms_norm_from_dsl_and_hf_llama_form():
             var = (x ** 2.0).mean(-1)
             return {"y": self.n.weight * (x * (var + 1e-6).sqrt().reciprocal())}
     fuse_and_compare(HF(), ["canonicalize", "fuse-rms-norm"], {}, {"RMSNormalization": 1})
+
+
+def _fp16_island_norm(kind, back=DType.float16, scale_inside=False, width=16):
+    """HF LLaMA's fp16 RMSNorm (and the LayerNorm twin): x cast to float32, normalised,
+    cast back, then the fp16 weight: ``w * (x32 * rsqrt(mean(x32**2) + eps)).to(fp16)``."""
+    b = Builder()
+    g = b.graph
+    x = g.add_input("x", TensorType(DType.float16, ("batch", 3, width)))
+    x32 = b.op("Cast", x, to=DType.float32)
+    if kind == "layer":
+        x32 = b.op("Sub", x32, b.op("ReduceMean", x32, axes=[-1]))
+    ms = b.op("ReduceMean", b.op("Pow", x32, b.const(np.float32(2.0))), axes=[-1])
+    n = b.op("Mul", x32, b.op("Reciprocal", b.op("Sqrt", b.op("Add", ms, b.const(np.float32(1e-6))))))
+    gamma = RNG.normal(1, 0.2, width)
+    if scale_inside:                                      # the weight applied in float32: not the ONNX op
+        n = b.op("Mul", b.const(gamma.astype(np.float32)), n)
+    y = b.op("Cast", n, to=back)
+    if not scale_inside:
+        y = b.op("Mul", b.const(gamma.astype(back.numpy)), y)
+    if kind == "layer":
+        y = b.op("Add", y, b.const(RNG.normal(0, 0.2, width).astype(back.numpy)))
+    g.outputs = [b.op("Identity", y, hint="y")]
+    g.verify()
+    return g
+
+
+def _reference(graph, feeds):
+    """onnx's ReferenceEvaluator, which follows the spec's function bodies (stash_type)."""
+    from onnx.reference import ReferenceEvaluator
+    from tgraph.codegen.onnx import to_onnx
+    return ReferenceEvaluator(to_onnx(graph)).run(None, feeds)[0]
+
+
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_fp16_float32_island_fuses_into_the_half_precision_norm(kind):
+    """LayerNormalization/RMSNormalization compute in float32 (stash_type=1) and cast the
+    normalised value back before the scale: exactly the island, so it fuses on the fp16 x."""
+    g = _fp16_island_norm(kind)
+    feeds = {"x": (RNG.standard_normal((2, 3, 16)) * 30).astype(np.float16)}
+    ref = _reference(g, feeds)
+    optimize(g, level=2)
+    op = "RMSNormalization" if kind == "rms" else "LayerNormalization"
+    assert g.op_histogram() == {op: 1}                    # both Casts gone
+    (node,) = [n for n in g.nodes if n.op == op]
+    assert node.inputs[0].dtype is DType.float16 and node.attrs.get("stash_type", 1) == 1
+    # the spec's own evaluation of the fused op agrees to fp16 rounding (one ulp: ORT rounds once)
+    for got in (_reference(g, feeds), run_onnx(g, feeds)["y"], evaluate(g, feeds)["y"]):
+        np.testing.assert_allclose(got.astype(np.float32), ref.astype(np.float32), rtol=2e-3, atol=2e-3)
+
+
+def test_fp16_island_with_the_scale_inside_fuses_in_float32():
+    g = _fp16_island_norm("rms", scale_inside=True)
+    feeds = {"x": (RNG.standard_normal((2, 3, 16)) * 30).astype(np.float16)}
+    ref = _reference(g, feeds)
+    optimize(g, level=2)
+    (node,) = [n for n in g.nodes if n.op == "RMSNormalization"]
+    assert node.inputs[0].dtype is DType.float32 and g.op_histogram()["Cast"] == 2
+    np.testing.assert_allclose(run_onnx(g, feeds)["y"].astype(np.float32), ref.astype(np.float32), rtol=1e-3, atol=1e-3)
+
+
+def test_fp16_island_cast_back_to_another_dtype_is_refused_with_reason():
+    g = canonical(_fp16_island_norm("rms", back=DType.bfloat16))
+    assert apply_rules(g, [RMSNormRule()]) == {"rms-norm": 0}
+    assert any("casts back to bfloat16" in m.reason for m in explain(g, [RMSNormRule()]))
+
+
+def test_fp16_softmax_island_keeps_its_casts():
+    b = Builder()
+    x = b.graph.add_input("x", TensorType(DType.float16, ("batch", 6)))
+    x32 = b.op("Cast", x, to=DType.float32)
+    e = b.op("Exp", b.op("Sub", x32, b.op("ReduceMax", x32, axes=[-1])))
+    b.graph.outputs = [b.op("Cast", b.op("Div", e, b.op("ReduceSum", e, axes=[-1])), to=DType.float16, hint="y")]
+    feeds = {"x": (RNG.standard_normal((3, 6)) * 8).astype(np.float16)}
+    ref = _reference(b.graph, feeds)
+    optimize(b.graph, level=2)
+    assert b.graph.op_histogram() == {"Cast": 2, "Softmax": 1}
+    assert next(n for n in b.graph.nodes if n.op == "Softmax").inputs[0].dtype is DType.float32
+    np.testing.assert_allclose(run_onnx(b.graph, feeds)["y"], ref, rtol=1e-3, atol=1e-4)
 
 
 # ------------------------------------------------------------------------------ GELU
