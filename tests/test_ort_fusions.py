@@ -194,3 +194,22 @@ def test_ort_fusions_match_o2_on_models(family, overrides):
             np.testing.assert_allclose(got, ref[name], rtol=1e-4, atol=1e-4)
         for name, got in run_numpy(g, inputs).items():
             np.testing.assert_allclose(got, ref[name], rtol=1e-4, atol=1e-4)
+
+
+def test_skip_norm_sum_read_before_the_norm_and_as_an_output():
+    """The sum's other users may come before the norm (and it may be a graph output): the
+    fused op is built before the residual Add, the first node whose value it replaces."""
+    b = Builder()
+    g = b.graph
+    x, s = (g.add_input(n, TensorType(DType.float32, (2, 3, H))) for n in "xs")
+    h = b.op("Add", x, s)
+    early = b.op("Relu", h)                               # reads the sum before the norm exists
+    y = b.op("LayerNormalization", h, b.const(w(H)), b.const(w(H)), epsilon=1e-5)
+    g.outputs = [b.op("Add", y, early), h]
+    g.verify()
+    before = g.copy()
+    assert get_pass("fuse-skip-layer-norm")()(g)["skip-layer-norm"] == 1
+    g.verify()
+    assert "Add" in g.op_histogram() and g.op_histogram()["com.microsoft.SkipLayerNormalization"] == 1
+    assert g.outputs[1].name == "add" and g.outputs[1].producer.op == "SkipLayerNormalization"
+    check_same(before, g, feeds(g))
