@@ -265,3 +265,13 @@ def test_the_readme_picture_is_what_tgraph_view_draws(tmp_path):
                       if (g.get("class") or "").split()[:1] in (["node"], ["cluster"]))
 
     assert shape(out) == shape(committed)
+
+
+def test_a_name_written_like_html_is_drawn_as_text():
+    graphviz = pytest.importorskip("graphviz")
+    from tgraph.view.render import _text
+
+    dot = graphviz.Digraph()
+    dot.node("a", label=_text("<b>h.0</b>"))
+    svg = dot.pipe(format="svg").decode()
+    assert "&lt;b&gt;h.0&lt;/b&gt;" in svg

@@ -26,6 +26,9 @@ from .types import Dim, DType, TensorType, broadcast_dims, dim_add, dim_div, dim
 
 REQUIRED = object()
 
+#: The op traits passes may rely on; `tgraph.ir.traits` says what each one means.
+TRAITS = frozenset({"commutative", "elementwise", "comparison", "conversion", "layout", "shape_only", "fused"})
+
 InferFn = Callable[[List[Optional[TensorType]], Dict[str, Any], List[Optional[np.ndarray]]], List[TensorType]]
 
 
@@ -132,7 +135,6 @@ OPS: Dict[str, OpDef] = {}
 
 
 def register(opdef: OpDef) -> OpDef:
-    from .traits import TRAITS
     unknown = set(opdef.traits) - TRAITS
     if unknown:
         raise ValueError(f"op {opdef.qualified}: unknown trait(s) {sorted(unknown)}")

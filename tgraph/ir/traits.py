@@ -17,15 +17,13 @@ from __future__ import annotations
 
 from typing import FrozenSet
 
-TRAITS = frozenset({"commutative", "elementwise", "comparison", "conversion", "layout", "shape_only", "fused"})
+from .opdefs import OPS, TRAITS
 
 
 def _opdef(op, domain: str = ""):
-    from .opdefs import OPS, get_op
     if hasattr(op, "op") and hasattr(op, "domain"):          # a Node
         op, domain = op.op, op.domain
-    key = f"{domain}.{op}" if domain else op
-    return OPS.get(key) if key in OPS else None
+    return OPS.get(f"{domain}.{op}" if domain else op)
 
 
 def has_trait(op, trait: str, domain: str = "") -> bool:
@@ -38,7 +36,6 @@ def has_trait(op, trait: str, domain: str = "") -> bool:
 
 def ops_with(*traits: str) -> FrozenSet[str]:
     """Qualified names (``"Add"``, ``"com.microsoft.MatMulNBits"``) of the ops having every trait."""
-    from .opdefs import OPS
     for t in traits:
         if t not in TRAITS:
             raise KeyError(f"unknown op trait {t!r}; traits: {', '.join(sorted(TRAITS))}")

@@ -37,7 +37,10 @@ def safe_id(text: str) -> str:
 
 
 def _text(s: str) -> str:
-    return str(s).replace("\\", "\\\\")
+    """A label drawn as plain text: backslashes escaped, and never taken for a Graphviz HTML
+    label (which a name written ``<...>`` would otherwise become)."""
+    import graphviz
+    return graphviz.nohtml(str(s).replace("\\", "\\\\"))
 
 
 def _vertex_style(d: dict, mark: Optional[str]) -> Dict[str, str]:
