@@ -22,6 +22,9 @@ are tried in both input orders. Every matched node except the root must have no 
 outside the match (nodes that only feed the match, such as the Shape arithmetic of a
 Reshape being replaced, count as part of it), or the rewrite would have to keep it alive
 and compute things twice: such a match is refused with "intermediate ... used elsewhere".
+A fused op that also returns a matched intermediate (SkipLayerNormalization's residual
+sum) names its binding in `Rule.also_replaces`: that value's other users read the new
+op's next output instead.
 
 A rule that does not fire where its root op appears records a near miss (the node and
 the reason from the attempt that got furthest), which `tgraph export --report` and
