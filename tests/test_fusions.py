@@ -217,6 +217,33 @@ def test_fp16_float32_island_fuses_into_the_half_precision_norm(kind):
         np.testing.assert_allclose(got.astype(np.float32), ref.astype(np.float32), rtol=2e-3, atol=2e-3)
 
 
+def test_hf_llama_rms_norm_exported_in_fp16_fuses_and_matches_torch():
+    """LlamaRMSNorm.half() as torch.onnx writes it (Cast, Pow, ReduceMean, Add, Sqrt,
+    Div(1, ..), Mul, Cast, Mul) -> one fp16 RMSNormalization, with torch's numbers."""
+    import io
+    import warnings
+    onnx = pytest.importorskip("onnx")
+    torch = pytest.importorskip("torch")
+    llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    from tgraph.onnx_import import import_onnx
+    torch.manual_seed(0)
+    norm = llama.LlamaRMSNorm(16, eps=1e-6).half().eval()
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.2)
+        x = (torch.randn(2, 3, 16) * 30).half()
+        expected = norm(x).float().numpy()
+    f = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(norm, (x,), f, input_names=["x"], output_names=["y"], opset_version=17, dynamo=False)
+    g = import_onnx(onnx.load_from_string(f.getvalue()))
+    assert "Cast" in g.op_histogram()
+    optimize(g, level=2)
+    assert g.op_histogram() == {"RMSNormalization": 1}
+    got = run_onnx(g, {"x": x.numpy()})["y"]
+    np.testing.assert_allclose(got.astype(np.float32), expected, rtol=2e-3, atol=2e-3)
+
+
 def test_fp16_island_with_the_scale_inside_fuses_in_float32():
     g = _fp16_island_norm("rms", scale_inside=True)
     feeds = {"x": (RNG.standard_normal((2, 3, 16)) * 30).astype(np.float16)}
