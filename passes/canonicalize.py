@@ -49,10 +49,12 @@ MAX_SWEEPS = 64
 
 
 # ------------------------------------------------------------------ helpers
-def _small(v: Optional[Value], max_size: int = 1) -> Optional[np.ndarray]:
+def _small(v: Optional[Value], max_size: int = 1, read_params: bool = False) -> Optional[np.ndarray]:
     """`v`'s contents if it is a constant of at most `max_size` elements and not a checkpoint
-    parameter; the size comes from the declared type, so a lazy weight is never read."""
-    if v is None or v.const is None or v.is_param or is_lazy(v.const):
+    parameter (`read_params`: or a parameter, for rules that only compare the value; an
+    imported ONNX model's initializers are all parameters); the size comes from the
+    declared type, so a lazy weight is never read."""
+    if v is None or v.const is None or (v.is_param and not read_params) or is_lazy(v.const):
         return None
     shape = v.type.shape
     if shape is None or not all(isinstance(d, int) for d in shape) or math.prod(shape) > max_size:
@@ -60,14 +62,14 @@ def _small(v: Optional[Value], max_size: int = 1) -> Optional[np.ndarray]:
     return np.asarray(v.const)
 
 
-def _scalar(v: Optional[Value]) -> Optional[float]:
+def _scalar(v: Optional[Value], read_params: bool = False) -> Optional[float]:
     """The number in a size-1 constant (see `_small`), else None."""
-    a = _small(v)
+    a = _small(v, read_params=read_params)
     return None if a is None or a.size != 1 else float(np.asarray(a, np.float64).reshape(-1)[0])
 
 
 def _is(v: Optional[Value], number: float) -> bool:
-    c = _scalar(v)
+    c = _scalar(v, read_params=True)
     return c is not None and c == number
 
 
@@ -147,7 +149,7 @@ def small_powers(node: Node, graph: Graph) -> Optional[Value]:
     if node.op != "Pow":
         return None
     x, e = node.inputs
-    p = _scalar(e)
+    p = _scalar(e, read_params=True)
     if p == 1.0:
         return x
     if p == 2.0:

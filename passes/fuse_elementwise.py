@@ -1,21 +1,27 @@
 """Fusions of elementwise formulas: softmax, LayerNorm, RMSNorm and GELU.
 
-Each rule lists the spellings it recognises (tgraph's own layers, and what PyTorch and
-Hugging Face exports write); the rewrites produce standard ONNX ops (Softmax,
+Each rule is one pattern over the spelling `canonicalize` leaves (-O2 runs it first):
+divisions by constants are Muls by the inverse, ``x * (1/y)`` and ``x * Reciprocal(y)``
+are ``x / y``, ``x ** 2`` is ``x * x``. What is left to tell apart is structure the
+formula really has in several shapes (a norm with or without gamma and beta, computed in
+float32 between Casts or not; GELU's erf or tanh form and where its 0.5 sits); those are
+`Or`/`optional` inside the one pattern. The rewrites produce standard ONNX ops (Softmax,
 LayerNormalization-17, RMSNormalization-23, Gelu-20).
 """
 from __future__ import annotations
 
-import itertools
 import math
-from typing import List, Optional
+from typing import Optional
 
 import numpy as np
 
-from tgraph.ir import Builder, Graph
+from tgraph.ir import Builder, DType, Graph
 
 from .base import register_pass
-from .pattern import Match, OpBuilder, OpPat, RewritePass, Rule, Var
+from .pattern import Match, OpBuilder, Or, Pattern, RewritePass, Rule, Var, optional
+
+#: dtypes whose norms exporters compute in float32 between Casts (HF LLaMA in fp16).
+HALF = (DType.float16, DType.bfloat16)
 
 
 def _last_axis(axes, rank: Optional[int]) -> Optional[int]:
@@ -39,20 +45,67 @@ def _vector_for(graph: Graph, v, x) -> Optional[str]:
     return None
 
 
+def _to_float32(to) -> bool:
+    return to is not None and DType.of(to) is DType.float32
+
+
+def float32_island(op: OpBuilder, normalized, x: Var) -> Or:
+    """``normalized(x)``, or the same computed in float32 between Casts:
+    ``Cast(normalized(Cast(x, to=float32)), to=narrow)``. Alternative 0 (bound as
+    "island") is the Cast form; `island_refusal` checks that it casts back to x's dtype.
+
+    LayerNormalization and RMSNormalization with stash_type=1 (the default) compute
+    exactly that: the ONNX spec casts X to float32, normalises, and casts ``Normalized``
+    back to X's type before the scale and bias, so the island fuses into the op on the
+    half-precision x (a scale applied inside the island does not: it is not that op)."""
+    wide = op.Cast(x, to=Var("", predicate=_to_float32, describe="float32"))
+    return Or(op.Cast(normalized(wide), to=Var("narrow")), normalized(x), name="island")
+
+
+def island_refusal(m: Match) -> Optional[str]:
+    if m.get("island") != 0:
+        return None
+    x, narrow = m.x, DType.of(m.narrow)
+    if x.type.dtype not in HALF:
+        return f"float32 island over {x.type.dtype.name} input {x.name}"
+    if narrow is not x.type.dtype:
+        return f"float32 island casts back to {narrow.name}, input {x.name} is {x.type.dtype.name}"
+    return None
+
+
+def _norm_refusal(m: Match, graph: Graph, *weights: str) -> Optional[str]:
+    """What LayerNorm and RMSNorm refuse: non-float input, other than the last axis, a
+    computed epsilon, a bad island, weights that are not vectors over the last axis."""
+    x = m.x
+    if not x.type.dtype.is_float:
+        return "not a float tensor"
+    if _last_axis(m.axes, x.type.rank) is None:
+        return f"normalises over axes {m.axes}, not the last one"
+    if _scalar(m, "eps") is None:
+        return "epsilon is not a scalar constant"
+    reason = island_refusal(m)
+    for name in weights:
+        if reason is None and m.get(name) is not None:
+            reason = _vector_for(graph, m.get(name), x)
+    return reason
+
+
 # ------------------------------------------------------------------------------ softmax
 class SoftmaxRule(Rule):
-    """Exp(x - ReduceMax(x)) / ReduceSum(Exp(..)) -> Softmax(x); also without the max."""
+    """Exp(x - ReduceMax(x)) / ReduceSum(Exp(..)) -> Softmax(x); also without the max.
+
+    In an fp16 graph's float32 island the formula fuses into a float32 Softmax and the
+    Casts stay: ONNX's Softmax on float16 does not promise a float32 accumulation."""
 
     name = "softmax"
 
-    def patterns(self, op: OpBuilder) -> List[OpPat]:
-        x, axes, axes2 = Var("x"), Var("axes"), Var("axes")
-        stable = op.Exp(op.Sub(x, op.ReduceMax(x, axes=axes, keepdims=1)))
-        plain = op.Exp(x)
-        return [op.Div(e, op.ReduceSum(e, axes=axes2, keepdims=1)) for e in (stable, plain)]
+    def pattern(self, op: OpBuilder) -> Pattern:
+        x, axes = Var("x"), Var("axes")
+        e = op.Exp(optional(lambda v: op.Sub(v, op.ReduceMax(v, axes=axes, keepdims=1)), x))
+        return op.Div(e, op.ReduceSum(e, axes=axes, keepdims=1))
 
     def check(self, m: Match, graph: Graph) -> Optional[str]:
-        if _last_axis(m.axes, m.x.type.rank) is None and (m.axes is None or len(m.axes) != 1):
+        if m.axes is None or len(m.axes) != 1:
             return f"softmax over axes {m.axes}"
         return None
 
@@ -76,39 +129,25 @@ class FuseSoftmax(RewritePass):
 
 # ------------------------------------------------------------------------------ LayerNorm
 class LayerNormRule(Rule):
-    """(x - mean) / sqrt(var + eps) [* gamma] [+ beta] -> LayerNormalization."""
+    """(x - mean) / sqrt(var + eps) [* gamma] [+ beta] -> LayerNormalization, also in
+    float32 between Casts (see `float32_island`)."""
 
     name = "layer-norm"
 
-    def patterns(self, op: OpBuilder) -> List[OpPat]:
-        out = []
-        for square, divide, tail in itertools.product(("mul", "pow"), ("div", "recip"), ("affine", "scale", "none")):
-            x, axes = Var("x"), Var("axes")
-            d = op.Sub(x, op.ReduceMean(x, axes=axes, keepdims=1))
-            sq = op.Mul(d, d) if square == "mul" else op.Pow(d, op.const(2.0))
-            std = op.Sqrt(op.Add(op.ReduceMean(sq, axes=Var("axes"), keepdims=1), op.const(name="eps")))
-            y = op.Div(d, std) if divide == "div" else op.Mul(d, op.Reciprocal(std))
-            if tail in ("affine", "scale"):
-                y = op.Mul(y, Var("gamma"))
-            if tail == "affine":
-                y = op.Add(y, Var("beta"))
-            out.append(y)
-        return out
+    def pattern(self, op: OpBuilder) -> Pattern:
+        x, axes, eps = Var("x"), Var("axes"), op.const(name="eps")
+
+        def normalized(v):
+            d = op.Sub(v, op.ReduceMean(v, axes=axes, keepdims=1))
+            var = op.ReduceMean(op.Mul(d, d), axes=axes, keepdims=1)
+            return op.Div(d, op.Sqrt(op.Add(var, eps)))
+
+        y = float32_island(op, normalized, x)
+        y = optional(lambda v: op.Mul(v, Var("gamma")), y)
+        return optional(lambda v: op.Add(v, Var("beta")), y)
 
     def check(self, m: Match, graph: Graph) -> Optional[str]:
-        x = m.x
-        if not x.type.dtype.is_float:
-            return "not a float tensor"
-        if _last_axis(m.axes, x.type.rank) is None:
-            return f"normalises over axes {m.axes}, not the last one"
-        if _scalar(m, "eps") is None:
-            return "epsilon is not a scalar constant"
-        for name in ("gamma", "beta"):
-            if m.get(name) is not None:
-                reason = _vector_for(graph, m.get(name), x)
-                if reason:
-                    return reason
-        return None
+        return _norm_refusal(m, graph, "gamma", "beta")
 
     def rewrite(self, b: Builder, m: Match):
         x = m.x
@@ -136,34 +175,22 @@ class FuseLayerNorm(RewritePass):
 
 # ------------------------------------------------------------------------------ RMSNorm
 class RMSNormRule(Rule):
-    """x / sqrt(mean(x²) + eps) * gamma -> RMSNormalization (LLaMA, T5)."""
+    """x / sqrt(mean(x²) + eps) * gamma -> RMSNormalization (LLaMA, T5), also in float32
+    between Casts as HF LLaMA computes it in fp16 (see `float32_island`)."""
 
     name = "rms-norm"
 
-    def patterns(self, op: OpBuilder) -> List[OpPat]:
-        out = []
-        for square, divide in itertools.product(("mul", "pow"), ("recip", "div", "one-div")):
-            x = Var("x")
-            sq = op.Mul(x, x) if square == "mul" else op.Pow(x, op.const(2.0))
-            std = op.Sqrt(op.Add(op.ReduceMean(sq, axes=Var("axes"), keepdims=1), op.const(name="eps")))
-            if divide == "recip":
-                normed = op.Mul(x, op.Reciprocal(std))
-            elif divide == "div":
-                normed = op.Div(x, std)
-            else:
-                normed = op.Mul(x, op.Div(op.const(1.0), std))
-            out.append(op.Mul(normed, Var("gamma")))
-        return out
+    def pattern(self, op: OpBuilder) -> Pattern:
+        x, axes, eps = Var("x"), Var("axes"), op.const(name="eps")
+
+        def normalized(v):
+            ms = op.ReduceMean(op.Mul(v, v), axes=axes, keepdims=1)
+            return op.Div(v, op.Sqrt(op.Add(ms, eps)))
+
+        return op.Mul(float32_island(op, normalized, x), Var("gamma"))
 
     def check(self, m: Match, graph: Graph) -> Optional[str]:
-        x = m.x
-        if not x.type.dtype.is_float:
-            return "not a float tensor"
-        if _last_axis(m.axes, x.type.rank) is None:
-            return f"normalises over axes {m.axes}, not the last one"
-        if _scalar(m, "eps") is None:
-            return "epsilon is not a scalar constant"
-        return _vector_for(graph, m.gamma, x)
+        return _norm_refusal(m, graph, "gamma")
 
     def rewrite(self, b: Builder, m: Match):
         return b.op("RMSNormalization", m.x, m.gamma, axis=-1, epsilon=_scalar(m, "eps"))
@@ -173,8 +200,7 @@ class RMSNormRule(Rule):
 class FuseRMSNorm(RewritePass):
     """Root-mean-square normalisation -> RMSNormalization-23.
 
-    Before:  %ms = ReduceMean(Mul(%x, %x)){axes=[-1]}; %r = Reciprocal(Sqrt(Add(%ms, 1e-6)))
-             %y = Mul(Mul(%x, %r), %gamma)
+    Before:  %ms = ReduceMean(Mul(%x, %x)){axes=[-1]}; %y = Mul(Div(%x, Sqrt(Add(%ms, 1e-6))), %gamma)
     After:   %y = RMSNormalization(%x, %gamma){epsilon=1e-6}
     """
 
@@ -187,6 +213,9 @@ class FuseRMSNorm(RewritePass):
 # ------------------------------------------------------------------------------ GELU
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _TANH_C = math.sqrt(2.0 / math.pi)
+#: GELU's constants are compared within float16's rounding (half an ulp is 4.9e-4), so
+#: the formula in an fp16 graph fuses too.
+_RTOL = 1e-3
 
 
 class GeluRule(Rule):
@@ -194,38 +223,23 @@ class GeluRule(Rule):
 
     name = "gelu"
 
-    def patterns(self, op: OpBuilder) -> List[OpPat]:
-        out = []
-        for form in ("erf", "tanh"):
-            for inner_kind, outer in itertools.product(("mul", "div"), ("a", "b", "c")):
-                x = Var("x")
-                if form == "erf":
-                    scaled = op.Mul(x, op.const(_SQRT_HALF, rtol=1e-4)) if inner_kind == "mul" \
-                        else op.Div(x, op.const(math.sqrt(2.0), rtol=1e-4))
-                    act = op.Add(op.Erf(scaled), op.const(1.0))
-                else:
-                    if inner_kind == "div":
-                        continue
-                    cube = op.Pow(x, op.const(3.0))
-                    poly = op.Add(x, op.Mul(cube, op.const(0.044715, rtol=1e-4)))
-                    act = op.Add(op.Tanh(op.Mul(poly, op.const(_TANH_C, rtol=1e-4))), op.const(1.0))
-                half = op.const(0.5)
-                if outer == "a":                       # (x * 0.5) * act
-                    root = op.Mul(op.Mul(x, half), act)
-                elif outer == "b":                     # x * (act * 0.5)
-                    root = op.Mul(x, op.Mul(act, half))
-                else:                                  # (x * act) * 0.5
-                    root = op.Mul(op.Mul(x, act), half)
-                root.name = form                      # records which form matched
-                out.append(root)
-        return out
+    def pattern(self, op: OpBuilder) -> Pattern:
+        x, c = Var("x"), (lambda value: op.const(value, rtol=_RTOL))
+        # x/√2 is x·(1/√2) after canonicalize, except in float16/bfloat16, where 1/√2 is
+        # not exact and the Div stays.
+        erf = op.Erf(Or(op.Mul(x, c(_SQRT_HALF)), op.Div(x, c(math.sqrt(2.0)))))
+        tanh = op.Tanh(op.Mul(op.Add(x, op.Mul(op.Pow(x, c(3.0)), c(0.044715))), c(_TANH_C)))
+        act = op.Add(Or(erf, tanh, name="form"), c(1.0))
+        half = c(0.5)
+        return Or(op.Mul(op.Mul(x, half), act),          # (x * 0.5) * act
+                  op.Mul(x, op.Mul(act, half)),          # x * (act * 0.5)
+                  op.Mul(op.Mul(x, act), half))          # (x * act) * 0.5
 
     def check(self, m: Match, graph: Graph) -> Optional[str]:
         return None if m.x.type.dtype.is_float else "not a float tensor"
 
     def rewrite(self, b: Builder, m: Match):
-        approximate = "tanh" if "tanh" in m.bindings else "none"
-        return b.op("Gelu", m.x, approximate=approximate)
+        return b.op("Gelu", m.x, approximate="tanh" if m.form == 1 else "none")
 
 
 @register_pass

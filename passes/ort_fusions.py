@@ -23,7 +23,6 @@ GroupQueryAttention are not written yet (GroupQueryAttention has no fp32 CUDA ke
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -33,8 +32,8 @@ from tgraph.ir.contrib import DOMAIN
 from tgraph.ir.lazy import concatenate
 
 from .base import Pass, register_pass
-from .pattern import NearMiss
-from .rewrite import is_output, replace_value
+from .pattern import Match, OpBuilder, Or, Pattern, RewritePass, Rule, Var
+from .rewrite import builder_at, is_output, replace_match
 
 
 def _const_vector(v: Optional[Value], size, dtype) -> bool:
@@ -42,83 +41,64 @@ def _const_vector(v: Optional[Value], size, dtype) -> bool:
             and v.const.shape[0] == size)
 
 
-def _only_user(v: Value, node: Node, graph: Graph) -> bool:
-    return not is_output(graph, v) and len(v.uses) == 1 and v.uses[0][0] is node
-
-
 # ------------------------------------------------------------------------------ skip norms
-@dataclass
-class SkipNormMatch:
-    norm: Node                   # LayerNormalization / RMSNormalization
-    add: Node                    # the residual Add
-    x: Value
-    skip: Value
-    bias: Optional[Value]        # a constant vector folded from an Add on one side
-    folded: Optional[Node]       # that Add
+def _vector(v: Value) -> bool:
+    return v.const is not None and v.type.rank == 1
 
 
-def match_skip_norm(graph: Graph, norm: Node) -> Tuple[Optional[SkipNormMatch], str]:
-    """`norm(Add(a, b))` over the last axis with a and b of one shape; a reason if not."""
-    if norm.domain != "" or norm.op not in ("LayerNormalization", "RMSNormalization"):
-        return None, ""
-    x = norm.inputs[0]
-    add = x.producer
-    if add is None or add.op != "Add" or add.domain != "":
-        return None, "input is not an Add"
-    rank = x.type.rank
-    if rank not in (2, 3):
-        return None, f"input rank {rank} (onnxruntime's kernel takes 2-D or 3-D)"
-    if norm.attrs.get("axis", -1) % rank != rank - 1:
-        return None, "not normalised over the last axis"
-    if norm.attrs.get("stash_type", 1) != 1:
-        return None, "stash_type is not fp32"
-    a, b = add.inputs
-    if a.type != x.type or b.type != x.type:
-        return None, f"Add broadcasts ({a.type} + {b.type})"
-    hidden, dtype = x.shape[-1], x.type.dtype
-    for i, v in enumerate(norm.inputs[1:], start=1):
-        if v is not None and not _const_vector(v, hidden, dtype):
-            return None, f"norm input {i} ({v.name}) is not a constant vector over the last axis"
-    m = SkipNormMatch(norm, add, a, b, None, None)
-    # fold `MatMul(..) + bias` on either side into the op's bias input
-    for side, other in ((a, b), (b, a)):
-        inner = side.producer
-        if inner is None or inner.op != "Add" or inner.domain != "" or not _only_user(side, add, graph):
-            continue
-        for val, vec in (inner.inputs, tuple(reversed(inner.inputs))):
-            if _const_vector(vec, hidden, dtype) and val.type == x.type:
-                m.x, m.skip, m.bias, m.folded = val, other, vec, inner
-                return m, ""
-    return m, ""
+class SkipNormRule(Rule):
+    """``norm(Add(a, b))`` -> the com.microsoft skip norm that also returns ``a + b``;
+    an ``Add(x, bias)`` with a constant vector on either side of the sum (the projection's
+    bias) moves into the op's `bias` input. One instance per norm op."""
 
+    #: the `_name` of the residual Add, whose sum the op's second output replaces
+    also_replaces = ("sum",)
+    FUSED = {"LayerNormalization": ("skip-layer-norm", "SkipLayerNormalization"),
+             "RMSNormalization": ("skip-rms-norm", "SkipSimplifiedLayerNormalization")}
 
-def rewrite_skip_norm(graph: Graph, m: SkipNormMatch) -> None:
-    norm = m.norm
-    layer = norm.op == "LayerNormalization"
-    b = Builder(graph)
-    b.insert_before = m.folded or m.add      # before the first node it replaces: every user comes later
-    scope = norm.meta.get("scope", "")
-    b.scope = scope.split(".") if scope else []
-    if layer:
-        beta = norm.inputs[2] if len(norm.inputs) > 2 else None
-        ins = [m.x, m.skip, norm.inputs[1], beta] + ([m.bias] if m.bias is not None else [])
-        op = "SkipLayerNormalization"
-    else:
-        ins = [m.x, m.skip, norm.inputs[1]] + ([m.bias] if m.bias is not None else [])
-        op = "SkipSimplifiedLayerNormalization"
-    while ins[-1] is None:
-        ins.pop()
-    eps = float(norm.attrs.get("epsilon", 1e-5))       # always explicit: the contrib default is 1e-12
-    y, total = b.op(op, *ins, domain=DOMAIN, epsilon=eps)
-    replace_value(graph, norm.outputs[0], y)
-    add_out = m.add.outputs[0]
-    if add_out.uses or is_output(graph, add_out):
-        replace_value(graph, add_out, total)
-    graph.remove_nodes([norm, m.add] + ([m.folded] if m.folded is not None else []))
+    def __init__(self, norm: str):
+        self.norm = norm
+        self.name, self.fused = self.FUSED[norm]
+
+    def pattern(self, op: OpBuilder) -> Pattern:
+        x, skip = Var("x"), Var("skip")
+        bias = Var("bias", predicate=_vector, describe="a constant vector")
+        total = Or(op.Add(op.Add(x, bias), skip, _name="sum"), op.Add(x, skip, _name="sum"))
+        norm, gamma = getattr(op, self.norm), Var("gamma")
+        if self.norm == "LayerNormalization":               # with or without beta
+            return Or(norm(total, gamma, Var("beta")), norm(total, gamma))
+        return norm(total, gamma)
+
+    def check(self, m: Match, graph: Graph) -> Optional[str]:
+        total, attrs = m.sum, m.root.attrs
+        rank, hidden, dtype = total.type.rank, total.shape[-1] if total.shape else None, total.type.dtype
+        if rank not in (2, 3):
+            return f"input rank {rank} (onnxruntime's kernel takes 2-D or 3-D)"
+        if attrs.get("axis", -1) % rank != rank - 1:
+            return "not normalised over the last axis"
+        if attrs.get("stash_type", 1) != 1:
+            return "stash_type is not fp32"
+        if m.x.type != total.type or m.skip.type != total.type:
+            return f"Add broadcasts ({m.x.type} + {m.skip.type})"
+        for what in ("gamma", "beta", "bias"):
+            v = m.get(what)
+            if v is not None and not _const_vector(v, hidden, dtype):
+                return f"{what} {v.name} is not a constant vector over the last axis"
+        return None
+
+    def rewrite(self, b: Builder, m: Match):
+        ins = [m.x, m.skip, m.gamma] + ([m.get("beta")] if self.norm == "LayerNormalization" else [])
+        if m.get("bias") is not None:
+            ins.append(m.bias)
+        while ins[-1] is None:
+            ins.pop()
+        eps = float(m.root.attrs.get("epsilon", 1e-5))     # always explicit: the contrib default is 1e-12
+        y, total = b.op(self.fused, *ins, domain=DOMAIN, epsilon=eps)
+        return y, total
 
 
 @register_pass
-class FuseSkipLayerNorm(Pass):
+class FuseSkipLayerNorm(RewritePass):
     """Residual Add + LayerNorm/RMSNorm -> com.microsoft.Skip(Simplified)LayerNormalization.
 
     Before:  %h = Add(%x, Add(MatMul(%a, %w), %bias)); %y = LayerNormalization(%h, %g, %b){epsilon=1e-5}
@@ -132,22 +112,8 @@ class FuseSkipLayerNorm(Pass):
 
     name = "fuse-skip-layer-norm"
 
-    def run(self, graph: Graph) -> Dict[str, int]:
-        self.near_misses: List[NearMiss] = []
-        counts = {"skip-layer-norm": 0, "skip-rms-norm": 0, "folded-bias": 0}
-        for node in list(graph.nodes):
-            if node.graph is not graph:
-                continue
-            m, reason = match_skip_norm(graph, node)
-            rule = "skip-layer-norm" if node.op == "LayerNormalization" else "skip-rms-norm"
-            if m is None:
-                if reason:
-                    self.near_misses.append(NearMiss(rule, node.name, reason))
-                continue
-            rewrite_skip_norm(graph, m)
-            counts[rule] += 1
-            counts["folded-bias"] += m.bias is not None
-        return counts
+    def rules(self):
+        return [SkipNormRule("LayerNormalization"), SkipNormRule("RMSNormalization")]
 
 
 # ------------------------------------------------------------------------------ packed QKV
@@ -197,6 +163,11 @@ def _packed_constant(graph: Graph, parts: List[Value], array: np.ndarray, kind: 
 class FusePackedQKV(Pass):
     """Sibling projections of one activation -> one MatMul on concatenated weights + Split.
 
+    Not a `Rule`: the MatMuls are siblings (one input, several users), not a tree rooted
+    at one node. The pass still changes nodes only the way rules do, building the packed
+    MatMul with `builder_at` and swapping the projections out with `replace_match`; it
+    also adds the packed weights to the graph's constants and drops the unpacked ones.
+
     Before:  %q = Add(MatMul(%x, %wq), %bq); %k = Add(MatMul(%x, %wk), %bk); %v = MatMul(%x, %wv) ...
     After:   %q, %k, %v = Split(Add(MatMul(%x, Concat(%wq, %wk, %wv)), Concat(%bq, %bk, %bv))){axis=-1}
 
@@ -218,10 +189,8 @@ class FusePackedQKV(Pass):
             if len({w.shape[0] for w in weights}) != 1 or len({w.dtype for w in weights}) != 1:
                 continue
             x = group[0].inputs[0]
-            b = Builder(graph)
-            b.insert_before = group[0]
-            scope = group[0].meta.get("scope", "")
-            b.scope = scope.rsplit(".", 1)[0].split(".") if scope else []
+            b = builder_at(graph, group[0])             # the first sibling: every user comes later
+            b.scope = b.scope[:-1]                      # the projections' module (h.0.attn for h.0.attn.q)
             w = _packed_constant(graph, [p[0] for p in projs], concatenate(weights, axis=1), "weight")
             y = b.op("MatMul", x, w)
             with_bias = all(p[1] is not None for p in projs)
@@ -230,10 +199,11 @@ class FusePackedQKV(Pass):
                 y = b.op("Add", y, _packed_constant(graph, [p[2] for p in projs], bias, "bias"))
             sizes = [int(w_.shape[1]) for w_ in weights]
             parts = b.op("Split", y, axis=y.type.rank - 1, split=sizes)
-            for mm, (_, add, _), part in zip(group, projs, parts):
-                old = add.outputs[0] if with_bias else mm.outputs[0]
-                replace_value(graph, old, part)
-                graph.remove_nodes([add, mm] if with_bias else [mm])
+            olds, nodes = [], []
+            for mm, (_, add, _) in zip(group, projs):
+                olds.append(add.outputs[0] if with_bias else mm.outputs[0])
+                nodes += [add, mm] if with_bias else [mm]
+            replace_match(graph, olds, list(parts), nodes, who=self.name)
             packed += 1
         graph.remove_unused_constants()
         return {"packed": packed}

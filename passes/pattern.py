@@ -22,6 +22,9 @@ are tried in both input orders. Every matched node except the root must have no 
 outside the match (nodes that only feed the match, such as the Shape arithmetic of a
 Reshape being replaced, count as part of it), or the rewrite would have to keep it alive
 and compute things twice: such a match is refused with "intermediate ... used elsewhere".
+A fused op that also returns a matched intermediate (SkipLayerNormalization's residual
+sum) names its binding in `Rule.also_replaces`: that value's other users read the new
+op's next output instead.
 
 A rule that does not fire where its root op appears records a near miss (the node and
 the reason from the attempt that got furthest), which `tgraph export --report` and
@@ -337,14 +340,18 @@ def with_feeders(graph: Graph, nodes: Sequence[Node], keep: Sequence[Optional[Va
     return out
 
 
-def escapes(graph: Graph, m: Match) -> Optional[str]:
-    """A reason if an intermediate of the match is used outside it."""
+def escapes(graph: Graph, m: Match, replaced: Sequence[Value] = ()) -> Optional[str]:
+    """A reason if an intermediate of the match is used outside it (`replaced` values may
+    be: the rewrite points their uses at its own results)."""
     inside = {id(n) for n in m.nodes}
     outputs = {id(v) for v in graph.outputs}
+    free = {id(v) for v in replaced}
     for node in m.nodes:
         if node is m.root:
             continue
         for out in node.outputs:
+            if id(out) in free:
+                continue
             if id(out) in outputs:
                 return f"intermediate {out.name} is a graph output"
             for user, _ in out.uses:
@@ -363,6 +370,12 @@ class Rule:
     #: Refuse a match whose intermediates are used elsewhere (a rule whose rewrite keeps
     #: them alive, e.g. one that only adds an input, sets this False).
     private_intermediates: ClassVar[bool] = True
+    #: Bindings (``_name=`` of matched nodes) whose values the rewrite's results after the
+    #: root's replace, in order: a fused op that also returns a matched intermediate
+    #: (SkipLayerNormalization's second output is its residual Add's sum) names it here.
+    #: Such a value may have users outside the match; they read the new result, which is
+    #: built before the first node producing a replaced value (its inputs must exist there).
+    also_replaces: ClassVar[Tuple[str, ...]] = ()
 
     def pattern(self, op: OpBuilder) -> Pattern:
         legacy = getattr(self, "patterns", None)      # TRANSITION: rules not yet written as one pattern
@@ -403,7 +416,8 @@ class CompiledRule:
         for m in matcher.all_matches(self.pattern, node):
             keep = [v for v in m.bindings.values() if isinstance(v, Value) and not _is_inside(v, m)]
             m.nodes = with_feeders(graph, m.nodes, keep)
-            reason = (escapes(graph, m) if self.rule.private_intermediates else None) or self.rule.check(m, graph)
+            extra = [m.bindings[n] for n in self.rule.also_replaces]
+            reason = (escapes(graph, m, extra) if self.rule.private_intermediates else None) or self.rule.check(m, graph)
             if reason is None:
                 return m, None
             refused = refused or reason
@@ -464,10 +478,17 @@ def apply_rules(graph: Graph, rules: Sequence[Rule], near_misses: Optional[List[
 
 
 def _rewrite(graph: Graph, c: CompiledRule, m: Match) -> None:
+    extra = [m.bindings[n] for n in c.rule.also_replaces]
     b = builder_at(graph, m.root)
+    if extra:                                  # before the first producer of a replaced value
+        order = {id(n): i for i, n in enumerate(graph.nodes)}
+        b.insert_before = min([m.root] + [v.producer for v in extra], key=lambda n: order[id(n)])
     new = c.rule.rewrite(b, m)
     news = list(new) if isinstance(new, (list, tuple)) else [new]
-    olds = [m.root.outputs[m.root_index]] if len(news) == 1 else list(m.root.outputs)
+    if extra:
+        olds = [m.root.outputs[m.root_index]] + extra
+    else:
+        olds = [m.root.outputs[m.root_index]] if len(news) == 1 else list(m.root.outputs)
     replace_match(graph, olds, news, m.nodes, who=f"rule {c.rule.name}")
 
 

@@ -143,4 +143,4 @@ def test_skip_norm_near_misses_report_their_rule():
     gamma = b.const(np.ones(8, np.float32), hint="gamma")
     b.graph.outputs = [b.op("LayerNormalization", b.op("Relu", x), gamma, epsilon=1e-5)]
     result = optimize(b.graph, pipeline="fuse-skip-layer-norm")
-    assert result.near_misses() == {"skip-layer-norm": ["at layernormalization: input is not an Add"]}
+    assert result.near_misses() == {"skip-layer-norm": ["at layernormalization: expected Add for relu, found Relu"]}

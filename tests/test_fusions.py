@@ -2,7 +2,9 @@
 
 Positive cases cover tgraph's own layers and the spellings other exporters write
 (scale before or after the matmul, Div or Mul, Pow or Mul squares, pre-transposed keys,
-additive masks, fp32 softmax between casts). Every rewrite is checked numerically with
+additive masks, fp32 softmax between casts, fp16 norms computed in float32 between
+casts). The elementwise rules match canonical spellings, so their tests run
+`canonicalize` first, as -O2 does. Every rewrite is checked numerically with
 the reference interpreter and with onnxruntime (its own optimizer disabled).
 """
 import math
@@ -72,6 +74,12 @@ def fuse_and_compare(model, pass_names, dims, expect, tol=1e-5, feeds=None):
     return graph
 
 
+def canonical(graph):
+    """What -O2 runs before the fusions, for tests that apply a rule directly."""
+    get_pass("canonicalize")().run(graph)
+    return graph
+
+
 # ------------------------------------------------------------------------------ softmax
 def _softmax_graph(stable=True, reuse_exp=False, axes2=(-1,)):
     b = Builder()
@@ -117,7 +125,7 @@ def test_softmax_with_different_axes_fuses_only_the_exact_form():
 def test_fuse_layer_norm_from_dsl():
     m = Fn(lambda self, x: self.ln(x), x=f32("batch", "seq", 16))
     m.ln = LayerNorm(16, eps=1e-6)
-    g = fuse_and_compare(m, ["fuse-layer-norm"], {"batch": 2, "seq": 3}, {"LayerNormalization": 1, "ReduceMean": 0})
+    g = fuse_and_compare(m, ["canonicalize", "fuse-layer-norm"], {"batch": 2, "seq": 3}, {"LayerNormalization": 1, "ReduceMean": 0})
     node = next(n for n in g.nodes if n.op == "LayerNormalization")
     assert node.attrs["epsilon"] == pytest.approx(1e-6)
     assert "LayerNormalization(%x, %ln.weight, %ln.bias)" in str(g)
@@ -130,14 +138,14 @@ def test_fuse_layer_norm_variants_without_affine(square, divide):
         var = ((d ** 2.0) if square == "pow" else d * d).mean(-1)
         std = (var + 1e-5).sqrt()
         return d * std.reciprocal() if divide == "recip" else d / std
-    fuse_and_compare(Fn(fn, x=f32(4, 8)), ["fuse-layer-norm"], {}, {"LayerNormalization": 1})
+    fuse_and_compare(Fn(fn, x=f32(4, 8)), ["canonicalize", "fuse-layer-norm"], {}, {"LayerNormalization": 1})
 
 
 def test_layer_norm_over_a_middle_axis_is_refused_with_reason():
     def fn(self, x):
         d = x - x.mean(1)
         return d / ((d * d).mean(1) + 1e-5).sqrt()
-    g = trace(Fn(fn, x=f32(2, 4, 8)), {"x": f32(2, 4, 8)})
+    g = canonical(trace(Fn(fn, x=f32(2, 4, 8)), {"x": f32(2, 4, 8)}))
     assert apply_rules(g, [LayerNormRule()]) == {"layer-norm": 0}
     assert any("not the last one" in m.reason for m in explain(g, [LayerNormRule()]))
 
@@ -145,7 +153,7 @@ def test_layer_norm_over_a_middle_axis_is_refused_with_reason():
 def test_fuse_rms_norm_from_dsl_and_hf_llama_form():
     m = Fn(lambda self, x: self.n(x), x=f32("batch", 12))
     m.n = RMSNorm(12, eps=1e-5)
-    fuse_and_compare(m, ["fuse-rms-norm"], {"batch": 3}, {"RMSNormalization": 1, "Sqrt": 0})
+    fuse_and_compare(m, ["canonicalize", "fuse-rms-norm"], {"batch": 3}, {"RMSNormalization": 1, "Sqrt": 0})
 
     class HF(Module):                                   # LlamaRMSNorm: w * (x * rsqrt(mean(x**2) + eps))
         def __init__(self):
@@ -158,7 +166,112 @@ def test_fuse_rms_norm_from_dsl_and_hf_llama_form():
         def forward(self, x):
             var = (x ** 2.0).mean(-1)
             return {"y": self.n.weight * (x * (var + 1e-6).sqrt().reciprocal())}
-    fuse_and_compare(HF(), ["fuse-rms-norm"], {}, {"RMSNormalization": 1})
+    fuse_and_compare(HF(), ["canonicalize", "fuse-rms-norm"], {}, {"RMSNormalization": 1})
+
+
+def _fp16_island_norm(kind, back=DType.float16, scale_inside=False, width=16):
+    """HF LLaMA's fp16 RMSNorm (and the LayerNorm twin): x cast to float32, normalised,
+    cast back, then the fp16 weight: ``w * (x32 * rsqrt(mean(x32**2) + eps)).to(fp16)``."""
+    b = Builder()
+    g = b.graph
+    x = g.add_input("x", TensorType(DType.float16, ("batch", 3, width)))
+    x32 = b.op("Cast", x, to=DType.float32)
+    if kind == "layer":
+        x32 = b.op("Sub", x32, b.op("ReduceMean", x32, axes=[-1]))
+    ms = b.op("ReduceMean", b.op("Pow", x32, b.const(np.float32(2.0))), axes=[-1])
+    n = b.op("Mul", x32, b.op("Reciprocal", b.op("Sqrt", b.op("Add", ms, b.const(np.float32(1e-6))))))
+    gamma = RNG.normal(1, 0.2, width)
+    if scale_inside:                                      # the weight applied in float32: not the ONNX op
+        n = b.op("Mul", b.const(gamma.astype(np.float32)), n)
+    y = b.op("Cast", n, to=back)
+    if not scale_inside:
+        y = b.op("Mul", b.const(gamma.astype(back.numpy)), y)
+    if kind == "layer":
+        y = b.op("Add", y, b.const(RNG.normal(0, 0.2, width).astype(back.numpy)))
+    g.outputs = [b.op("Identity", y, hint="y")]
+    g.verify()
+    return g
+
+
+def _reference(graph, feeds):
+    """onnx's ReferenceEvaluator, which follows the spec's function bodies (stash_type)."""
+    from onnx.reference import ReferenceEvaluator
+    from tgraph.codegen.onnx import to_onnx
+    return ReferenceEvaluator(to_onnx(graph)).run(None, feeds)[0]
+
+
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_fp16_float32_island_fuses_into_the_half_precision_norm(kind):
+    """LayerNormalization/RMSNormalization compute in float32 (stash_type=1) and cast the
+    normalised value back before the scale: exactly the island, so it fuses on the fp16 x."""
+    g = _fp16_island_norm(kind)
+    feeds = {"x": (RNG.standard_normal((2, 3, 16)) * 30).astype(np.float16)}
+    ref = _reference(g, feeds)
+    optimize(g, level=2)
+    op = "RMSNormalization" if kind == "rms" else "LayerNormalization"
+    assert g.op_histogram() == {op: 1}                    # both Casts gone
+    (node,) = [n for n in g.nodes if n.op == op]
+    assert node.inputs[0].dtype is DType.float16 and node.attrs.get("stash_type", 1) == 1
+    # the spec's own evaluation of the fused op agrees to fp16 rounding (one ulp: ORT rounds once)
+    for got in (_reference(g, feeds), run_onnx(g, feeds)["y"], evaluate(g, feeds)["y"]):
+        np.testing.assert_allclose(got.astype(np.float32), ref.astype(np.float32), rtol=2e-3, atol=2e-3)
+
+
+def test_hf_llama_rms_norm_exported_in_fp16_fuses_and_matches_torch():
+    """LlamaRMSNorm.half() as torch.onnx writes it (Cast, Pow, ReduceMean, Add, Sqrt,
+    Div(1, ..), Mul, Cast, Mul) -> one fp16 RMSNormalization, with torch's numbers."""
+    import io
+    import warnings
+    onnx = pytest.importorskip("onnx")
+    torch = pytest.importorskip("torch")
+    llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    from tgraph.onnx_import import import_onnx
+    torch.manual_seed(0)
+    norm = llama.LlamaRMSNorm(16, eps=1e-6).half().eval()
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.2)
+        x = (torch.randn(2, 3, 16) * 30).half()
+        expected = norm(x).float().numpy()
+    f = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(norm, (x,), f, input_names=["x"], output_names=["y"], opset_version=17, dynamo=False)
+    g = import_onnx(onnx.load_from_string(f.getvalue()))
+    assert "Cast" in g.op_histogram()
+    optimize(g, level=2)
+    assert g.op_histogram() == {"RMSNormalization": 1}
+    got = run_onnx(g, {"x": x.numpy()})["y"]
+    np.testing.assert_allclose(got.astype(np.float32), expected, rtol=2e-3, atol=2e-3)
+
+
+def test_fp16_island_with_the_scale_inside_fuses_in_float32():
+    g = _fp16_island_norm("rms", scale_inside=True)
+    feeds = {"x": (RNG.standard_normal((2, 3, 16)) * 30).astype(np.float16)}
+    ref = _reference(g, feeds)
+    optimize(g, level=2)
+    (node,) = [n for n in g.nodes if n.op == "RMSNormalization"]
+    assert node.inputs[0].dtype is DType.float32 and g.op_histogram()["Cast"] == 2
+    np.testing.assert_allclose(run_onnx(g, feeds)["y"].astype(np.float32), ref.astype(np.float32), rtol=1e-3, atol=1e-3)
+
+
+def test_fp16_island_cast_back_to_another_dtype_is_refused_with_reason():
+    g = canonical(_fp16_island_norm("rms", back=DType.bfloat16))
+    assert apply_rules(g, [RMSNormRule()]) == {"rms-norm": 0}
+    assert any("casts back to bfloat16" in m.reason for m in explain(g, [RMSNormRule()]))
+
+
+def test_fp16_softmax_island_keeps_its_casts():
+    b = Builder()
+    x = b.graph.add_input("x", TensorType(DType.float16, ("batch", 6)))
+    x32 = b.op("Cast", x, to=DType.float32)
+    e = b.op("Exp", b.op("Sub", x32, b.op("ReduceMax", x32, axes=[-1])))
+    b.graph.outputs = [b.op("Cast", b.op("Div", e, b.op("ReduceSum", e, axes=[-1])), to=DType.float16, hint="y")]
+    feeds = {"x": (RNG.standard_normal((3, 6)) * 8).astype(np.float16)}
+    ref = _reference(b.graph, feeds)
+    optimize(b.graph, level=2)
+    assert b.graph.op_histogram() == {"Cast": 2, "Softmax": 1}
+    assert next(n for n in b.graph.nodes if n.op == "Softmax").inputs[0].dtype is DType.float32
+    np.testing.assert_allclose(run_onnx(b.graph, feeds)["y"], ref, rtol=1e-3, atol=1e-4)
 
 
 # ------------------------------------------------------------------------------ GELU
@@ -172,13 +285,13 @@ def test_fuse_gelu(form):
         if form == "gpt2":                                  # 0.5 * x * (1 + tanh(c * (x + 0.044715 * x^3)))
             return 0.5 * x * (1.0 + ((x + 0.044715 * (x ** 3.0)) * math.sqrt(2 / math.pi)).tanh())
         return x * ((x / math.sqrt(2.0)).erf() + 1.0) * 0.5
-    g = fuse_and_compare(Fn(fn, x=f32(3, 9)), ["fuse-gelu"], {}, {"Gelu": 1, "Erf": 0, "Tanh": 0})
+    g = fuse_and_compare(Fn(fn, x=f32(3, 9)), ["canonicalize", "fuse-gelu"], {}, {"Gelu": 1, "Erf": 0, "Tanh": 0})
     node = next(n for n in g.nodes if n.op == "Gelu")
     assert node.attrs.get("approximate", "none") == ("tanh" if form in ("tanh", "gpt2") else "none")
 
 
 def test_gelu_with_wrong_constant_is_not_fused():
-    g = trace(Fn(lambda self, x: x * 0.5 * ((x * 0.6).erf() + 1.0), x=f32(3)), {"x": f32(3)})
+    g = canonical(trace(Fn(lambda self, x: x * 0.5 * ((x * 0.6).erf() + 1.0), x=f32(3)), {"x": f32(3)}))
     assert apply_rules(g, [GeluRule()]) == {"gelu": 0}
 
 

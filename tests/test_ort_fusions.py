@@ -14,7 +14,6 @@ from tgraph.ir import Builder, DType, TensorType
 from tgraph.ir.contrib import ORT_SKIP_NORM_EPSILON
 from tgraph.ir.evaluate import evaluate
 from tgraph.passes import get_pass, level_pipeline, optimize
-from tgraph.passes.ort_fusions import match_skip_norm
 
 RNG = np.random.default_rng(11)
 H = 8
@@ -74,8 +73,11 @@ def test_skip_norm_fuses_residual_add_and_keeps_the_sum(norm, bias, norm_bias):
     hist = g.op_histogram()
     assert hist.get(f"com.microsoft.{fused}") == 1 and norm not in hist
     assert hist.get("Add") == 1                     # only the second residual is left
-    assert counts["folded-bias"] == int(bias)
+    rule = "skip-layer-norm" if norm == "LayerNormalization" else "skip-rms-norm"
+    assert counts == {"skip-layer-norm": 0, "skip-rms-norm": 0, rule: 1}
     node = next(n for n in g.nodes if n.domain == "com.microsoft")
+    bias_input = 4 if norm == "LayerNormalization" else 3          # the folded projection bias
+    assert (len(node.inputs) > bias_input and node.inputs[bias_input] is not None) == bias
     assert node.attrs["epsilon"] == (1e-5 if norm == "LayerNormalization" else 1e-6)
     assert node.outputs[1].users, "the residual sum feeds the next residual connection"
     check_same(before, g, feeds(g))
@@ -112,9 +114,6 @@ def test_skip_norm_leaves_out_an_unread_sum():
 ])
 def test_skip_norm_refusals(kwargs, reason):
     g = residual_block(**kwargs)
-    norm = next(n for n in g.nodes if n.op == "LayerNormalization")
-    m, why = match_skip_norm(g, norm)
-    assert m is None and reason in why
     p = get_pass("fuse-skip-layer-norm")()
     assert not any(p(g).values())
     assert any(reason in m.reason and m.rule == "skip-layer-norm" for m in p.near_misses)
@@ -126,8 +125,9 @@ def test_skip_norm_refuses_a_computed_gamma():
     x, s = (g.add_input(n, TensorType(DType.float32, (2, 3, H))) for n in "xs")
     gamma = g.add_input("gamma", TensorType(DType.float32, (H,)))
     g.outputs = [b.op("LayerNormalization", b.op("Add", x, s), gamma)]
-    m, why = match_skip_norm(g, g.nodes[-1])
-    assert m is None and "not a constant vector" in why
+    p = get_pass("fuse-skip-layer-norm")()
+    assert p(g) == {"skip-layer-norm": 0, "skip-rms-norm": 0}
+    assert any("gamma gamma is not a constant vector" in m.reason for m in p.near_misses), p.near_misses
 
 
 def qkv_graph(bias=(True, True, True), shared_weight=False):
@@ -194,3 +194,22 @@ def test_ort_fusions_match_o2_on_models(family, overrides):
             np.testing.assert_allclose(got, ref[name], rtol=1e-4, atol=1e-4)
         for name, got in run_numpy(g, inputs).items():
             np.testing.assert_allclose(got, ref[name], rtol=1e-4, atol=1e-4)
+
+
+def test_skip_norm_sum_read_before_the_norm_and_as_an_output():
+    """The sum's other users may come before the norm (and it may be a graph output): the
+    fused op is built before the residual Add, the first node whose value it replaces."""
+    b = Builder()
+    g = b.graph
+    x, s = (g.add_input(n, TensorType(DType.float32, (2, 3, H))) for n in "xs")
+    h = b.op("Add", x, s)
+    early = b.op("Relu", h)                               # reads the sum before the norm exists
+    y = b.op("LayerNormalization", h, b.const(w(H)), b.const(w(H)), epsilon=1e-5)
+    g.outputs = [b.op("Add", y, early), h]
+    g.verify()
+    before = g.copy()
+    assert get_pass("fuse-skip-layer-norm")()(g)["skip-layer-norm"] == 1
+    g.verify()
+    assert "Add" in g.op_histogram() and g.op_histogram()["com.microsoft.SkipLayerNormalization"] == 1
+    assert g.outputs[1].name == "add" and g.outputs[1].producer.op == "SkipLayerNormalization"
+    check_same(before, g, feeds(g))
