@@ -1,11 +1,14 @@
 """What each optimization level runs, in order: one table, read top to bottom.
 
 -O0 runs nothing (the graph as built). -O1 cleans up: forward no-op nodes, fold what is
-known, merge duplicates, then sweep what became dead. -O2 cleans up, fuses the portable
-patterns (elementwise formulas first, then rotary positions, then attention, whose
-leftover causal masks `causal-mask` makes explicit) and cleans up again, since rewrites
-leave dead nodes and duplicate constants behind. -O3 adds the onnxruntime-specific
-fusions (com.microsoft ops) after the portable ones.
+known, merge duplicates, then sweep what became dead. -O2 first brings equivalent
+spellings of a formula to one form (`canonicalize`: a Div by a constant becomes a Mul,
+Pow(x, 2) becomes Mul(x, x), Cast and Transpose chains collapse ...), so that each fusion
+needs one pattern per family; then it cleans up, fuses the portable patterns (elementwise
+formulas first, then rotary positions, then attention, whose leftover causal masks
+`causal-mask` makes explicit) and cleans up again, since rewrites leave dead nodes and
+duplicate constants behind. -O3 adds the onnxruntime-specific fusions (com.microsoft ops)
+after the portable ones.
 
 A pass is in a level because this table names it, not because of where it is defined
 or imported; `tgraph passes` prints the table. Passes in no level (to-fp16, to-bf16,
@@ -18,8 +21,7 @@ from typing import Dict, Iterator, List, Mapping, Tuple
 from tgraph.errors import ConfigError
 
 #: Normalises equivalent spellings of a formula so that each fusion matches one form; runs first at -O2.
-#: Empty until the `canonicalize` pass is merged: then ("canonicalize",).
-CANONICALIZE: Tuple[str, ...] = ()
+CANONICALIZE: Tuple[str, ...] = ("canonicalize",)
 CLEANUP: Tuple[str, ...] = ("eliminate-identity", "fold-constants", "cse", "dce")
 FUSIONS: Tuple[str, ...] = ("fuse-softmax", "fuse-layer-norm", "fuse-rms-norm", "fuse-gelu", "fuse-rotary",
                             "fuse-attention", "causal-mask")

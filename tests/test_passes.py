@@ -62,7 +62,7 @@ def test_registry_holds_the_cleanup_passes_and_level_1_runs_them_in_order():
     assert level_pipeline(0) == [] and LEVELS[0] == []
     assert level_pipeline(1) == CLEANUP == LEVELS[1]
     for level in (2, 3):
-        assert LEVELS[level][:4] == CLEANUP
+        assert LEVELS[level][:5] == ["canonicalize"] + CLEANUP
     assert sorted(LEVELS) == [0, 1, 2, 3]
     assert describe_passes()["dce"] == "Remove nodes that do not feed a graph output, then unused constants."
     assert all(describe_passes().values())
