@@ -87,7 +87,8 @@ def _any_order(layers: Sequence, inner: Pattern) -> Pattern:
 
 
 def _scaled(op: OpBuilder, x: Pattern, tag: str) -> Pattern:
-    """x · c for a nonzero scalar c (bound as `tag`), or x as it is."""
+    """x · c for a nonzero scalar c (bound as `tag`), or x as it is. Canonicalize writes x / c as
+    x · (1/c), except in float16/bfloat16 where 1/c is not exact there: that Div stays a spelling."""
     return Or(op.Mul(x, op.const(name=tag, predicate=_is_scale)),
               op.Div(x, op.const(name=f"{tag}_div", predicate=_is_scale)), x)
 
@@ -99,14 +100,12 @@ def _repeat_kv(op: OpBuilder, x: Pattern, tag: str) -> Pattern:
 
 
 def _keys_transposed(op: OpBuilder, grouped: bool) -> Pattern:
-    """Kᵀ: a Transpose of K (its perm bound as `k_perm`), torch dynamo's head-folded
-    Reshape(Transpose(Reshape(K, [B*H, T, D]), [0, 2, 1]), [B, H, D, T]), or a pretransposed K."""
+    """Kᵀ: a Transpose of K (its perm bound as `k_perm`; canonicalize writes torch dynamo's
+    head-folded Kᵀ so), or a pretransposed K."""
     k = Var("k")
     if grouped:                                      # (B, Hkv, 1, Tk, D)
         return op.Transpose(op.Unsqueeze(k, axes=[2]), perm=Var("k_perm", predicate=lambda p: p is not None))
-    k = Or(_repeat_kv(op, k, "k"), k)
-    flat = op.Reshape(op.Transpose(op.Reshape(k, ANY, _name="k_folded"), perm=[0, 2, 1]), ANY, _name="k_flat")
-    return Or(op.Transpose(k, perm=Var("k_perm", predicate=lambda p: p is not None)), flat, Var("k"))
+    return Or(op.Transpose(Or(_repeat_kv(op, k, "k"), k), perm=Var("k_perm", predicate=lambda p: p is not None)), k)
 
 
 def _masked(op: OpBuilder, scores: Pattern) -> Pattern:
@@ -173,8 +172,6 @@ class AttentionMatch:
             perm = list(m.k_perm)
             composed = perm[:-2] + [perm[-1], perm[-2]]
             k_perm = None if composed == list(range(len(perm))) else composed
-        elif "k_flat" in m.bindings:
-            k_perm = None
         else:
             k_perm = _swap_last_perm(k.type.rank or 0)
         causal = m.get("causal") is not None
@@ -199,14 +196,6 @@ def _refuse_layers(m: Match) -> Optional[str]:
             return "the fully-masked-row guard does not take the maximum over the last axis"
     if m.get("bias") is not None and m.bias.const is not None and m.bias.const.size == 1:
         return f"the scores' addend {m.bias.name} is a scalar, not a mask"
-    if "k_flat" in m.bindings:
-        k = m.k if m.get("k_repeated") is None else m.k_repeated           # what was folded
-        folded, kt = m.k_folded, m.k_flat
-        if k.type.rank != 4 or folded.type.rank != 3 or kt.type.rank != 4:
-            return f"keys {kt.name} are not a head-folded transpose of [B, H, T, D]"
-        (b, h, t, d), (_, t1, d1), (b2, h2, d2, t2) = k.shape, folded.shape, kt.shape
-        if None in (b, h, t, d) or (t1, d1) != (t, d) or (b2, h2, d2, t2) != (b, h, d, t):
-            return f"keys {kt.name} are not a head-folded transpose of {k.name}"
     return _refuse_unrepeat(m)
 
 

@@ -76,6 +76,7 @@ def feeds(graph, batch=2, seq=5):
 
 
 def fuse(graph):
+    optimize(graph, pipeline="canonicalize")            # as at -O2: one spelling (no unit Slice steps)
     return apply_rules(graph, [RotaryRule()])["rotary"]
 
 
@@ -161,6 +162,7 @@ def test_runs_before_attention_at_O2():
 
 # ------------------------------------------------------------------------------ negative
 def _reasons(graph):
+    optimize(graph, pipeline="canonicalize")
     return [m.reason for m in explain(graph, [RotaryRule()])]
 
 
@@ -182,6 +184,7 @@ def test_refused_with_reason(kwargs, reason):
 def test_inverse_rotation_is_not_fused():
     """concat(x1, -x2) rotates the other way: RotaryEmbedding cannot express it."""
     g = rotary_graph(neg_first=False)
+    optimize(g, pipeline="canonicalize")
     misses = {m.node: m.reason for m in explain(g, [RotaryRule()])}
     assert "expected Neg" in misses[g.outputs[0].producer.name], misses
     assert fuse(g) == 0
