@@ -176,24 +176,53 @@ def test_export_keeps_values(case, foreign):
 
 
 # ------------------------------------------------------------------------------ hand-built ONNX
-def _rotary_onnx(negate: str, d: int = 8):
-    """HF's rotate_half rotary on x [B, H, T, d] with the tables computed in the graph, the
-    negation of the second half written as `negate`: Neg, Mul(x2, -1) or Mul(-1, x2)."""
+def _rotary_onnx(negate: str = "neg", tables: str = "range", d: int = 8):
+    """HF's rotate_half rotary on x [B, H, T, d], the tables computed in the graph, the negation of
+    the second half written as `negate`: Neg, Mul(x2, -1) or Mul(-1, x2).
+
+    tables="range": angles = Range(T) ⊗ inv_freq ([T, d]). tables="position-ids": transformers
+    4.x's LlamaRotaryEmbedding as its legacy export (Optimum's) writes it: inv_freq[None, :, None]
+    Expand-ed to [B, -1, 1] (the -1 turned into 1 by Where(Equal(shape, -1))), MatMul with
+    position_ids[:, None, :], Transpose, Unsqueeze(1) -> [B, 1, T, d]."""
     c = lambda name, v, dt=np.int64: numpy_helper.from_array(np.array(v, dt), name)      # noqa: E731
     inv_freq = 1.0 / (10000.0 ** (np.arange(0, d, 2, dtype=np.float32) / d))
-    inits = [c("two", 2), c("three", 3), c("zero", 0), c("one", 1), c("ax1", [1]), c("ax0", [0]),
-             c("lo", [0]), c("mid", [d // 2]), c("hi", [2 ** 62]), c("last", [-1]),
-             c("inv_freq", inv_freq, np.float32), c("minus_one", -1.0, np.float32)]
-    nodes = [helper.make_node("Shape", ["x"], ["t1"], start=2, end=3),
-             helper.make_node("Squeeze", ["t1", "ax0"], ["t"]),
-             helper.make_node("Range", ["zero", "t", "one"], ["pos_i"]),
-             helper.make_node("Cast", ["pos_i"], ["pos_f"], to=TensorProto.FLOAT),
-             helper.make_node("Unsqueeze", ["pos_f", "ax1"], ["pos"]),                  # [T, 1]
-             helper.make_node("Mul", ["pos", "inv_freq"], ["freqs"]),                   # [T, d/2]
-             helper.make_node("Concat", ["freqs", "freqs"], ["emb"], axis=-1),          # [T, d]
-             helper.make_node("Cos", ["emb"], ["cos"]), helper.make_node("Sin", ["emb"], ["sin"]),
-             helper.make_node("Slice", ["x", "lo", "mid", "last"], ["x1"]),
-             helper.make_node("Slice", ["x", "mid", "hi", "last"], ["x2"])]
+    inits = [c("zero", 0), c("one", 1), c("ax1", [1]), c("ax0", [0]), c("lo", [0]), c("mid", [d // 2]),
+             c("hi", [2 ** 62]), c("last", [-1]), c("minus_one_i", [-1]), c("one_i", [1]), c("neg1", -1),
+             c("inv_freq", inv_freq, np.float32), c("inv_freq_3d", inv_freq[None, :, None], np.float32),
+             c("minus_one", -1.0, np.float32)]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, "seq", d])]
+    if tables == "range":
+        nodes = [helper.make_node("Shape", ["x"], ["t1"], start=2, end=3),
+                 helper.make_node("Squeeze", ["t1", "ax0"], ["t"]),
+                 helper.make_node("Range", ["zero", "t", "one"], ["pos_i"]),
+                 helper.make_node("Cast", ["pos_i"], ["pos_f"], to=TensorProto.FLOAT),
+                 helper.make_node("Unsqueeze", ["pos_f", "ax1"], ["pos"]),                  # [T, 1]
+                 helper.make_node("Mul", ["pos", "inv_freq"], ["freqs"]),                   # [T, d/2]
+                 helper.make_node("Concat", ["freqs", "freqs"], ["emb"], axis=-1),          # [T, d]
+                 helper.make_node("Cos", ["emb"], ["cos"]), helper.make_node("Sin", ["emb"], ["sin"])]
+    else:
+        inputs.append(helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]))
+        nodes = [helper.make_node("Shape", ["position_ids"], ["ps"]),
+                 helper.make_node("Gather", ["ps", "zero"], ["b"], axis=0),
+                 helper.make_node("Unsqueeze", ["b", "ax0"], ["b1"]),
+                 helper.make_node("Concat", ["b1", "minus_one_i", "one_i"], ["shp"], axis=0),    # [B, -1, 1]
+                 helper.make_node("Shape", ["shp"], ["shp_n"]),
+                 helper.make_node("ConstantOfShape", ["shp_n"], ["ones"],
+                                  value=numpy_helper.from_array(np.array([1], np.int64))),
+                 helper.make_node("Mul", ["ones", "neg1"], ["neg_ones"]),
+                 helper.make_node("Equal", ["shp", "neg_ones"], ["is_neg"]),
+                 helper.make_node("Where", ["is_neg", "ones", "shp"], ["shp1"]),                 # [B, 1, 1]
+                 helper.make_node("Expand", ["inv_freq_3d", "shp1"], ["inv_b"]),                 # [B, d/2, 1]
+                 helper.make_node("Unsqueeze", ["position_ids", "ax1"], ["pid3"]),
+                 helper.make_node("Cast", ["pid3"], ["pid_f"], to=TensorProto.FLOAT),            # [B, 1, T]
+                 helper.make_node("MatMul", ["inv_b", "pid_f"], ["freqs_t"]),                    # [B, d/2, T]
+                 helper.make_node("Transpose", ["freqs_t"], ["freqs"], perm=[0, 2, 1]),
+                 helper.make_node("Concat", ["freqs", "freqs"], ["emb"], axis=-1),               # [B, T, d]
+                 helper.make_node("Cos", ["emb"], ["cos3"]), helper.make_node("Sin", ["emb"], ["sin3"]),
+                 helper.make_node("Unsqueeze", ["cos3", "ax1"], ["cos"]),                        # [B, 1, T, d]
+                 helper.make_node("Unsqueeze", ["sin3", "ax1"], ["sin"])]
+    nodes += [helper.make_node("Slice", ["x", "lo", "mid", "last"], ["x1"]),
+              helper.make_node("Slice", ["x", "mid", "hi", "last"], ["x2"])]
     if negate == "neg":
         nodes.append(helper.make_node("Neg", ["x2"], ["nx2"]))
     elif negate == "mul-minus-one":
@@ -204,30 +233,52 @@ def _rotary_onnx(negate: str, d: int = 8):
               helper.make_node("Mul", ["x", "cos"], ["x_cos"]),
               helper.make_node("Mul", ["rot", "sin"], ["r_sin"]),
               helper.make_node("Add", ["x_cos", "r_sin"], ["y"])]
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, "seq", d])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, "seq", d])
-    g = helper.make_graph(nodes, "rotary", [x], [y], inits)
+    used = {name for n in nodes for name in n.input}
+    g = helper.make_graph(nodes, "rotary", inputs, [y], [t for t in inits if t.name in used])
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
 MUL_NEG = ("rotary: 'expected Concat for cos, found Cos' -- rotate_half's negation must be Neg(x2); "
            "Mul(x2, -1) / Mul(-1, x2) is not a spelling the rule knows")
+EXPAND_SHAPE = ("rotary: 'cos table ... has None columns, rotary_dim is 8' -- Expand to a run-time shape "
+                "loses every dim, even inv_freq's 4 (input dim != 1 fixes the output dim)")
 
 
-@pytest.mark.parametrize("negate", ["neg", pytest.param("mul-minus-one", marks=_miss(MUL_NEG)),
-                                    pytest.param("minus-one-mul", marks=_miss(MUL_NEG))])
-def test_hand_built_rotary_negation_spellings_fuse(negate):
-    model = _rotary_onnx(negate)
+@pytest.mark.parametrize("negate,tables", [
+    ("neg", "range"),
+    pytest.param("mul-minus-one", "range", marks=_miss(MUL_NEG)),
+    pytest.param("minus-one-mul", "range", marks=_miss(MUL_NEG)),
+    pytest.param("neg", "position-ids", marks=_miss(EXPAND_SHAPE)),
+])
+def test_hand_built_rotary_spellings_fuse(negate, tables):
+    model = _rotary_onnx(negate, tables)
+    onnx.checker.check_model(model)
     graph = import_onnx(model)
     result = optimize(graph, level=2)
     hist = graph.op_histogram()
-    assert hist.get("RotaryEmbedding") == 1, (hist, result.near_misses())
-    # the negation went into the op; the one Mul left computes the angles (positions x inv_freq)
-    assert "Neg" not in hist and hist.get("Mul", 0) == 1, hist
+    assert hist.get("RotaryEmbedding") == 1, (hist, result.near_misses().get("rotary"))
+    # the negation and the products with x went into the op; what is left computes the tables
+    assert "Neg" not in hist and not [n.name for n in graph.nodes if n.op == "Mul" and n.outputs[0].type.rank == 4]
     rng = np.random.default_rng(5)
     for t in (5, 7):                                    # stays dynamic in the sequence length
-        feeds = {"x": rng.standard_normal((2, 4, t, 8)).astype(np.float32)}
-        np.testing.assert_allclose(ort_run(to_onnx(graph), feeds)[0], ort_run(model, feeds)[0], atol=1e-5)
+        feeds = {"x": rng.standard_normal((2, 4, t, 8)).astype(np.float32),
+                 "position_ids": np.stack([np.arange(t), np.arange(t) + 3]).astype(np.int64)}
+        pos = feeds["position_ids"] if tables == "position-ids" else np.arange(t)[None]
+        feeds = {k: v for k, v in feeds.items() if k in {i.name for i in model.graph.input}}
+        want = ort_run(model, feeds)[0]
+        np.testing.assert_allclose(want, _rotate_half(feeds["x"], pos), atol=1e-5)     # the builder is HF's formula
+        np.testing.assert_allclose(ort_run(to_onnx(graph), feeds)[0], want, atol=1e-5)
+
+
+def _rotate_half(x, positions):
+    """HF's apply_rotary_pos_emb in NumPy: x·cos + rotate_half(x)·sin, angles positions ⊗ inv_freq."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (10000.0 ** (np.arange(0, d, 2, dtype=np.float32) / d))
+    ang = positions[..., None].astype(np.float32) * inv_freq                       # [B|1, T, d/2]
+    emb = np.concatenate([ang, ang], -1)[:, None]                                  # [B|1, 1, T, d]
+    rotated = np.concatenate([-x[..., d // 2:], x[..., :d // 2]], -1)
+    return x * np.cos(emb) + rotated * np.sin(emb)
 
 
 def _scaled_before(which: str):
