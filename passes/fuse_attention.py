@@ -109,11 +109,12 @@ def _keys_transposed(op: OpBuilder, grouped: bool) -> Pattern:
 
 
 def _masked(op: OpBuilder, scores: Pattern) -> Pattern:
-    """The masking layers, in any order: tgraph's CausalMask, Where(keep, s, fill <= -1e4), s + bias."""
+    """The masking layers, in any order: tgraph's CausalMask, Where(keep, s, fill <= -1e4), and
+    s + bias, or (s + bias) + bias2 (T5: the position bias, then the padding mask)."""
     return _any_order([
         lambda s: op.CausalMask(s, _domain="tgraph", _name="causal", window=Var("window")),
         lambda s: op.Where(Var("keep"), s, op.const(predicate=_is_mask_fill)),
-        lambda s: op.Add(s, Var("bias")),
+        lambda s: optional(lambda t: op.Add(t, Var("bias2")), op.Add(s, Var("bias"))),
     ], scores)
 
 
@@ -155,6 +156,7 @@ class AttentionMatch:
     window: int                    # tgraph.CausalMask's window (0: none): never `is_causal`, an explicit mask
     keep: Optional[Value]          # bool, True = attend
     bias: Optional[Value]          # additive float
+    bias2: Optional[Value]         # a second addend (T5: the position bias, then the mask)
     k_perm: Optional[List[int]]
     grouped: bool
     nan_to_zero: bool              # probabilities passed through Where(IsNaN(p), 0, p)
@@ -175,8 +177,8 @@ class AttentionMatch:
         else:
             k_perm = _swap_last_perm(k.type.rank or 0)
         causal = m.get("causal") is not None
-        return cls(m.q, k, m.v, scale, causal, int(m.get("window") or 0), m.get("keep"), m.get("bias"), k_perm,
-                   m.grouped == 1, "nan_to_zero" in m.bindings)
+        return cls(m.q, k, m.v, scale, causal, int(m.get("window") or 0), m.get("keep"), m.get("bias"),
+                   m.get("bias2"), k_perm, m.grouped == 1, "nan_to_zero" in m.bindings)
 
 
 def _refuse_layers(m: Match) -> Optional[str]:
@@ -194,8 +196,9 @@ def _refuse_layers(m: Match) -> Optional[str]:
         axes, keepdims = m.get("guard_axes"), m.get("guard_keepdims")
         if keepdims not in (None, 1) or [a % rank for a in (axes or [])] != [rank - 1]:
             return "the fully-masked-row guard does not take the maximum over the last axis"
-    if m.get("bias") is not None and m.bias.const is not None and m.bias.const.size == 1:
-        return f"the scores' addend {m.bias.name} is a scalar, not a mask"
+    for bias in (m.get("bias"), m.get("bias2")):
+        if bias is not None and bias.const is not None and bias.const.size == 1:
+            return f"the scores' addend {bias.name} is a scalar, not a mask"
     return _refuse_unrepeat(m)
 
 
@@ -242,15 +245,16 @@ def _refuse_shapes(am: AttentionMatch, root_out: Value) -> Optional[str]:
     hq, hk = q.shape[1], k_shape[1]
     if not (isinstance(hq, int) and isinstance(hk, int)) or hq % hk:
         return f"query heads {hq} are not a multiple of key/value heads {hk}"
-    for extra in (am.keep, am.bias):
+    for extra in (am.keep, am.bias, am.bias2):
         if extra is None:
             continue
         if not am.grouped and extra.type.rank not in (None, 2, 3, 4):
             return f"mask {extra.name} has rank {extra.type.rank}"
         if am.grouped and (extra.type.rank != 5 or extra.shape[1] != 1 or extra.shape[2] != 1):
             return f"grouped attention mask {extra.name} is {extra.type}, not [B, 1, 1, Tq|1, Tk]"
-    if am.bias is not None and am.bias.type.dtype != q.type.dtype:
-        return f"bias {am.bias.name} has dtype {am.bias.type.dtype.name}"
+    for bias in (am.bias, am.bias2):
+        if bias is not None and bias.type.dtype != q.type.dtype:
+            return f"bias {bias.name} has dtype {bias.type.dtype.name}"
     return None
 
 
@@ -277,6 +281,8 @@ class AttentionRule(Rule):
         if am.k_perm is not None:
             k = b.op("Transpose", k, perm=list(am.k_perm))
         keep, bias = am.keep, am.bias
+        if am.bias2 is not None:
+            bias = b.op("Add", bias, am.bias2)
         if am.grouped:                                   # [B, 1, 1, Tq|1, Tk] -> [B, 1, Tq|1, Tk]
             keep = b.op("Squeeze", keep, axes=[1]) if keep is not None else None
             bias = b.op("Squeeze", bias, axes=[1]) if bias is not None else None
@@ -319,7 +325,30 @@ class FuseAttention(RewritePass):
     name = "fuse-attention"
 
     def rules(self):
-        return [AttentionRule(), MergedHeadsRule()]
+        return [AttentionRule(), UnrepeatKVRule(), MergedHeadsRule()]
+
+
+class UnrepeatKVRule(Rule):
+    """Attention(Q, repeat_kv(K), repeat_kv(V), mask) -> Attention(Q, K, V, mask): Attention-23
+    shares each K/V head among a group of query heads itself (torch dynamo at opset 23 writes
+    the op on HF's repeated K/V)."""
+
+    name = "attention-unrepeat-kv"
+
+    def pattern(self, op: OpBuilder) -> Pattern:
+        q, k, v = Var("q"), _repeat_kv(op, Var("k"), "k"), _repeat_kv(op, Var("v"), "v")
+        return Or(op.Attention(q, k, v), op.Attention(q, k, v, Var("mask")))
+
+    def check(self, m: Match, graph: Graph) -> Optional[str]:
+        if m.q.type.rank != 4:
+            return f"query {m.q.name} is {m.q.type}, not [batch, heads, seq, head_dim]"
+        if any(out.uses or any(out is o for o in graph.outputs) for out in m.root.outputs[1:]):
+            return f"{m.root.name}'s present key/value outputs are used"
+        return _refuse_unrepeat(m)
+
+    def rewrite(self, b: Builder, m: Match):
+        mask = [m.mask] if m.get("mask") is not None else []
+        return b.op("Attention", m.q, m.k, m.v, *mask, **m.root.attrs)
 
 
 def _static(*dims) -> bool:

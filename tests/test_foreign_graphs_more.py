@@ -69,23 +69,17 @@ FP16_RMSNORM = ("rms-norm: 'expected Mul for <Cast>, found Cast' -- fp16 RMSNorm
                 "w * Cast16(Cast32(x) * rsqrt(mean(Cast32(x)^2) + eps)); the pattern has no Casts")
 FP16_GELU = ("gelu: 'expected Mul for <Add>, found Add' -- fp16 tanh-GELU's constant 0.044715 is "
              "0.044708 in fp16 (rel. error 1.5e-4), outside the rule's rtol 1e-4")
-GPTJ_ROTARY = ("rotary: 'expected Concat for repeat_interleave, found Reshape' -- interleaved "
-               "rotate_every_two (stack(-x2, x1).flatten, repeat_interleave'd sin/cos) has no rule")
-T5_ATTENTION = ("attention: 'scores <mask const> are not computed from a matmul' -- T5 adds two "
-                "biases, (QK^T*1.0 + position_bias) + mask; the rule takes one bias Add")
-SDPA23_GQA = ("dynamo-23 writes Attention-23 itself on repeat_kv's Unsqueeze/Expand/Reshape K and V; "
-              "the repeat is not undone, Attention gets 4 K/V heads, not 2")
 FUSE_CASES = [
     pytest.param(Case("gpt2", "sdpa", "fp32", "dynamo", 23)),
-    pytest.param(Case("llama", "sdpa", "fp32", "dynamo", 23), marks=_miss(SDPA23_GQA)),
+    pytest.param(Case("llama", "sdpa", "fp32", "dynamo", 23)),
     pytest.param(Case("gpt2", "eager", "fp16", "legacy", 17), marks=_miss(FP16_GELU)),
     pytest.param(Case("gpt2", "eager", "fp16", "dynamo", 18), marks=_miss(FP16_GELU)),
     pytest.param(Case("llama", "eager", "fp16", "legacy", 17), marks=_miss(FP16_RMSNORM)),
     pytest.param(Case("llama", "eager", "fp16", "dynamo", 18), marks=_miss(FP16_RMSNORM)),
-    pytest.param(Case("gptj", "eager", "fp32", "legacy", 17), marks=_miss(GPTJ_ROTARY)),
-    pytest.param(Case("gptj", "eager", "fp32", "dynamo", 18), marks=_miss(GPTJ_ROTARY)),
-    pytest.param(Case("t5", "eager", "fp32", "legacy", 17), marks=_miss(T5_ATTENTION)),
-    pytest.param(Case("t5", "eager", "fp32", "dynamo", 18), marks=_miss(T5_ATTENTION)),
+    pytest.param(Case("gptj", "eager", "fp32", "legacy", 17)),
+    pytest.param(Case("gptj", "eager", "fp32", "dynamo", 18)),
+    pytest.param(Case("t5", "eager", "fp32", "legacy", 17)),
+    pytest.param(Case("t5", "eager", "fp32", "dynamo", 18)),
 ]
 _ids = [p.values[0].id for p in FUSE_CASES]
 
