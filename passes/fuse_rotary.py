@@ -301,6 +301,31 @@ def _pairs_equal(v: Value) -> bool:
     return _columns_repeat(v, pairs=True)
 
 
+class RotaryCacheBatchRule(Rule):
+    """RotaryEmbedding(x, cos[1, T, R/2], sin[1, T, R/2]) -> caches expanded to x's batch.
+
+    Without position_ids the op takes [batch, seq, R/2] caches; torch's opset-23 export gives
+    [1, T, R/2] and relies on broadcasting, which onnxruntime refuses for batch > 1."""
+
+    name = "rotary-cache-batch"
+
+    def pattern(self, op: OpBuilder) -> Pattern:
+        return op.RotaryEmbedding(Var("x"), Var("cos"), Var("sin"))
+
+    def check(self, m: Match, graph: Graph) -> Optional[str]:
+        for t in (m.cos, m.sin):
+            if t.type.rank != 3 or t.shape[0] != 1:
+                return f"cache {t.name} is {t.type}, not [1, seq, rotary_dim / 2]"
+        if m.x.shape is None or m.x.shape[0] == 1:
+            return f"{m.x.name} has batch 1: its caches already fit"
+        return None
+
+    def rewrite(self, b: Builder, m: Match):
+        target = b.op("Concat", b.op("Shape", m.x, start=0, end=1), b.op("Shape", m.cos, start=1, end=3), axis=0)
+        cos, sin = (b.op("Expand", t, target, hint=hint) for t, hint in ((m.cos, "cos_cache"), (m.sin, "sin_cache")))
+        return b.op("RotaryEmbedding", m.x, cos, sin, **m.root.attrs)
+
+
 @register_pass
 class FuseRotary(RewritePass):
     """Rotary position embeddings (rotate_half or rotate_every_two, full or partial) -> RotaryEmbedding-23.
@@ -313,4 +338,4 @@ class FuseRotary(RewritePass):
     name = "fuse-rotary"
 
     def rules(self):
-        return [RotaryRule()]
+        return [RotaryRule(), RotaryCacheBatchRule()]

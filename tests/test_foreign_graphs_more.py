@@ -85,12 +85,9 @@ _ids = [p.values[0].id for p in FUSE_CASES]
 
 # torch's opset-23 RotaryEmbedding gets cos/sin caches [1, T, R/2]; onnxruntime 1.31 wants
 # [B, T, R/2] and rejects the exported model itself at batch 2, so its reference values come
-# from onnx.reference. tgraph keeps the imported node as it is: ORT rejects the -O2 model too.
+# from onnx.reference. tgraph's `rotary-cache-batch` expands the caches, so ORT runs the -O2 model.
 ORT_REJECTS_ORIGINAL = {Case("llama", "sdpa", "fp32", "dynamo", 23)}
-ROTARY23_CACHE = ("onnxruntime: \"cos_cache and sin_cache are expected to have the same shape as input x, "
-                  "got 1 and 5\" -- torch's RotaryEmbedding-23 caches are [1, T, R/2]; tgraph keeps them")
-VALUE_CASES = [pytest.param(p.values[0], marks=_miss(ROTARY23_CACHE) if p.values[0] in ORT_REJECTS_ORIGINAL
-                            else ()) for p in FUSE_CASES]
+VALUE_CASES = [pytest.param(p.values[0]) for p in FUSE_CASES]
 
 
 # ------------------------------------------------------------------------------ cached exports
@@ -235,15 +232,13 @@ def _rotary_onnx(negate: str = "neg", tables: str = "range", d: int = 8):
 
 MUL_NEG = ("rotary: 'expected Concat for cos, found Cos' -- rotate_half's negation must be Neg(x2); "
            "Mul(x2, -1) / Mul(-1, x2) is not a spelling the rule knows")
-EXPAND_SHAPE = ("rotary: 'cos table ... has None columns, rotary_dim is 8' -- Expand to a run-time shape "
-                "loses every dim, even inv_freq's 4 (input dim != 1 fixes the output dim)")
 
 
 @pytest.mark.parametrize("negate,tables", [
     ("neg", "range"),
     pytest.param("mul-minus-one", "range", marks=_miss(MUL_NEG)),
     pytest.param("minus-one-mul", "range", marks=_miss(MUL_NEG)),
-    pytest.param("neg", "position-ids", marks=_miss(EXPAND_SHAPE)),
+    ("neg", "position-ids"),
 ])
 def test_hand_built_rotary_spellings_fuse(negate, tables):
     model = _rotary_onnx(negate, tables)

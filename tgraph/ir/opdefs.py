@@ -373,7 +373,12 @@ def infer_expand(ins, attrs, consts):
     target = _ints(consts[1])
     if target is None:
         n = ins[1].shape[0] if ins[1].shape else None
-        return [ins[0].with_shape(None if not isinstance(n, int) else [None] * max(n, ins[0].rank or 0))]
+        if not isinstance(n, int) or ins[0].rank is None:
+            return [ins[0].with_shape(None if not isinstance(n, int) else [None] * max(n, ins[0].rank or 0))]
+        # an input dim other than 1 is the output dim whatever the target (it must be 1 or equal)
+        rank = max(n, ins[0].rank)
+        src = [None] * (rank - ins[0].rank) + list(ins[0].shape)
+        return [ins[0].with_shape([d if isinstance(d, int) and d != 1 else None for d in src])]
     return [ins[0].with_shape(broadcast_shapes(ins[0].shape, tuple(target)))]
 
 
