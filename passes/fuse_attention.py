@@ -11,7 +11,7 @@ broadcast. `check` refuses what Attention-23 cannot express, with the reason.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -68,10 +68,6 @@ def _shape_contents(v: Optional[Value], depth: int = 4) -> Optional[Tuple]:
 
 
 # ---------------------------------------------------------------- the pieces of the pattern
-def _alternatives(p: Pattern) -> Tuple[Pattern, ...]:
-    return p.alternatives if isinstance(p, Or) else (p,)
-
-
 def _each(wrap, p: Pattern) -> Pattern:
     """`wrap` around each alternative of `p`: a layer that reads its input twice
     (Where(IsNaN(p), 0, p)) must see one node, which a shared op pattern is and an Or is not."""
@@ -102,10 +98,10 @@ def _repeat_kv(op: OpBuilder, x: Pattern, tag: str) -> Pattern:
 def _keys_transposed(op: OpBuilder, grouped: bool) -> Pattern:
     """Kᵀ: a Transpose of K (its perm bound as `k_perm`; canonicalize writes torch dynamo's
     head-folded Kᵀ so), or a pretransposed K."""
-    k = Var("k")
+    k, perm = Var("k"), Var("k_perm", predicate=lambda p: p is not None)
     if grouped:                                      # (B, Hkv, 1, Tk, D)
-        return op.Transpose(op.Unsqueeze(k, axes=[2]), perm=Var("k_perm", predicate=lambda p: p is not None))
-    return Or(op.Transpose(Or(_repeat_kv(op, k, "k"), k), perm=Var("k_perm", predicate=lambda p: p is not None)), k)
+        return op.Transpose(op.Unsqueeze(k, axes=[2]), perm=perm)
+    return Or(op.Transpose(Or(_repeat_kv(op, k, "k"), k), perm=perm), k)
 
 
 def _masked(op: OpBuilder, scores: Pattern) -> Pattern:
