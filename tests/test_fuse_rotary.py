@@ -373,16 +373,3 @@ def test_hugging_face_gptj_export_fuses_interleaved(tmp_path):
         f["attention_mask"][0, -1] = 0
         np.testing.assert_allclose(run_onnx(graph, f)["y"], _ort(exported, f), atol=1e-5, rtol=0)
 
-
-def test_expand_to_a_run_time_shape_keeps_the_dims_it_cannot_change():
-    """Expand's target known only at run time: an input dim other than 1 is still the output
-    dim (the target must be 1 or equal there), so a rotary table keeps its column count."""
-    b = Builder()
-    g = b.graph
-    x = g.add_input("x", TensorType(DType.float32, (1, 4, 1)))
-    shape = g.add_input("shape", TensorType(DType.int64, (3,)))
-    y = b.op("Expand", x, shape)
-    assert y.shape == (None, 4, None)
-    g.outputs = [y]
-    out = evaluate(g, {"x": np.ones((1, 4, 1), np.float32), "shape": i64(2, 1, 3)})[y.name]
-    assert out.shape == (2, 4, 3)

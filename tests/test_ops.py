@@ -411,3 +411,24 @@ def test_causal_mask_is_dynamic_in_tq_and_tk(tq, tk):
     want = np.where(keep, scores, np.finfo(np.float32).min)
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(OPS["tgraph.CausalMask"].kernel(scores), want)
+
+
+def test_expand_to_a_run_time_shape_keeps_the_static_dims_it_cannot_change():
+    """Expand's target may only be 1 or equal where the input has a static size other than 1,
+    so those dims survive an unknown target (transformers-4.x rotary tables: inv_freq[1, R/2, 1]
+    expanded to [B, -1, 1])."""
+    from tgraph.ir import Builder, DType, Graph, TensorType
+
+    g = Graph()
+    b = Builder(g)
+    x = g.add_input("x", TensorType(DType.float32, (1, 8, 1)))
+    shape = g.add_input("shape", TensorType(DType.int64, (3,)))
+    y = b.op("Expand", x, shape)
+    assert y.shape == (None, 8, None)
+    wider = b.op("Expand", x, g.add_input("s4", TensorType(DType.int64, (4,))))
+    assert wider.shape == (None, None, 8, None)
+    from tgraph.ir.evaluate import evaluate
+    g.outputs = [y]
+    out = evaluate(g, {"x": np.ones((1, 8, 1), np.float32), "shape": np.array([3, 8, 2]),
+                       "s4": np.array([1, 1, 1, 1])})
+    assert out[y.name].shape == (3, 8, 2)

@@ -372,13 +372,15 @@ def infer_unsqueeze(ins, attrs, consts):
 def infer_expand(ins, attrs, consts):
     target = _ints(consts[1])
     if target is None:
+        # Contents unknown, length known: each output dim is the input's where that is a
+        # static size other than 1 (the target can only be 1 or equal there), else unknown.
         n = ins[1].shape[0] if ins[1].shape else None
-        if not isinstance(n, int) or ins[0].rank is None:
-            return [ins[0].with_shape(None if not isinstance(n, int) else [None] * max(n, ins[0].rank or 0))]
-        # an input dim other than 1 is the output dim whatever the target (it must be 1 or equal)
-        rank = max(n, ins[0].rank)
-        src = [None] * (rank - ins[0].rank) + list(ins[0].shape)
-        return [ins[0].with_shape([d if isinstance(d, int) and d != 1 else None for d in src])]
+        if not isinstance(n, int):
+            return [ins[0].with_shape(None)]
+        src = list(ins[0].shape) if ins[0].shape is not None else []
+        rank = max(n, len(src))
+        kept = [None] * (rank - len(src)) + [d if isinstance(d, int) and d != 1 else None for d in src]
+        return [ins[0].with_shape(kept if ins[0].shape is not None else [None] * rank)]
     return [ins[0].with_shape(broadcast_shapes(ins[0].shape, tuple(target)))]
 
 
