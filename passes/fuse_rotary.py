@@ -37,14 +37,15 @@ def _last_axis_ok(axis, rank: Optional[int]) -> bool:
 
 def _cut(op: OpBuilder, x: Pattern, tag: str) -> Tuple[Pattern, Pattern]:
     """`x` cut in two along its last axis: (first part, second part), each a Split output or a
-    constant Slice (canonicalize drops unit steps). The parts bind ``{tag}_a``
+    constant Slice. (A unit step stays a spelling: canonicalize keeps it where dropping it would
+    sharpen the Slice's type, as when an exporter's bound is a Shape folded later.) The parts bind ``{tag}_a``
     and ``{tag}_b``; the Or's name makes both take the same form, so a part used twice is
     one node. `_cut_at` checks that they cut the axis in two."""
     def part(i: int) -> Pattern:
         name = f"{tag}_{'ab'[i]}"
         bounds = (x, op.const(name=f"{name}_start"), op.const(name=f"{name}_end"), op.const(name=f"{name}_axes"))
         return Or(op.Split(x, axis=Var(f"{tag}_axis"), _outputs=2, _index=i, _name=name),
-                  op.Slice(*bounds, _name=name), name=f"{tag}_form")
+                  op.Slice(*bounds, _name=name), op.Slice(*bounds, op.const(value=1), _name=name), name=f"{tag}_form")
     return part(0), part(1)
 
 
