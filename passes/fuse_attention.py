@@ -1,46 +1,48 @@
 """Scaled dot-product attention -> Attention-23, and the `causal-mask` pass.
 
-The attention matcher is procedural: the subgraph between ``Q @ Kᵀ`` and ``softmax(..) @ V``
-comes in too many optional layers (scale before or after the matmul, Mul or Div, an
-additive bias, a boolean `Where` mask, tgraph's `CausalMask`, fp32 softmax between
-casts, the guard that zeroes fully masked rows, grouped heads as a 5-D broadcast) for a
-table of patterns. It peels those layers
-off one at a time, walking back from the softmax, and refuses (with the reason) anything
-it does not understand, or a match whose intermediates are used elsewhere.
+The attention pattern is one expression with optional layers: softmax(Q Kᵀ · s, masks) V,
+where the scale may sit on the scores, on Q or on Kᵀ; Kᵀ is a Transpose of K (any perm,
+composed with the swap) or arrives pretransposed; the masks (tgraph's `CausalMask`, a
+boolean `Where` fill, an additive bias) come in any order; the softmax may run in fp32
+between casts and its rows may be guarded (torch SDPA's NaN-to-zero, tgraph's fully
+masked rows); K/V may be HF's repeat_kv of fewer heads, or the heads grouped as a 5-D
+broadcast. `check` refuses what Attention-23 cannot express, with the reason.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from tgraph.ir import Builder, Graph, Node, Value
+from tgraph.ir import Builder, DType, Graph, Value
 
 from .base import register_pass
-from .pattern import Match, NoMatch, OpPat, RewritePass, Rule, escapes
+from .pattern import ANY, Match, OpBuilder, Or, Pattern, RewritePass, Rule, Var, optional
 
 MASK_FILL_LIMIT = -1e4       # a Where fill at or below this is a mask (contrib ops use -10000)
 
 
-def _producer(v: Optional[Value], op: str) -> Optional[Node]:
-    return v.producer if v is not None and v.producer is not None and v.producer.op == op \
-        and v.producer.domain == "" else None
+def _scalar(a) -> Optional[float]:
+    """The value of a one-element constant (a larger one, e.g. a weight, is never read)."""
+    return float(np.asarray(a, np.float64).reshape(-1)[0]) if a is not None and a.size == 1 else None
 
 
-def _scalar_const(v: Optional[Value]) -> Optional[float]:
-    if v is None or v.const is None or v.const.size != 1:     # (a weight is never read to find out)
-        return None
-    return float(np.asarray(v.const, np.float64).reshape(-1)[0])
+def _is_scale(a) -> bool:
+    return (_scalar(a) or 0.0) != 0.0
+
+
+def _is_mask_fill(a) -> bool:
+    c = _scalar(a)
+    return c is not None and c <= MASK_FILL_LIMIT
+
+
+def _to_float(to) -> bool:
+    return DType.of(to).is_float
 
 
 def _swap_last_perm(rank: int) -> List[int]:
     return list(range(rank - 2)) + [rank - 1, rank - 2]
-
-
-def _is_zero(v: Optional[Value]) -> bool:
-    c = _scalar_const(v)
-    return c is not None and c == 0.0
 
 
 def _shape_contents(v: Optional[Value], depth: int = 4) -> Optional[Tuple]:
@@ -58,115 +60,198 @@ def _shape_contents(v: Optional[Value], depth: int = 4) -> Optional[Tuple]:
         return None
     if n.op == "Reshape" and v.type.rank == 1:
         return _shape_contents(n.inputs[0], depth - 1)
-    if n.op == "Where" and _producer(n.inputs[0], "Equal") is not None:
+    if n.op == "Where" and n.inputs[0].producer is not None and n.inputs[0].producer.op == "Equal":
         s = _shape_contents(n.inputs[2], depth - 1)
         if s is not None and all(isinstance(d, str) or (isinstance(d, int) and d >= 0) for d in s):
             return s
     return None
 
 
-def _with_dead_feeders(graph: Graph, nodes: List[Node], keep: Sequence[Optional[Value]]) -> List[Node]:
-    """`nodes` plus the nodes that only feed them (the shape arithmetic of the Reshapes and
-    Expands being replaced, e.g. Shape(repeated K) -> Slice -> Concat): they die with the
-    match, so their reading a match intermediate is not a use "elsewhere". Producers of
-    `keep` (the replacement's inputs) stay."""
-    inside = {id(n) for n in nodes}
-    kept = {id(v.producer) for v in keep if v is not None and v.producer is not None}
-    outputs = {id(v) for v in graph.outputs}
-    out, frontier = list(nodes), list(nodes)
-    while frontier:
-        node = frontier.pop()
-        for v in node.inputs:
-            p = v.producer if v is not None else None
-            if p is None or id(p) in inside or id(p) in kept or any(id(o) in outputs for o in p.outputs):
-                continue
-            if all(id(u) in inside for o in p.outputs for u, _ in o.uses):
-                inside.add(id(p))
-                out.append(p)
-                frontier.append(p)
-    if len(out) > len(nodes):             # a feeder may be shared by two feeders: look again
-        return _with_dead_feeders(graph, out, keep)
-    return out
+# ---------------------------------------------------------------- the pieces of the pattern
+def _each(wrap, p: Pattern) -> Pattern:
+    """`wrap` around each alternative of `p`: a layer that reads its input twice
+    (Where(IsNaN(p), 0, p)) must see one node, which a shared op pattern is and an Or is not."""
+    return Or(*(_each(wrap, a) for a in p.alternatives)) if isinstance(p, Or) else wrap(p)
 
 
-def _flat_transposed(kt: Value) -> Optional[Tuple[Value, List[Node]]]:
-    """torch's dynamo export writes Kᵀ with the heads folded into the batch:
-    Reshape(Transpose(Reshape(K, [B*H, T, D]), [0, 2, 1]), [B, H, D, T]) -> (K, the three nodes)."""
-    r2 = _producer(kt, "Reshape")
-    tr = _producer(r2.inputs[0], "Transpose") if r2 is not None else None
-    r1 = _producer(tr.inputs[0], "Reshape") if tr is not None else None
-    if r1 is None or tr.attrs.get("perm") != [0, 2, 1]:
-        return None
-    k = r1.inputs[0]
-    if k.type.rank != 4 or r1.outputs[0].type.rank != 3 or kt.type.rank != 4:
-        return None
-    (b, h, t, d), (_, t1, d1), (b2, h2, d2, t2) = k.shape, r1.outputs[0].shape, kt.shape
-    if None in (b, h, t, d) or (t1, d1) != (t, d) or (b2, h2, d2, t2) != (b, h, d, t):
-        return None
-    return k, [r2, tr, r1]
+def _any_order(layers: Sequence, inner: Pattern) -> Pattern:
+    """`inner` under any subset of `layers` (functions wrapping a pattern), each at most once,
+    in any order."""
+    def under(rest: Tuple[int, ...]) -> Pattern:
+        return Or(inner, *(layers[i](under(tuple(j for j in rest if j != i))) for i in rest))
+    return under(tuple(range(len(layers))))
 
 
-def _unrepeat(x: Value) -> Optional[Tuple[Value, int, List[Node]]]:
-    """HF's repeat_kv: Reshape(Expand(Unsqueeze(x0, [2]), [B, Hkv, G, T, D]), [B, Hkv*G, T, D]) ->
-    (x0, G, the three nodes), or None when `x` is not written that way (provably)."""
-    rs = _producer(x, "Reshape")
-    ex = _producer(rs.inputs[0], "Expand") if rs is not None else None
-    un = _producer(ex.inputs[0], "Unsqueeze") if ex is not None else None
-    if un is None or un.attrs.get("axes") not in ([2], [-3]):
-        return None
-    x0 = un.inputs[0]
-    if x0.type.rank != 4 or x.type.rank != 4:
-        return None
-    (b, hk, t, d), (b2, h, t2, d2) = x0.shape, x.shape
-    if not (isinstance(hk, int) and isinstance(h, int) and hk and h % hk == 0) or (b, t, d) != (b2, t2, d2) \
-            or None in (b, t, d):
-        return None
-    group = h // hk
-    target = _shape_contents(ex.inputs[1])
-    # Expand broadcasts size-1 dims only: every axis but the new one must keep its size.
-    if target is None or len(target) != 5 or target[2] != group or \
-            any(want not in (have, 1) for want, have in zip((target[0],) + target[1:2] + target[3:], (b, hk, t, d))):
-        return None
-    return x0, group, [rs, ex, un]
+def _scaled(op: OpBuilder, x: Pattern, tag: str) -> Pattern:
+    """x · c for a nonzero scalar c (bound as `tag`), or x as it is. Canonicalize writes x / c as
+    x · (1/c), except in float16/bfloat16 where 1/c is not exact there: that Div stays a spelling."""
+    return Or(op.Mul(x, op.const(name=tag, predicate=_is_scale)),
+              op.Div(x, op.const(name=f"{tag}_div", predicate=_is_scale)), x)
 
 
-def _masked_row_guard(n: Optional[Node]) -> Optional[Tuple[Value, List[Node]]]:
-    """``Where(Equal(ReduceMax(s, [-1]), fill), 0, p)`` (`tgraph.dsl.layers.zero_fully_masked_rows`):
-    the rows whose every key is masked get zero probabilities, which Attention-23 does itself.
-    Returns (the scores s the guard reads, its nodes) or None."""
-    if n is None or n.domain != "" or n.op != "Where" or not _is_zero(n.inputs[1]):
-        return None
-    eq = _producer(n.inputs[0], "Equal")
-    if eq is None:
-        return None
-    rmax, fill = eq.inputs
-    red = _producer(rmax, "ReduceMax")
-    if red is None:
-        red, fill = _producer(fill, "ReduceMax"), rmax
-    c = _scalar_const(fill)
-    rank = red.inputs[0].type.rank if red is not None else None
-    if red is None or c is None or c > MASK_FILL_LIMIT or rank is None or red.attrs.get("keepdims", 1) != 1 \
-            or [a % rank for a in (red.attrs.get("axes") or [])] != [rank - 1]:
-        return None
-    return red.inputs[0], [n, eq, red]
+def _repeat_kv(op: OpBuilder, x: Pattern, tag: str) -> Pattern:
+    """HF's repeat_kv: Reshape(Expand(Unsqueeze(x, [2]), [B, Hkv, G, T, D]), [B, Hkv*G, T, D])."""
+    unsqueezed = op.Unsqueeze(x, axes=lambda a: a is not None and list(a) in ([2], [-3]))
+    return op.Reshape(op.Expand(unsqueezed, ANY, _name=f"{tag}_expanded"), ANY, _name=f"{tag}_repeated")
 
 
+def _keys_transposed(op: OpBuilder, grouped: bool) -> Pattern:
+    """Kᵀ: a Transpose of K (its perm bound as `k_perm`; canonicalize writes torch dynamo's
+    head-folded Kᵀ so), or a pretransposed K."""
+    k, perm = Var("k"), Var("k_perm", predicate=lambda p: p is not None)
+    if grouped:                                      # (B, Hkv, 1, Tk, D)
+        return op.Transpose(op.Unsqueeze(k, axes=[2]), perm=perm)
+    return Or(op.Transpose(Or(_repeat_kv(op, k, "k"), k), perm=perm), k)
+
+
+def _masked(op: OpBuilder, scores: Pattern) -> Pattern:
+    """The masking layers, in any order: tgraph's CausalMask, Where(keep, s, fill <= -1e4), and
+    s + bias, or (s + bias) + bias2 (T5: the position bias, then the padding mask)."""
+    return _any_order([
+        lambda s: op.CausalMask(s, _domain="tgraph", _name="causal", window=Var("window")),
+        lambda s: op.Where(Var("keep"), s, op.const(predicate=_is_mask_fill)),
+        lambda s: optional(lambda t: op.Add(t, Var("bias2")), op.Add(s, Var("bias"))),
+    ], scores)
+
+
+def _probabilities(op: OpBuilder, softmax: Pattern) -> Pattern:
+    """The softmax under its optional layers, in any order: a Cast back from fp32, torch SDPA's
+    Where(IsNaN(p), 0, p), and tgraph's Where(Equal(ReduceMax(s, [-1]), fill), 0, p) that zeroes
+    fully masked rows (`tgraph.dsl.layers.zero_fully_masked_rows`); Attention-23 zeroes those itself."""
+    zero = op.const(0.0, predicate=lambda a: a.size == 1)
+    row_max = op.ReduceMax(Var("guarded"), axes=Var("guard_axes"), keepdims=Var("guard_keepdims"))
+    return _any_order([
+        lambda p: op.Cast(p, to=_to_float),
+        lambda p: _each(lambda a: op.Where(op.IsNaN(a, _name="nan_to_zero"), zero, a), p),
+        lambda p: op.Where(op.Equal(row_max, op.const(predicate=_is_mask_fill)), zero, p),
+    ], softmax)
+
+
+def _attention_pattern(op: OpBuilder, grouped: bool) -> Pattern:
+    if grouped:              # heads grouped as a 5-D broadcast: q (B, Hkv, G, Tq, D), k/v (B, Hkv, 1, Tk, D)
+        q, v = op.Reshape(Var("q"), ANY), op.Unsqueeze(Var("v"), axes=[2])
+    else:
+        q, v = Var("q"), Or(_repeat_kv(op, Var("v"), "v"), Var("v"))
+    qk = op.MatMul(_scaled(op, q, "scale_q"), _scaled(op, _keys_transposed(op, grouped), "scale_k"))
+    scores = _masked(op, _scaled(op, qk, "scale_s"))
+    softmax = op.Softmax(optional(lambda s: op.Cast(s, to=_to_float), scores), axis=Var("axis"), _name="probs")
+    out = op.MatMul(_probabilities(op, softmax), v)
+    return op.Reshape(out, ANY) if grouped else out
+
+
+# ---------------------------------------------------------------- what a match means
 @dataclass
 class AttentionMatch:
-    root: Node
+    """A match in the rewrite's terms."""
+
     q: Value
     k: Value                       # [B, Hkv, Tk, D] once permuted by k_perm (None: as is)
     v: Value
-    scale: float = 1.0
-    causal: bool = False
-    window: int = 0                # tgraph.CausalMask's window (0: none): never `is_causal`, an explicit mask
-    keep: Optional[Value] = None   # bool, True = attend
-    bias: Optional[Value] = None   # additive float
-    k_perm: Optional[List[int]] = None
-    grouped: bool = False
-    nan_to_zero: bool = False      # probabilities passed through Where(IsNaN(p), 0, p)
-    unrepeat: Optional[Tuple] = None   # (k0, v0, nodes): K/V before HF's repeat_kv
-    nodes: List[Node] = field(default_factory=list)
+    scale: float
+    causal: bool
+    window: int                    # tgraph.CausalMask's window (0: none): never `is_causal`, an explicit mask
+    keep: Optional[Value]          # bool, True = attend
+    bias: Optional[Value]          # additive float
+    bias2: Optional[Value]         # a second addend (T5: the position bias, then the mask)
+    k_perm: Optional[List[int]]
+    grouped: bool
+    nan_to_zero: bool              # probabilities passed through Where(IsNaN(p), 0, p)
+
+    @classmethod
+    def of(cls, m: Match) -> "AttentionMatch":
+        scale = 1.0
+        for tag in ("scale_q", "scale_k", "scale_s"):
+            if tag in m.bindings:
+                scale *= _scalar(m.bindings[tag])
+            if f"{tag}_div" in m.bindings:
+                scale /= _scalar(m.bindings[f"{tag}_div"])
+        k = m.k
+        if "k_perm" in m.bindings:          # Kᵀ = Transpose(K, perm): K's own layout is perm with the last two swapped
+            perm = list(m.k_perm)
+            composed = perm[:-2] + [perm[-1], perm[-2]]
+            k_perm = None if composed == list(range(len(perm))) else composed
+        else:
+            k_perm = _swap_last_perm(k.type.rank or 0)
+        causal = m.get("causal") is not None
+        return cls(m.q, k, m.v, scale, causal, int(m.get("window") or 0), m.get("keep"), m.get("bias"),
+                   m.get("bias2"), k_perm, m.grouped == 1, "nan_to_zero" in m.bindings)
+
+
+def _refuse_layers(m: Match) -> Optional[str]:
+    """Conditions of the matched layers that a pattern cannot say."""
+    probs = m.probs
+    rank = probs.type.rank
+    axis = m.get("axis")
+    if rank is None or (-1 if axis is None else axis) % rank != rank - 1:
+        return f"{probs.producer.name}: softmax is not over the last axis"
+    if "guarded" in m.bindings:
+        s = probs.producer.inputs[0]
+        scores = [s] + ([s.producer.inputs[0]] if s.producer is not None and s.producer.op == "Cast" else [])
+        if not any(m.guarded is c for c in scores):
+            return f"the fully-masked-row guard reads {m.guarded.name}, not the softmax's scores"
+        axes, keepdims = m.get("guard_axes"), m.get("guard_keepdims")
+        if keepdims not in (None, 1) or [a % rank for a in (axes or [])] != [rank - 1]:
+            return "the fully-masked-row guard does not take the maximum over the last axis"
+    for bias in (m.get("bias"), m.get("bias2")):
+        if bias is not None and bias.const is not None and bias.const.size == 1:
+            return f"the scores' addend {bias.name} is a scalar, not a mask"
+    return _refuse_unrepeat(m)
+
+
+def _refuse_unrepeat(m: Match) -> Optional[str]:
+    """repeat_kv is undone only when both K and V are repeated the same way, heads only."""
+    groups = []
+    for tag in ("k", "v"):
+        if f"{tag}_repeated" not in m.bindings:
+            continue
+        x0, x, target = m.get(tag), m.get(f"{tag}_repeated"), _shape_contents(m.get(f"{tag}_expanded").producer.inputs[1])
+        if x0.type.rank != 4 or x.type.rank != 4:
+            return f"{x.name} is not a repeat of [B, Hkv, T, D] heads"
+        (b, hk, t, d), (b2, h, t2, d2) = x0.shape, x.shape
+        if not (isinstance(hk, int) and isinstance(h, int) and hk and h % hk == 0) or (b, t, d) != (b2, t2, d2) \
+                or None in (b, t, d):
+            return f"{x.name} {x.type} does not repeat the heads of {x0.name} {x0.type}"
+        group = h // hk
+        # Expand broadcasts size-1 dims only: every axis but the new one must keep its size.
+        if target is None or len(target) != 5 or target[2] != group or \
+                any(want not in (have, 1) for want, have in zip((target[0],) + target[1:2] + target[3:], (b, hk, t, d))):
+            return f"{x.name} expands more than the head axis"
+        groups.append(group)
+    if len(groups) == 1 or (groups and groups[0] != groups[1]):
+        return "keys and values are not repeated alike"
+    return None
+
+
+def _refuse_shapes(am: AttentionMatch, root_out: Value) -> Optional[str]:
+    q, k, v = am.q, am.k, am.v
+    for name, t in (("query", q), ("key", k), ("value", v)):
+        if t.type.rank != 4:
+            return f"{name} {t.name} is {t.type}, not [batch, heads, seq, head_dim]"
+    if am.k_perm is not None and sorted(am.k_perm) != [0, 1, 2, 3]:
+        return f"keys are transposed by {am.k_perm}, not a permutation of rank 4"
+    if am.grouped and am.k_perm is not None:
+        return "grouped attention with keys transposed other than on their last two axes"
+    k_shape = k.shape if am.k_perm is None else tuple(k.shape[p] for p in am.k_perm)
+    if not q.type.dtype.is_float:
+        return "attention on a non-float tensor"
+    if len({q.type.dtype, k.type.dtype, v.type.dtype}) != 1:
+        return f"query, key and value dtypes differ ({q.type.dtype.name}, {k.type.dtype.name}, {v.type.dtype.name})"
+    if root_out.type.dtype != q.type.dtype:
+        return f"attention computes in {q.type.dtype.name} but its result is {root_out.type.dtype.name}"
+    hq, hk = q.shape[1], k_shape[1]
+    if not (isinstance(hq, int) and isinstance(hk, int)) or hq % hk:
+        return f"query heads {hq} are not a multiple of key/value heads {hk}"
+    for extra in (am.keep, am.bias, am.bias2):
+        if extra is None:
+            continue
+        if not am.grouped and extra.type.rank not in (None, 2, 3, 4):
+            return f"mask {extra.name} has rank {extra.type.rank}"
+        if am.grouped and (extra.type.rank != 5 or extra.shape[1] != 1 or extra.shape[2] != 1):
+            return f"grouped attention mask {extra.name} is {extra.type}, not [B, 1, 1, Tq|1, Tk]"
+    for bias in (am.bias, am.bias2):
+        if bias is not None and bias.type.dtype != q.type.dtype:
+            return f"bias {bias.name} has dtype {bias.type.dtype.name}"
+    return None
 
 
 class AttentionRule(Rule):
@@ -174,211 +259,26 @@ class AttentionRule(Rule):
 
     name = "attention"
 
-    def patterns(self, op) -> List[OpPat]:
-        return []
+    def pattern(self, op: OpBuilder) -> Pattern:
+        return Or(_attention_pattern(op, grouped=False), _attention_pattern(op, grouped=True), name="grouped")
 
-    # ---- matching ---------------------------------------------------------------------------
-    def match(self, graph: Graph, node: Node, patterns: Sequence[OpPat], reasons: List[str]):
-        if node.domain != "" or node.op not in ("MatMul", "Reshape"):
-            return None
-        am = self._match(graph, node)
-        if am is None:
-            return None
-        base = am.nodes
-        if am.unrepeat is not None:     # feed the un-repeated K/V, unless the repeated ones are used elsewhere
-            k0, v0, extra = am.unrepeat
-            nodes = _with_dead_feeders(graph, base + extra, [am.q, k0, v0, am.keep, am.bias])
-            if escapes(graph, Match(node, {}, nodes)) is None:
-                am.k, am.v, base = k0, v0, base + extra
-        am.nodes = _with_dead_feeders(graph, base, [am.q, am.k, am.v, am.keep, am.bias])
-        m = Match(node, {"attention": am}, am.nodes)
-        reason = escapes(graph, m) or self._check(am)
+    def check(self, m: Match, graph: Graph) -> Optional[str]:
+        reason = _refuse_layers(m)
         if reason:
-            raise NoMatch(reason)
-        return m, 0
+            return reason
+        am = AttentionMatch.of(m)
+        if "k_repeated" in m.bindings and am.k_perm is not None:
+            return "repeated keys transposed other than on their last two axes"
+        return _refuse_shapes(am, m.root.outputs[0])
 
-    def _match(self, graph: Graph, root: Node) -> Optional[AttentionMatch]:
-        nodes = [root]
-        grouped = False
-        pv = root
-        if root.op == "Reshape":                       # (B, Hkv, G, Tq, D) -> (B, H, Tq, D)
-            pv = _producer(root.inputs[0], "MatMul")
-            if pv is None or root.inputs[0].type.rank != 5:
-                return None
-            grouped = True
-            nodes.append(pv)
-        probs, v = pv.inputs
-        # softmax, possibly computed in fp32 between casts, possibly with NaN rows zeroed
-        # (torch's SDPA export: Where(IsNaN(p), 0, p) for rows whose keys are all masked)
-        # and possibly with fully masked rows zeroed (tgraph's guard, see `_masked_row_guard`)
-        nan_to_zero, guarded = False, None
-        while True:
-            n = probs.producer
-            if n is not None and n.domain == "" and n.op == "Cast" and n.inputs[0].type.dtype.is_float \
-                    and probs.type.dtype.is_float:
-                nodes.append(n)
-                probs = n.inputs[0]
-            elif n is not None and n.domain == "" and n.op == "Where" and not nan_to_zero \
-                    and _is_zero(n.inputs[1]) and _producer(n.inputs[0], "IsNaN") is not None \
-                    and n.inputs[0].producer.inputs[0] is n.inputs[2]:
-                nodes += [n, n.inputs[0].producer]
-                probs, nan_to_zero = n.inputs[2], True
-            elif guarded is None and _masked_row_guard(n) is not None:
-                guarded, guard_nodes = _masked_row_guard(n)     # Attention-23 zeroes those rows itself
-                nodes += guard_nodes
-                probs = n.inputs[2]
-            else:
-                break
-        sm = _producer(probs, "Softmax")
-        if sm is None:
-            return None                                 # not attention-shaped: no near miss to report
-        rank = probs.type.rank
-        if rank is None or sm.attrs.get("axis", -1) % rank != rank - 1:
-            raise NoMatch(f"{sm.name}: softmax is not over the last axis")
-        nodes.append(sm)
-        s = sm.inputs[0]
-        chain = [s]
-        while _producer(s, "Cast") is not None and s.producer.inputs[0].type.dtype.is_float:
-            nodes.append(s.producer)
-            s = s.producer.inputs[0]
-            chain.append(s)
-        if guarded is not None and not any(guarded is c for c in chain):
-            raise NoMatch(f"{root.name}: the fully-masked-row guard reads {guarded.name}, not the softmax's scores")
-        am = AttentionMatch(root, None, None, v, grouped=grouped, nan_to_zero=nan_to_zero)
-        # masking layers, in any order
-        while True:
-            n = s.producer
-            if n is None:
-                raise NoMatch(f"scores {s.name} are not computed from a matmul")
-            if n.domain == "tgraph" and n.op == "CausalMask" and not am.causal:
-                am.causal, am.window = True, int(n.attrs.get("window", 0) or 0)
-            elif n.op == "Where" and am.keep is None and (_scalar_const(n.inputs[2]) or 0) <= MASK_FILL_LIMIT:
-                am.keep = n.inputs[0]
-            elif n.op == "Add" and am.bias is None and _scalar_const(n.inputs[1]) is None \
-                    and _scalar_const(n.inputs[0]) is None:
-                # which side carries the scores: the one that leads back to a MatMul
-                lhs_scores = self._leads_to_matmul(n.inputs[0])
-                am.bias = n.inputs[1] if lhs_scores else n.inputs[0]
-                nodes.append(n)
-                s = n.inputs[0] if lhs_scores else n.inputs[1]
-                continue
-            else:
-                break
-            nodes.append(n)
-            s = n.inputs[0] if n.op != "Where" else n.inputs[1]
-        # scale after the matmul
-        while s.producer is not None and s.producer.op in ("Mul", "Div"):
-            n = s.producer
-            c = _scalar_const(n.inputs[1])
-            other = n.inputs[0]
-            if c is None and n.op == "Mul":
-                c, other = _scalar_const(n.inputs[0]), n.inputs[1]
-            if c is None or c == 0:
-                break
-            am.scale *= c if n.op == "Mul" else 1.0 / c
-            nodes.append(n)
-            s = other
-        qk = _producer(s, "MatMul")
-        if qk is None:
-            raise NoMatch(f"scores {s.name} are not a MatMul of queries and keys")
-        nodes.append(qk)
-        q, kt = qk.inputs
-        q, kt = self._strip_scale(q, am, nodes), self._strip_scale(kt, am, nodes)
-        # K = Kᵀ with its last two axes swapped: compose that with a Transpose producing Kᵀ
-        # (GPT-2 and BERT write Kᵀ = Transpose(K [B, T, H, D], perm=[0, 2, 3, 1])).
-        rank = kt.type.rank or 0
-        tr = _producer(kt, "Transpose")
-        if tr is not None and tr.attrs.get("perm") is not None:
-            perm = list(tr.attrs["perm"])
-            nodes.append(tr)
-            k = tr.inputs[0]
-            composed = perm[:-2] + [perm[-1], perm[-2]]
-            am.k_perm = None if composed == list(range(rank)) else composed
-        elif _flat_transposed(kt) is not None:
-            k, flat_nodes = _flat_transposed(kt)
-            nodes += flat_nodes
-        else:
-            k, am.k_perm = kt, _swap_last_perm(rank)
-        if not grouped and am.k_perm is None:          # HF repeat_kv: feed the un-repeated K and V
-            rk, rv = _unrepeat(k), _unrepeat(v)
-            if rk is not None and rv is not None and rk[1] == rv[1]:
-                am.unrepeat = (rk[0], rv[0], rk[2] + rv[2])
-        if grouped:                                     # undo the 5-D views of q, k and v
-            rq = _producer(q, "Reshape")
-            uk, uv = _producer(k, "Unsqueeze"), _producer(v, "Unsqueeze")
-            if am.k_perm is not None or rq is None or uk is None or uv is None or uk.attrs.get("axes") != [2] \
-                    or uv.attrs.get("axes") != [2]:
-                raise NoMatch("grouped attention without the (B, Hkv, G, T, D) query view and unsqueezed K/V")
-            nodes += [rq, uk, uv]
-            q, k, v = rq.inputs[0], uk.inputs[0], uv.inputs[0]
-        am.q, am.k, am.v = q, k, v
-        am.nodes = nodes
-        return am
-
-    @staticmethod
-    def _leads_to_matmul(v: Value, depth: int = 6) -> bool:
-        for _ in range(depth):
-            n = v.producer
-            if n is None:
-                return False
-            if n.op == "MatMul":
-                return True
-            if n.op in ("Mul", "Div", "Where") or (n.domain == "tgraph" and n.op == "CausalMask"):
-                v = n.inputs[1] if n.op == "Where" else n.inputs[0]
-                continue
-            return False
-        return False
-
-    @staticmethod
-    def _strip_scale(x: Value, am: AttentionMatch, nodes: List[Node]) -> Value:
-        """q·s or Kᵀ·s before the matmul (the scale folded into one operand)."""
-        n = x.producer
-        if n is not None and n.op in ("Mul", "Div") and n.domain == "":
-            c = _scalar_const(n.inputs[1])
-            other = n.inputs[0]
-            if c is None and n.op == "Mul":
-                c, other = _scalar_const(n.inputs[0]), n.inputs[1]
-            if c is not None and c != 0:
-                am.scale *= c if n.op == "Mul" else 1.0 / c
-                nodes.append(n)
-                return other
-        return x
-
-    def _check(self, am: AttentionMatch) -> Optional[str]:
-        q, k, v = am.q, am.k, am.v
-        for name, t in (("query", q), ("key", k), ("value", v)):
-            if t.type.rank != 4:
-                return f"{name} {t.name} is {t.type}, not [batch, heads, seq, head_dim]"
-        if am.k_perm is not None and sorted(am.k_perm) != [0, 1, 2, 3]:
-            return f"keys are transposed by {am.k_perm}, not a permutation of rank 4"
-        k_shape = k.shape if am.k_perm is None else tuple(k.shape[p] for p in am.k_perm)
-        if not q.type.dtype.is_float:
-            return "attention on a non-float tensor"
-        if len({q.type.dtype, k.type.dtype, v.type.dtype}) != 1:
-            return f"query, key and value dtypes differ ({q.type.dtype.name}, {k.type.dtype.name}, {v.type.dtype.name})"
-        if am.root.outputs[0].type.dtype != q.type.dtype:
-            return f"attention computes in {q.type.dtype.name} but its result is {am.root.outputs[0].type.dtype.name}"
-        hq, hk = q.shape[1], k_shape[1]
-        if not (isinstance(hq, int) and isinstance(hk, int)) or hq % hk:
-            return f"query heads {hq} are not a multiple of key/value heads {hk}"
-        for extra in (am.keep, am.bias):
-            if extra is not None and extra.type.rank not in (None, 2, 3, 4) and not am.grouped:
-                return f"mask {extra.name} has rank {extra.type.rank}"
-        if am.grouped:
-            for extra in (am.keep, am.bias):
-                if extra is not None and (extra.type.rank != 5 or extra.shape[1] != 1 or extra.shape[2] != 1):
-                    return f"grouped attention mask {extra.name} is {extra.type}, not [B, 1, 1, Tq|1, Tk]"
-        if am.bias is not None and am.bias.type.dtype != q.type.dtype:
-            return f"bias {am.bias.name} has dtype {am.bias.type.dtype.name}"
-        return None
-
-    # ---- rewriting ----------------------------------------------------------------------------
     def rewrite(self, b: Builder, m: Match):
-        am: AttentionMatch = m.attention
+        am = AttentionMatch.of(m)
         k = am.k
         if am.k_perm is not None:
             k = b.op("Transpose", k, perm=list(am.k_perm))
         keep, bias = am.keep, am.bias
+        if am.bias2 is not None:
+            bias = b.op("Add", bias, am.bias2)
         if am.grouped:                                   # [B, 1, 1, Tq|1, Tk] -> [B, 1, Tq|1, Tk]
             keep = b.op("Squeeze", keep, axes=[1]) if keep is not None else None
             bias = b.op("Squeeze", bias, axes=[1]) if bias is not None else None
@@ -388,7 +288,6 @@ class AttentionRule(Rule):
         if am.causal and (not square or am.window):
             causal = causal_keep(b, b.op("Shape", am.q, start=2, end=3), b.op("Shape", k, start=2, end=3), am.window)
             keep = causal if keep is None else b.op("And", keep, causal)          # (B, 1, Tq, Tk)
-        mask = None
         if bias is not None and keep is not None:
             # -inf, not finfo.min: Attention-23 zeroes a row only where every key's bias is -inf
             # (onnxruntime also where it is finfo.min; the spec averages those rows instead).
@@ -422,7 +321,30 @@ class FuseAttention(RewritePass):
     name = "fuse-attention"
 
     def rules(self):
-        return [AttentionRule(), MergedHeadsRule()]
+        return [AttentionRule(), UnrepeatKVRule(), MergedHeadsRule()]
+
+
+class UnrepeatKVRule(Rule):
+    """Attention(Q, repeat_kv(K), repeat_kv(V), mask) -> Attention(Q, K, V, mask): Attention-23
+    shares each K/V head among a group of query heads itself (torch dynamo at opset 23 writes
+    the op on HF's repeated K/V)."""
+
+    name = "attention-unrepeat-kv"
+
+    def pattern(self, op: OpBuilder) -> Pattern:
+        q, k, v = Var("q"), _repeat_kv(op, Var("k"), "k"), _repeat_kv(op, Var("v"), "v")
+        return Or(op.Attention(q, k, v), op.Attention(q, k, v, Var("mask")))
+
+    def check(self, m: Match, graph: Graph) -> Optional[str]:
+        if m.q.type.rank != 4:
+            return f"query {m.q.name} is {m.q.type}, not [batch, heads, seq, head_dim]"
+        if any(out.uses or any(out is o for o in graph.outputs) for out in m.root.outputs[1:]):
+            return f"{m.root.name}'s present key/value outputs are used"
+        return _refuse_unrepeat(m)
+
+    def rewrite(self, b: Builder, m: Match):
+        mask = [m.mask] if m.get("mask") is not None else []
+        return b.op("Attention", m.q, m.k, m.v, *mask, **m.root.attrs)
 
 
 def _static(*dims) -> bool:
@@ -441,49 +363,44 @@ class MergedHeadsRule(Rule):
     """
 
     name = "attention-merged-heads"
+    WHAT = ("query", "key", "value")
 
-    def patterns(self, op) -> List[OpPat]:
-        return []
+    def pattern(self, op: OpBuilder) -> Pattern:
+        def heads(tag: str) -> Pattern:                       # [B, T, H*D] -> [B, H, T, D]
+            return op.Transpose(op.Reshape(Var(tag), ANY, _name=f"{tag}_heads"), perm=[0, 2, 1, 3])
 
-    def match(self, graph: Graph, node: Node, patterns, reasons):
-        merge = _producer(node.inputs[0], "Transpose") if node.op == "Reshape" and node.domain == "" else None
-        att = _producer(merge.inputs[0], "Attention") if merge is not None else None
-        if att is None or merge.attrs.get("perm") != [0, 2, 1, 3] or att.inputs[0].type.rank != 4:
-            return None
-        b, heads, tq, dv = att.outputs[0].shape
-        out = node.outputs[0].shape
-        if not _static(heads, dv) or out is None or list(out) != [b, tq, heads * dv]:
-            raise NoMatch(f"{node.name}: merges attention heads into {node.outputs[0].type}, not [B, T, H*D]")
-        nodes, sources, rotaries = [node, merge, att], [], []
-        for what, v in zip(("query", "key", "value"), att.inputs[:3]):
-            rotary = _producer(v, "RotaryEmbedding")              # rotate in [B, T, H*D] instead
-            if rotary is not None and len(rotary.inputs) == 3 and what != "value":
-                nodes.append(rotary)
-                v = rotary.inputs[0]
-            rotaries.append(rotary)
-            split = _producer(v, "Transpose")
-            view = _producer(split.inputs[0], "Reshape") if split is not None else None
-            if view is None or split.attrs.get("perm") != [0, 2, 1, 3]:
-                raise NoMatch(f"{what} {v.name} is not a head split of a [B, T, H*D] tensor")
-            x, (vb, vt, vh, vd) = view.inputs[0], view.outputs[0].shape
+        def rotated(tag: str) -> Pattern:                     # a RotaryEmbedding moves to the 3-D side
+            return Or(op.RotaryEmbedding(heads(tag), Var(f"{tag}_cos"), Var(f"{tag}_sin"), _name=f"{tag}_rotary"), heads(tag))
+        qkv = (rotated("query"), rotated("key"), heads("value"))
+        attention = Or(op.Attention(*qkv, _name="att"), op.Attention(*qkv, Var("mask"), _name="att"))
+        return op.Reshape(op.Transpose(attention, perm=[0, 2, 1, 3]), ANY)
+
+    def check(self, m: Match, graph: Graph) -> Optional[str]:
+        att, out = m.att, m.root.outputs[0]
+        if att.producer.inputs[0].type.rank != 4:
+            return f"attention {att.name} is not on split heads"
+        b, heads, tq, dv = att.shape
+        if not _static(heads, dv) or out.shape is None or list(out.shape) != [b, tq, heads * dv]:
+            return f"{m.root.name}: merges attention heads into {out.type}, not [B, T, H*D]"
+        for what in self.WHAT:
+            x, view = m.get(what), m.get(f"{what}_heads")
+            vb, vt, vh, vd = view.shape
             if x.type.rank != 3 or not _static(vh, vd) or list(x.shape) != [vb, vt, vh * vd]:
-                raise NoMatch(f"{what} view {view.outputs[0].type} does not split {x.type} into heads")
-            nodes += [split, view]
-            sources.append(x)
-        m = Match(node, {"sources": sources, "att": att, "q_heads": heads, "rotaries": rotaries,
-                         "kv_heads": att.inputs[1].shape[1]}, nodes)
-        reason = escapes(graph, m)
-        if reason:
-            raise NoMatch(reason)
-        return m, 0
+                return f"{what} view {view.type} does not split {x.type} into heads"
+        return None
 
     def rewrite(self, b: Builder, m: Match):
-        heads = (int(m.q_heads), int(m.kv_heads), int(m.kv_heads))
-        sources = [x if rot is None else
-                   b.op("RotaryEmbedding", x, *rot.inputs[1:], **dict(rot.attrs, num_heads=n))
-                   for x, rot, n in zip(m.sources, m.rotaries, heads)]
-        attrs = dict(m.att.attrs, q_num_heads=heads[0], kv_num_heads=heads[1])
-        return b.op("Attention", *sources, *m.att.inputs[3:], **attrs)
+        att = m.att.producer
+        heads = (int(m.att.shape[1]), int(att.inputs[1].shape[1]), int(att.inputs[1].shape[1]))
+        sources = []
+        for what, n in zip(self.WHAT, heads):
+            x, rotary = m.get(what), m.get(f"{what}_rotary")
+            if rotary is not None:
+                rot = rotary.producer
+                x = b.op("RotaryEmbedding", x, *rot.inputs[1:], **dict(rot.attrs, num_heads=n))
+            sources.append(x)
+        attrs = dict(att.attrs, q_num_heads=heads[0], kv_num_heads=heads[1])
+        return b.op("Attention", *sources, *att.inputs[3:], **attrs)
 
 
 # ------------------------------------------------------------------------------ causal-mask
@@ -510,20 +427,15 @@ class CausalMaskPass(RewritePass):
 class ExplicitCausalRule(Rule):
     name = "explicit-causal-mask"
 
-    def patterns(self, op) -> List[OpPat]:
-        return []
-
-    def match(self, graph, node, patterns, reasons):
-        if node.domain == "tgraph" and node.op == "CausalMask":
-            return Match(node, {"scores": node.inputs[0], "window": int(node.attrs.get("window", 0) or 0)}, [node]), 0
-        return None
+    def pattern(self, op: OpBuilder) -> Pattern:
+        return op.CausalMask(Var("scores"), _domain="tgraph", window=Var("window"))
 
     def rewrite(self, b: Builder, m: Match):
         s = m.scores
         rank = s.type.rank
         tq = b.op("Shape", s, start=rank - 2, end=rank - 1)
         tk = b.op("Shape", s, start=rank - 1)
-        keep = causal_keep(b, tq, tk, m.window)                                            # (Tq, Tk)
+        keep = causal_keep(b, tq, tk, int(m.window or 0))                                           # (Tq, Tk)
         lowest = b.const(np.array(np.finfo(s.type.dtype.numpy).min, s.type.dtype.numpy), hint="mask_fill")
         return b.op("Where", keep, s, lowest)
 

@@ -76,6 +76,7 @@ def feeds(graph, batch=2, seq=5):
 
 
 def fuse(graph):
+    optimize(graph, pipeline="canonicalize")            # as at -O2: one spelling (no unit Slice steps)
     return apply_rules(graph, [RotaryRule()])["rotary"]
 
 
@@ -161,13 +162,14 @@ def test_runs_before_attention_at_O2():
 
 # ------------------------------------------------------------------------------ negative
 def _reasons(graph):
+    optimize(graph, pipeline="canonicalize")
     return [m.reason for m in explain(graph, [RotaryRule()])]
 
 
 @pytest.mark.parametrize("kwargs,reason", [
     ({"tables": "inputs"}, "cannot prove that cos table cos repeats over its two halves"),
     ({"freqs": np.arange(8, dtype=np.float32)}, "repeats over its two halves"),        # GPT-J style table
-    ({"tables": "inputs", "table_shape": ("batch", 3, "seq", 8)}, "not [seq, rotary_dim] or [batch, 1, seq"),
+    ({"tables": "inputs", "table_shape": ("batch", 3, "seq", 8)}, "not [seq, rotary_dim], [batch, 1, seq, rotary_dim] or [batch, seq, 1"),
     ({"tables": "inputs", "table_shape": ("batch", 1, "seq", 8), "x_batch": 1}, "broadcasts x float32[1,3,seq,8] up"),
     ({"leak": True}, "used elsewhere"),
 ])
@@ -182,7 +184,9 @@ def test_refused_with_reason(kwargs, reason):
 def test_inverse_rotation_is_not_fused():
     """concat(x1, -x2) rotates the other way: RotaryEmbedding cannot express it."""
     g = rotary_graph(neg_first=False)
-    assert [m.node for m in explain(g, [RotaryRule()])] == [g.outputs[0].producer.name]
+    optimize(g, pipeline="canonicalize")
+    misses = {m.node: m.reason for m in explain(g, [RotaryRule()])}
+    assert "expected Neg" in misses[g.outputs[0].producer.name], misses
     assert fuse(g) == 0
 
 
@@ -247,3 +251,125 @@ def _ort(model, feeds):
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+# ------------------------------------------------------------------------------ rotate_every_two (GPT-J)
+def _inv_freq_half(r):
+    return (1.0 / 10000.0 ** (np.arange(0, r, 2) / r)).astype(np.float32)          # (R/2,)
+
+
+def every_two_graph(d=8, r=None, heads_axis=2, tables="interleaved"):
+    """GPT-J's rotary, op by op as torch exports it: x (B, T, 3, d) (heads_axis 2) or (B, 3, T, d),
+    rotate_every_two(x) = stack(-x[..., 1::2], x[..., 0::2]).flatten(-2), and tables that
+    repeat_interleave each angle (Unsqueeze -> Tile -> Reshape); `tables="halves"` repeats
+    them rotate_half's way instead (cat(f, f)), which this layout must refuse."""
+    r = r or d
+    b = Builder()
+    g = b.graph
+    x = g.add_input("x", TensorType(DType.float32, ("batch", "seq", 3, d) if heads_axis == 2 else ("batch", 3, "seq", d)))
+    ids = g.add_input("ids", TensorType(DType.int64, ("batch", "seq")))
+    pos = b.op("Unsqueeze", b.op("Cast", ids, to=DType.float32), axes=[2])              # (B, T, 1)
+    ang = b.op("Mul", pos, b.const(_inv_freq_half(r)))                                   # (B, T, R/2)
+
+    def table(fn):
+        t = b.op("Unsqueeze", b.op(fn, ang), axes=[heads_axis])                          # (B, T, 1, R/2) | (B, 1, T, R/2)
+        if tables == "halves":
+            return b.op("Concat", t, t, axis=-1)
+        t = b.op("Tile", b.op("Unsqueeze", t, axes=[4]), b.const(i64(1, 1, 1, 1, 2)))    # (.., R/2, 2)
+        return b.op("Reshape", t, b.const(i64(0, 0, 0, r)))                               # (.., R): each angle twice
+    cos, sin = table("Cos"), table("Sin")
+    big = b.const(i64(2 ** 62))
+    rot = b.op("Slice", x, b.const(i64(0)), b.const(i64(r)), b.const(i64(-1)), b.const(i64(1))) if r < d else x
+    even = b.op("Slice", rot, b.const(i64(0)), big, b.const(i64(-1)), b.const(i64(2)))
+    odd = b.op("Slice", rot, b.const(i64(1)), big, b.const(i64(-1)), b.const(i64(2)))
+    pairs = b.op("Concat", b.op("Unsqueeze", b.op("Neg", odd), axes=[-1]), b.op("Unsqueeze", even, axes=[-1]), axis=-1)
+    rotated = b.op("Reshape", pairs, b.op("Shape", rot))
+    y = b.op("Add", b.op("Mul", rot, cos), b.op("Mul", rotated, sin))
+    if r < d:
+        y = b.op("Concat", y, b.op("Slice", x, b.const(i64(r)), big, b.const(i64(-1)), b.const(i64(1))), axis=-1)
+    g.outputs = [y]
+    g.verify()
+    return g
+
+
+def every_two_reference(x, ids, r, heads_axis):
+    """The GPT-J formula in NumPy (HF's apply_rotary_pos_emb with rotate_every_two)."""
+    ang = ids[..., None].astype(np.float64) * _inv_freq_half(r)                          # (B, T, R/2)
+    cos, sin = (np.expand_dims(np.repeat(f(ang), 2, axis=-1), heads_axis) for f in (np.cos, np.sin))
+    rot = x[..., :r]
+    rotated = np.stack([-rot[..., 1::2], rot[..., 0::2]], axis=-1).reshape(rot.shape)
+    return np.concatenate([rot * cos + rotated * sin, x[..., r:]], axis=-1)
+
+
+@pytest.mark.parametrize("heads_axis", [2, 1])
+@pytest.mark.parametrize("d,r", [(8, None), (8, 4), (12, 4)])
+def test_every_two_fuses_interleaved_and_matches_the_formula(heads_axis, d, r):
+    g = every_two_graph(d=d, r=r, heads_axis=heads_axis)
+    inputs = [feeds(g, 2, 5), feeds(g, 1, 9)]
+    refs = [every_two_reference(f["x"], f["ids"], r or d, heads_axis) for f in inputs]
+    for f, ref in zip(inputs, refs):                       # the graph is the formula
+        np.testing.assert_allclose(run_onnx(g, f)[g.outputs[0].name], ref, atol=1e-5, rtol=1e-5)
+    assert fuse(g) == 1
+    optimize(g, pipeline="cse,dce")
+    hist = g.op_histogram()
+    assert hist["RotaryEmbedding"] == 1 and "Neg" not in hist, hist
+    node = next(n for n in g.nodes if n.op == "RotaryEmbedding")
+    assert node.attrs["interleaved"] == 1 and node.attrs["rotary_embedding_dim"] == (0 if r is None else r)
+    assert node.inputs[0].type.rank == (3 if heads_axis == 2 else 4)      # [B, T, H*D] with num_heads
+    for f, ref in zip(inputs, refs):                       # onnxruntime's RotaryEmbedding-23 and ours
+        np.testing.assert_allclose(run_onnx(g, f)[g.outputs[0].name], ref, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(evaluate(g, f)[g.outputs[0].name], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_every_two_with_rotate_half_tables_is_refused():
+    g = every_two_graph(tables="halves")
+    assert any("repeats each column for a pair of dims" in r for r in _reasons(g)), _reasons(g)
+    assert fuse(g) == 0
+
+
+def test_hugging_face_gptj_export_fuses_interleaved(tmp_path):
+    """PyTorch's legacy export of HF GPT-J (partial rotary on [B, T, H, D], repeat_interleave'd
+    tables): every rotary becomes RotaryEmbedding{interleaved=1}, attention fuses with merged
+    heads, and the outputs are onnxruntime's on the exported model."""
+    import warnings
+
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import onnx
+
+    from tgraph.onnx_import import import_onnx
+
+    cfg = transformers.GPTJConfig(vocab_size=67, n_positions=64, n_embd=32, n_layer=2, n_head=4, rotary_dim=4,
+                                  n_inner=48, bos_token_id=0, eos_token_id=0)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    hf = transformers.GPTJModel(cfg).eval()
+
+    class LastHidden(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = hf
+
+        def forward(self, input_ids, attention_mask):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+    ids, mask = RNG.integers(0, 67, (2, 5)), np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], np.int64)
+    path = tmp_path / "gptj.onnx"
+    dyn = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(LastHidden(), (torch.tensor(ids), torch.tensor(mask)), str(path),
+                          input_names=["input_ids", "attention_mask"], output_names=["y"], dynamic_axes=dyn,
+                          opset_version=17, dynamo=False)
+    exported = onnx.load(str(path))
+    graph = import_onnx(exported)
+    result = optimize(graph, level=2)
+    hist = graph.op_histogram()
+    assert result.fusions()["rotary"] == 4 and "Neg" not in hist and hist.get("Attention") == 2, hist
+    assert {n.attrs["interleaved"] for n in graph.nodes if n.op == "RotaryEmbedding"} == {1}
+    assert all(n.inputs[0].type.rank == 3 for n in graph.nodes if n.op == "Attention")       # heads merged
+    for batch, seq in ((2, 5), (1, 8)):
+        f = {"input_ids": RNG.integers(0, 67, (batch, seq)), "attention_mask": np.ones((batch, seq), np.int64)}
+        f["attention_mask"][0, -1] = 0
+        np.testing.assert_allclose(run_onnx(graph, f)["y"], _ort(exported, f), atol=1e-5, rtol=0)
+

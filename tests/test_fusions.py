@@ -15,6 +15,7 @@ import pytest
 from model_harness import run_onnx
 from tgraph.dsl import InputSpec, LayerNorm, Module, MultiHeadAttention, RMSNorm, causal_mask
 from tgraph.dsl import attention, gelu, gelu_tanh, padding_keep_mask, trace, where, lowest
+from tgraph.dsl.tensor import Tensor, _op
 from tgraph.ir import Builder, DType, TensorType
 from tgraph.ir.evaluate import evaluate
 from tgraph.passes import get_pass, optimize
@@ -339,7 +340,7 @@ def test_fuse_attention_dsl(kw):
 
 
 @pytest.mark.parametrize("variant", ["scale-q-before", "div-after", "pretransposed-k", "where-10000", "where-shared",
-                                     "fp32-casts"])
+                                     "fp32-casts", "scale-q-and-kt", "two-biases"])
 def test_fuse_attention_foreign_spellings(variant):
     def fn(self, q, k, v):
         if variant == "scale-q-before":
@@ -353,6 +354,10 @@ def test_fuse_attention_foreign_spellings(variant):
         elif variant == "where-shared":                   # the mask reuses the scores: must be refused
             s0 = q @ k.swap_last()
             s = where(s0 > -100.0, s0 * 0.25, -10000.0)
+        elif variant == "scale-q-and-kt":                 # torch SDPA's export: sqrt(scale) on each side
+            s = (q * 0.5) @ (k.swap_last() * 0.5)
+        elif variant == "two-biases":                     # T5: + position bias, then + padding mask
+            s = ((q @ k.swap_last()) * 0.25 + k.sum(-1).swap_last()) + v.sum(-1).swap_last()
         else:
             s = ((q @ k.swap_last()) * 0.25).cast(DType.float32)
         p = s.softmax(-1)
@@ -364,7 +369,20 @@ def test_fuse_attention_foreign_spellings(variant):
         assert apply_rules(g, [AttentionRule()]) == {"attention": 0}
         assert any("used elsewhere" in x.reason for x in explain(g, [AttentionRule()]))
         return
-    fuse_and_compare(m, ["fuse-attention"], {}, {"Attention": 1, "Softmax": 0})
+    g = fuse_and_compare(m, ["fuse-attention"], {}, {"Attention": 1, "Softmax": 0, "Add": 1 if variant == "two-biases" else 0})
+    assert next(n for n in g.nodes if n.op == "Attention").attrs["scale"] == pytest.approx(0.25)
+
+
+def test_attention_on_repeated_kv_gets_the_kv_heads():
+    """An Attention-23 that an exporter wrote on HF's repeat_kv (torch dynamo, opset 23) gets the
+    un-repeated K/V: the op shares each K/V head among its group of query heads itself."""
+    def fn(self, q, k, v):
+        rep = [t.unsqueeze(2).expand([1, 2, 2, 6, 16]).reshape(1, 4, 6, 16) for t in (k, v)]
+        return Tensor(_op("Attention", q._value(), rep[0]._value(), rep[1]._value(), scale=0.25, is_causal=1))
+    m = Fn(fn, q=f32(1, 4, 6, 16), k=f32(1, 2, 6, 16), v=f32(1, 2, 6, 16))
+    g = fuse_and_compare(m, ["fuse-attention"], {}, {"Attention": 1, "Expand": 0})
+    att = next(n for n in g.nodes if n.op == "Attention")
+    assert att.inputs[1].shape[1] == att.inputs[2].shape[1] == 2 and att.attrs["is_causal"] == 1
 
 
 def test_attention_with_probabilities_returned_is_refused():
