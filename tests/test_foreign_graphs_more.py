@@ -11,8 +11,8 @@ softmax scale. Each export is made once per session (they are the slow part).
 LayerNormalization/RMSNormalization, GELU -> Gelu, rotary -> RotaryEmbedding, and none of the
 ops those are written with left over. Values are a separate test: onnxruntime (optimizer
 off) on tgraph's -O2 re-export against the exported model, same inputs, padded rows included.
-Cases that do not fuse fully today are strict xfails whose reason is the near miss
-(`optimize(...).near_misses()`), so whoever fixes the fusion flips them.
+A failing case prints the fusion's near misses (`optimize(...).near_misses()`), which name
+the rule and the node where it gave up.
 """
 import math
 from typing import NamedTuple
@@ -60,22 +60,13 @@ NO_LEFTOVERS = {"gpt2": LEFTOVERS, "llama": LEFTOVERS + ("Reciprocal", "Neg"),
                 "gptj": LEFTOVERS + ("Neg",), "t5": LEFTOVERS + ("Reciprocal",)}
 
 
-def _miss(reason: str):
-    return pytest.mark.xfail(strict=True, reason=reason)
-
-
-# The near misses, one line each (what `result.near_misses()` says, and what it means).
-FP16_RMSNORM = ("rms-norm: 'expected Mul for <Cast>, found Cast' -- fp16 RMSNorm is "
-                "w * Cast16(Cast32(x) * rsqrt(mean(Cast32(x)^2) + eps)); the pattern has no Casts")
-FP16_GELU = ("gelu: 'expected Mul for <Add>, found Add' -- fp16 tanh-GELU's constant 0.044715 is "
-             "0.044708 in fp16 (rel. error 1.5e-4), outside the rule's rtol 1e-4")
 FUSE_CASES = [
     pytest.param(Case("gpt2", "sdpa", "fp32", "dynamo", 23)),
     pytest.param(Case("llama", "sdpa", "fp32", "dynamo", 23)),
-    pytest.param(Case("gpt2", "eager", "fp16", "legacy", 17), marks=_miss(FP16_GELU)),
-    pytest.param(Case("gpt2", "eager", "fp16", "dynamo", 18), marks=_miss(FP16_GELU)),
-    pytest.param(Case("llama", "eager", "fp16", "legacy", 17), marks=_miss(FP16_RMSNORM)),
-    pytest.param(Case("llama", "eager", "fp16", "dynamo", 18), marks=_miss(FP16_RMSNORM)),
+    pytest.param(Case("gpt2", "eager", "fp16", "legacy", 17)),
+    pytest.param(Case("gpt2", "eager", "fp16", "dynamo", 18)),
+    pytest.param(Case("llama", "eager", "fp16", "legacy", 17)),
+    pytest.param(Case("llama", "eager", "fp16", "dynamo", 18)),
     pytest.param(Case("gptj", "eager", "fp32", "legacy", 17)),
     pytest.param(Case("gptj", "eager", "fp32", "dynamo", 18)),
     pytest.param(Case("t5", "eager", "fp32", "legacy", 17)),
@@ -230,14 +221,10 @@ def _rotary_onnx(negate: str = "neg", tables: str = "range", d: int = 8):
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-MUL_NEG = ("rotary: 'expected Neg for nx2, found Mul' -- canonicalize turns Mul(x2, -1) into Neg(x2) only for "
-           "a constant that is no parameter, and the importer marks every initializer (this -1 too) is_param")
-
-
 @pytest.mark.parametrize("negate,tables", [
     ("neg", "range"),
-    pytest.param("mul-minus-one", "range", marks=_miss(MUL_NEG)),
-    pytest.param("minus-one-mul", "range", marks=_miss(MUL_NEG)),
+    pytest.param("mul-minus-one", "range"),
+    pytest.param("minus-one-mul", "range"),
     ("neg", "position-ids"),
 ])
 def test_hand_built_rotary_spellings_fuse(negate, tables):
