@@ -53,6 +53,8 @@ class SkipNormRule(Rule):
 
     #: the `_name` of the residual Add, whose sum the op's second output replaces
     also_replaces = ("sum",)
+    #: every norm is a candidate: say why one whose input is no Add stays as it is
+    near_miss_nodes = 1
     FUSED = {"LayerNormalization": ("skip-layer-norm", "SkipLayerNormalization"),
              "RMSNormalization": ("skip-rms-norm", "SkipSimplifiedLayerNormalization")}
 

@@ -198,7 +198,13 @@ class Matcher:
 
     @property
     def reason(self) -> str:
+        """Why the attempt that got furthest failed."""
         return self._best[1]
+
+    @property
+    def depth(self) -> int:
+        """How many nodes the attempt that got furthest had matched."""
+        return self._best[0]
 
     def _fail(self, st: _State, reason: str) -> None:
         if len(st.nodes) > self._best[0]:
@@ -377,11 +383,14 @@ class Rule:
     #: built before the first node producing a replaced value (its inputs must exist there).
     also_replaces: ClassVar[Tuple[str, ...]] = ()
 
+    #: A spelling that did not match is reported as a near miss only when the attempt that
+    #: got furthest matched this many nodes: one that fails at the root's inputs is just
+    #: another MatMul or Add, not an attention or a norm written slightly differently.
+    #: (A structural match refused by `check` is always reported.)
+    near_miss_nodes: ClassVar[int] = 2
+
     def pattern(self, op: OpBuilder) -> Pattern:
-        legacy = getattr(self, "patterns", None)      # TRANSITION: rules not yet written as one pattern
-        if legacy is None:
-            raise NotImplementedError
-        return Or(*legacy(op))
+        raise NotImplementedError
 
     def check(self, m: Match, graph: Graph) -> Optional[str]:
         return None
@@ -398,8 +407,6 @@ class CompiledRule:
 
     @classmethod
     def of(cls, rule: Rule) -> "CompiledRule":
-        if hasattr(rule, "match"):                   # TRANSITION: a hand matcher, tried everywhere
-            return cls(rule, None, frozenset())
         pattern = rule.pattern(OpBuilder())
         return cls(rule, pattern, root_ops(pattern))
 
@@ -407,8 +414,6 @@ class CompiledRule:
         """This rule's first acceptable match at `node`, or (None, the reason to report).
         A refusal of a structural match (by `check` or escaping intermediates) is reported
         in preference to spellings that did not match."""
-        if self.pattern is None:
-            return self._legacy(graph, node)
         if (node.domain, node.op) not in self.roots:
             return None, None
         matcher = Matcher(graph)
@@ -421,19 +426,9 @@ class CompiledRule:
             if reason is None:
                 return m, None
             refused = refused or reason
-        return None, refused or matcher.reason
-
-
-    def _legacy(self, graph: Graph, node: Node) -> Tuple[Optional[Match], Optional[str]]:
-        reasons: List[str] = []
-        try:
-            found = self.rule.match(graph, node, self.rule.patterns(OpBuilder()), reasons)
-        except NoMatch as e:
-            return None, str(e)
-        if found is None:
-            return None, reasons[0] if reasons else None
-        m, m.root_index = found
-        return m, None
+        if refused:
+            return None, refused
+        return None, matcher.reason if matcher.depth >= self.rule.near_miss_nodes else None
 
 
 def _is_inside(v: Value, m: Match) -> bool:
