@@ -203,20 +203,28 @@ def test_uneven_cut_is_refused():
 
 def test_hugging_face_llama_export_fuses(tmp_path):
     """PyTorch's export of HF LLaMA: Slice halves, [1, 1, T, D] tables from cat(freqs, freqs)."""
-    import warnings
-
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    import onnx
-
-    from tgraph.codegen.onnx import to_onnx
-    from tgraph.onnx_import import import_onnx
-
     cfg = transformers.LlamaConfig(vocab_size=67, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
     hf = transformers.LlamaModel(cfg).eval()
+
+    graph, exported = _export_and_fuse(hf, tmp_path / "llama.onnx")
+    assert "Neg" not in graph.op_histogram()
+    _check_against_export(graph, exported)
+
+
+def _export_and_fuse(hf, path):
+    """Export an HF base model's last hidden state with torch's legacy exporter (opset 17), import
+    it and run -O2: (the fused graph, the exported model). Every layer's q and k must rotate."""
+    import warnings
+
+    import onnx
+    import torch
+
+    from tgraph.onnx_import import import_onnx
 
     class LastHidden(torch.nn.Module):
         def __init__(self):
@@ -226,9 +234,7 @@ def test_hugging_face_llama_export_fuses(tmp_path):
         def forward(self, input_ids, attention_mask):
             return self.m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
-    ids = RNG.integers(0, 67, (2, 5))
-    mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], np.int64)
-    path = tmp_path / "llama.onnx"
+    ids, mask = RNG.integers(0, 67, (2, 5)), np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], np.int64)
     dyn = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -238,7 +244,12 @@ def test_hugging_face_llama_export_fuses(tmp_path):
     exported = onnx.load(str(path))
     graph = import_onnx(exported)
     result = optimize(graph, level=2)
-    assert result.fusions()["rotary"] == 4 and "Neg" not in graph.op_histogram()
+    assert result.fusions()["rotary"] == 2 * hf.config.num_hidden_layers, result.near_misses()
+    return graph, exported
+
+
+def _check_against_export(graph, exported):
+    """The fused graph equals the export on onnxruntime (optimizer off) at two shapes, a padded row each."""
     for batch, seq in ((2, 5), (1, 8)):
         f = {"input_ids": RNG.integers(0, 67, (batch, seq)), "attention_mask": np.ones((batch, seq), np.int64)}
         f["attention_mask"][0, -1] = 0
@@ -331,45 +342,18 @@ def test_hugging_face_gptj_export_fuses_interleaved(tmp_path):
     """PyTorch's legacy export of HF GPT-J (partial rotary on [B, T, H, D], repeat_interleave'd
     tables): every rotary becomes RotaryEmbedding{interleaved=1}, attention fuses with merged
     heads, and the outputs are onnxruntime's on the exported model."""
-    import warnings
-
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    import onnx
-
-    from tgraph.onnx_import import import_onnx
-
     cfg = transformers.GPTJConfig(vocab_size=67, n_positions=64, n_embd=32, n_layer=2, n_head=4, rotary_dim=4,
                                   n_inner=48, bos_token_id=0, eos_token_id=0)
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
     hf = transformers.GPTJModel(cfg).eval()
 
-    class LastHidden(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.m = hf
-
-        def forward(self, input_ids, attention_mask):
-            return self.m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-
-    ids, mask = RNG.integers(0, 67, (2, 5)), np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], np.int64)
-    path = tmp_path / "gptj.onnx"
-    dyn = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(LastHidden(), (torch.tensor(ids), torch.tensor(mask)), str(path),
-                          input_names=["input_ids", "attention_mask"], output_names=["y"], dynamic_axes=dyn,
-                          opset_version=17, dynamo=False)
-    exported = onnx.load(str(path))
-    graph = import_onnx(exported)
-    result = optimize(graph, level=2)
+    graph, exported = _export_and_fuse(hf, tmp_path / "gptj.onnx")
     hist = graph.op_histogram()
-    assert result.fusions()["rotary"] == 4 and "Neg" not in hist and hist.get("Attention") == 2, hist
+    assert "Neg" not in hist and hist.get("Attention") == 2, hist
     assert {n.attrs["interleaved"] for n in graph.nodes if n.op == "RotaryEmbedding"} == {1}
     assert all(n.inputs[0].type.rank == 3 for n in graph.nodes if n.op == "Attention")       # heads merged
-    for batch, seq in ((2, 5), (1, 8)):
-        f = {"input_ids": RNG.integers(0, 67, (batch, seq)), "attention_mask": np.ones((batch, seq), np.int64)}
-        f["attention_mask"][0, -1] = 0
-        np.testing.assert_allclose(run_onnx(graph, f)["y"], _ort(exported, f), atol=1e-5, rtol=0)
+    _check_against_export(graph, exported)
 
