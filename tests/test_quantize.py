@@ -324,7 +324,9 @@ def test_random_checkpoint_logit_cosine(tmp_path_factory, kind):
                          ("int4 head8", QuantizeOptions("int4", head_bits=8)),
                          ("int4 awq", QuantizeOptions("int4", method="awq", calibration=calib)),
                          ("int4 awq+gptq head8", QuantizeOptions("int4", method="awq+gptq", head_bits=8,
-                                                                 calibration=calib))):
+                                                                 calibration=calib)),
+                         ("int4 gptq block16", QuantizeOptions("int4", method="gptq", block_size=16,
+                                                               calibration=calib))):
         q = g.copy()
         quantize_graph(q, opts)
         got[scheme] = error_report(g, q, greedy_tokens=4)
@@ -338,6 +340,8 @@ def test_random_checkpoint_logit_cosine(tmp_path_factory, kind):
     # head at 8 bits GPT-2 0.9971, LLaMA 0.98995, which misses 0.99).
     assert cos["int4 awq"] >= cos["int4"] - 0.002, cos
     assert cos["int4 awq+gptq head8"] >= (0.99 if kind == "gpt2" else cos["int4 head8"] - 0.002), cos
+    # Every weight int4, head included, at block 16 with GPTQ (measured: LLaMA 0.9919; RTN 0.9897).
+    assert cos["int4 gptq block16"] >= 0.99, cos
     assert got["int8"]["greedy"]["tokens"] == 4
     assert got["int4"]["file_bytes"]["ratio"] < got["int4 head8"]["file_bytes"]["ratio"] < got["int8"]["file_bytes"]["ratio"] < 1
 
