@@ -33,12 +33,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from tgraph.ir import Builder, DType, Graph, Node, Value
+from tgraph.ir import DType, Graph, Node, Value
 from tgraph.ir.lazy import is_lazy
 
 from .base import Pass, register_pass
 from .fold_constants import FoldConstants
-from .rewrite import can_replace, is_output, replace_value
+from .rewrite import builder_at, can_replace, is_output, replace_value
 
 F16, BF16, F32, F64 = DType.float16, DType.bfloat16, DType.float32, DType.float64
 PLAIN_FLOATS = frozenset({F16, BF16, F32, F64})
@@ -88,15 +88,6 @@ def _private(graph: Graph, v: Value) -> bool:
     return len(v.uses) == 1 and not is_output(graph, v)
 
 
-def _builder(graph: Graph, node: Node) -> Builder:
-    """A builder inserting before `node`, in its scope (as fusions do)."""
-    b = Builder(graph)
-    b.insert_before = node
-    scope = node.meta.get("scope", "")
-    b.scope = scope.split(".") if scope else []
-    return b
-
-
 def _perm(node: Node) -> Optional[List[int]]:
     rank = node.inputs[0].type.rank
     perm = node.attrs.get("perm")
@@ -117,7 +108,7 @@ def div_by_constant(node: Node, graph: Graph) -> Optional[Value]:
     inverse = np.asarray(1.0 / value).astype(c.dtype.numpy)
     if not np.isfinite(inverse) or (c.dtype in (F16, BF16) and float(inverse) != 1.0 / value):
         return None
-    b = _builder(graph, node)
+    b = builder_at(graph, node)
     return b.op("Mul", x, b.const(inverse.reshape(c.type.shape), hint="canon"))
 
 
@@ -130,7 +121,7 @@ def mul_by_reciprocal(node: Node, graph: Graph) -> Optional[Value]:
         y = rec.inputs[0] if rec is not None else \
             one_div.inputs[1] if one_div is not None and _is(one_div.inputs[0], 1.0) else None
         if y is not None and _private(graph, r):
-            return _builder(graph, node).op("Div", x, y)
+            return builder_at(graph, node).op("Div", x, y)
     return None
 
 
@@ -141,7 +132,7 @@ def one_over(node: Node, graph: Graph) -> Optional[Value]:
     out = node.outputs[0]
     if _private(graph, out) and out.uses[0][0].op == "Mul" and out.uses[0][0].domain == "":
         return None
-    return _builder(graph, node).op("Reciprocal", node.inputs[1])
+    return builder_at(graph, node).op("Reciprocal", node.inputs[1])
 
 
 def small_powers(node: Node, graph: Graph) -> Optional[Value]:
@@ -153,9 +144,9 @@ def small_powers(node: Node, graph: Graph) -> Optional[Value]:
     if p == 1.0:
         return x
     if p == 2.0:
-        return _builder(graph, node).op("Mul", x, x)
+        return builder_at(graph, node).op("Mul", x, x)
     if p == 0.5 and x.dtype.is_float:
-        return _builder(graph, node).op("Sqrt", x)
+        return builder_at(graph, node).op("Sqrt", x)
     return None
 
 
@@ -168,7 +159,7 @@ def negation(node: Node, graph: Graph) -> Optional[Value]:
         x = a if _is(b, -1.0) and not _is_const(a) else b if _is(a, -1.0) and not _is_const(b) else None
     else:
         x = b if _is(a, 0.0) and not _is_const(b) else None
-    return None if x is None else _builder(graph, node).op("Neg", x)
+    return None if x is None else builder_at(graph, node).op("Neg", x)
 
 
 def identity_element(node: Node, graph: Graph) -> Optional[Value]:
@@ -191,7 +182,7 @@ def constant_right(node: Node, graph: Graph) -> Optional[Value]:
     a, b = node.inputs
     if not _is_const(a) or _is_const(b):
         return None
-    return _builder(graph, node).op(node.op, b, a)
+    return builder_at(graph, node).op(node.op, b, a)
 
 
 def merge_scalars(node: Node, graph: Graph) -> Optional[Value]:
@@ -205,7 +196,7 @@ def merge_scalars(node: Node, graph: Graph) -> Optional[Value]:
     if av is None or bv is None or _is_const(x) or not _private(graph, inner):
         return None
     merged = (np.multiply if node.op == "Mul" else np.add)(av, bv).astype(node.outputs[0].dtype.numpy)
-    bld = _builder(graph, node)
+    bld = builder_at(graph, node)
     return bld.op(node.op, x, bld.const(merged, hint="canon"))
 
 
@@ -226,7 +217,7 @@ def cast_chain(node: Node, graph: Graph) -> Optional[Value]:
     if to == src.dtype:
         return src
     if mid in LOSSLESS[to]:
-        return _builder(graph, node).op("Cast", src, to=to)
+        return builder_at(graph, node).op("Cast", src, to=to)
     return None
 
 
@@ -246,7 +237,7 @@ def transpose_chain(node: Node, graph: Graph) -> Optional[Value]:
     composed = [p1[i] for i in p2]
     if composed == list(range(len(composed))):
         return inner.inputs[0]
-    return _builder(graph, node).op("Transpose", inner.inputs[0], perm=composed)
+    return builder_at(graph, node).op("Transpose", inner.inputs[0], perm=composed)
 
 
 def folded_heads_kt(node: Node, graph: Graph) -> Optional[Value]:
@@ -266,7 +257,7 @@ def folded_heads_kt(node: Node, graph: Graph) -> Optional[Value]:
     (b, h, t, d), (_, t1, d1), (b2, h2, d2, t2) = k.shape, r1.outputs[0].shape, kt.shape
     if None in (b, h, t, d) or (t1, d1) != (t, d) or (b2, h2, d2, t2) != (b, h, d, t):
         return None
-    return _builder(graph, node).op("Transpose", k, perm=[0, 1, 3, 2])
+    return builder_at(graph, node).op("Transpose", k, perm=[0, 1, 3, 2])
 
 
 def slice_unit_steps(node: Node, graph: Graph) -> Optional[Value]:
@@ -279,7 +270,7 @@ def slice_unit_steps(node: Node, graph: Graph) -> Optional[Value]:
     ins = list(node.inputs[:4])
     while ins and ins[-1] is None:
         ins.pop()
-    return _builder(graph, node).op("Slice", *ins)
+    return builder_at(graph, node).op("Slice", *ins)
 
 
 Rule = Callable[[Node, Graph], Optional[Value]]
