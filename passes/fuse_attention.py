@@ -18,22 +18,17 @@ import numpy as np
 from tgraph.ir import Builder, DType, Graph, Value
 
 from .base import register_pass
-from .pattern import ANY, Match, OpBuilder, Or, Pattern, RewritePass, Rule, Var, optional
+from .pattern import ANY, Match, OpBuilder, Or, Pattern, RewritePass, Rule, Var, optional, scalar_of
 
 MASK_FILL_LIMIT = -1e4       # a Where fill at or below this is a mask (contrib ops use -10000)
 
 
-def _scalar(a) -> Optional[float]:
-    """The value of a one-element constant (a larger one, e.g. a weight, is never read)."""
-    return float(np.asarray(a, np.float64).reshape(-1)[0]) if a is not None and a.size == 1 else None
-
-
 def _is_scale(a) -> bool:
-    return (_scalar(a) or 0.0) != 0.0
+    return (scalar_of(a) or 0.0) != 0.0
 
 
 def _is_mask_fill(a) -> bool:
-    c = _scalar(a)
+    c = scalar_of(a)
     return c is not None and c <= MASK_FILL_LIMIT
 
 
@@ -162,9 +157,9 @@ class AttentionMatch:
         scale = 1.0
         for tag in ("scale_q", "scale_k", "scale_s"):
             if tag in m.bindings:
-                scale *= _scalar(m.bindings[tag])
+                scale *= scalar_of(m.bindings[tag])
             if f"{tag}_div" in m.bindings:
-                scale /= _scalar(m.bindings[f"{tag}_div"])
+                scale /= scalar_of(m.bindings[f"{tag}_div"])
         k = m.k
         if "k_perm" in m.bindings:          # Kᵀ = Transpose(K, perm): K's own layout is perm with the last two swapped
             perm = list(m.k_perm)

@@ -18,7 +18,7 @@ import numpy as np
 from tgraph.ir import Builder, DType, Graph
 
 from .base import register_pass
-from .pattern import Match, OpBuilder, Or, Pattern, RewritePass, Rule, Var, optional
+from .pattern import Match, OpBuilder, Or, Pattern, RewritePass, Rule, Var, optional, scalar_of
 
 #: dtypes whose norms exporters compute in float32 between Casts (HF LLaMA in fp16).
 HALF = (DType.float16, DType.bfloat16)
@@ -29,11 +29,6 @@ def _last_axis(axes, rank: Optional[int]) -> Optional[int]:
     if axes is None or len(axes) != 1 or rank is None:
         return None
     return -1 if axes[0] % rank == rank - 1 else None
-
-
-def _scalar(m: Match, name: str) -> Optional[float]:
-    arr = m.get(name)
-    return None if arr is None or np.size(arr) != 1 else float(np.asarray(arr).reshape(-1)[0])
 
 
 def _vector_for(graph: Graph, v, x) -> Optional[str]:
@@ -81,7 +76,7 @@ def _norm_refusal(m: Match, graph: Graph, *weights: str) -> Optional[str]:
         return "not a float tensor"
     if _last_axis(m.axes, x.type.rank) is None:
         return f"normalises over axes {m.axes}, not the last one"
-    if _scalar(m, "eps") is None:
+    if scalar_of(m.get("eps")) is None:
         return "epsilon is not a scalar constant"
     reason = island_refusal(m)
     for name in weights:
@@ -155,7 +150,7 @@ class LayerNormRule(Rule):
         if gamma is None:
             gamma = b.const(np.ones(x.shape[-1], x.type.dtype.numpy), hint="ln_scale")
         ins = [x, gamma] + ([m.beta] if m.get("beta") is not None else [])
-        return b.op("LayerNormalization", *ins, axis=-1, epsilon=_scalar(m, "eps"))
+        return b.op("LayerNormalization", *ins, axis=-1, epsilon=scalar_of(m.get("eps")))
 
 
 @register_pass
@@ -193,7 +188,7 @@ class RMSNormRule(Rule):
         return _norm_refusal(m, graph, "gamma")
 
     def rewrite(self, b: Builder, m: Match):
-        return b.op("RMSNormalization", m.x, m.gamma, axis=-1, epsilon=_scalar(m, "eps"))
+        return b.op("RMSNormalization", m.x, m.gamma, axis=-1, epsilon=scalar_of(m.get("eps")))
 
 
 @register_pass

@@ -308,6 +308,12 @@ class Matcher:
             yield from self._inputs(p, node, ins, order, k + 1, after)
 
 
+def scalar_of(array) -> Optional[float]:
+    """The number in a one-element constant that a `ConstPat` bound, else None (a larger
+    constant, e.g. a weight, is never read)."""
+    return float(np.asarray(array, np.float64).reshape(-1)[0]) if array is not None and array.size == 1 else None
+
+
 def _const_refusal(p: ConstPat, v: Value) -> Optional[str]:
     if v.const is None:
         return f"expected a constant, found {v.name}"
