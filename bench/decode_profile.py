@@ -42,13 +42,13 @@ class Bound:
     """One decoder on fixed buffers, profiled."""
 
     def __init__(self, name: str, path: str, batch: int, max_length: int, threads: int, profile_dir: str,
-                 config=(), spinning: bool = True):
+                 config=(), spinning: bool = True, profile: bool = True):
         import onnxruntime as ort
 
         self.name, self.ort = name, ort
         so = ort.SessionOptions()
         so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-        so.enable_profiling = True
+        so.enable_profiling = profile                 # it slows every step: --wall-only for timing
         so.profile_file_prefix = os.path.join(profile_dir, name)
         if not spinning:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -152,6 +152,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-spinning", action="store_true",
                    help="threads sleep instead of spinning, so CPU time is work done (a loaded machine "
                         "inflates wall time by its time slicing, CPU time much less)")
+    p.add_argument("--wall-only", action="store_true",
+                   help="no onnxruntime profiling (its events cost time every step): wall and CPU time only")
     args = p.parse_args(argv)
     import onnxruntime as ort
 
@@ -163,7 +165,7 @@ def main(argv=None) -> int:
         name, _, path = item.partition("=")
         config = [tuple(c.split(":", 1)[1].split("=", 1)) for c in args.config if c.split(":", 1)[0] == name]
         models.append(Bound(name, path, args.batch, args.max_length, args.threads, tmp, config,
-                            spinning=not args.no_spinning))
+                            spinning=not args.no_spinning, profile=not args.wall_only))
     rng = np.random.default_rng(args.seed)
     prompt = rng.integers(3, 32000, size=(args.batch, args.prompt))
     tokens = {}
@@ -179,6 +181,12 @@ def main(argv=None) -> int:
     first = models[0].name
     for m in models:
         same = ids[m.name] == ids[first]
+        wall = statistics.median(m.walls) * 1000.0
+        if args.wall_only:
+            low, cpu = sorted(m.walls)[len(m.walls) // 10] * 1000.0, statistics.median(m.cpus) * 1000.0
+            print(f"\n{m.name}: ids {'==' if same else '!='} {first}'s\n  wall {wall:7.2f} ms/step "
+                  f"(p10 {low:7.2f}, min {min(m.walls) * 1000.0:7.2f}; CPU time {cpu:7.2f})")
+            continue
         run_ms, per_op, count = summarise(m.end_profile(), args.steps)
         wall = statistics.median(m.walls) * 1000.0
         low = sorted(m.walls)[len(m.walls) // 10] * 1000.0       # p10: nearer the uncontended time under load

@@ -17,10 +17,13 @@ Contenders (each in its own process, so peak RSS is its own; JSON lines, bench/p
                   `tgraph export CKPT --task generate -o DIR` writes; otherwise the checkpoint
                   (today's engine traces and exports it in the process: its build time).
     tgraph-O<n>   the same at -O<n>
-    tgraph-int4   `--task generate --quantize int4 --block-size 32`: "not available" until the
+    tgraph-int4   `--task generate --quantize int4 --block-size 32` (tgraph's default: asymmetric,
+                  with zero points); tgraph-int4-sym adds `--symmetric`. "not available" until the
                   CLI has those options
     genai         onnxruntime-genai's model builder `-p fp32 -e cpu` + its Generator loop
-    genai-int4    the builder's `-p int4 -e cpu` (block_size=32, its default accuracy_level 4)
+    genai-int4    the builder's `-p int4 -e cpu` (block_size=32, its defaults: symmetric, accuracy_level 4);
+                  genai-int4-asym adds is_symmetric=false. Each tgraph int4 is compared with the genai
+                  int4 of its own format (zero points cost MatMulNBits ~7% per step on this CPU).
     optimum       `optimum-cli export onnx --task text-generation-with-past` + ORTModelForCausalLM
     hf            transformers eager (torch), the reference for greedy ids
 
@@ -43,7 +46,8 @@ Exports are cached in --workdir (keyed by checkpoint, tool version and options; 
 of its source files), so a rerun only measures. Build/export times are reported separately.
 
     .venv/bin/python bench/generate.py [--points p32,p1024,p32b8] [--repeats 5]
-        [--contenders tgraph,tgraph-int4,genai,genai-int4,optimum,hf] [--quick]
+        [--contenders tgraph,tgraph-int4,tgraph-int4-sym,genai,genai-int4,genai-int4-asym,optimum,hf]
+        [--quick]
         [--tgraph-python /work/wt/h6-gen/.venv/bin/python] [--workdir DIR] [--json OUT]
 """
 from __future__ import annotations
@@ -74,7 +78,7 @@ OPTIMUM_PYTHON = "/work/benchvenvs/optimum/bin/python"
 LLAMA_CONFIG = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
                     intermediate_size=3072, vocab_size=32000, max_position_embeddings=2048,
                     tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-DEFAULT_CONTENDERS = "tgraph,tgraph-int4,genai,genai-int4,optimum,hf"
+DEFAULT_CONTENDERS = "tgraph,tgraph-int4,tgraph-int4-sym,genai,genai-int4,genai-int4-asym,optimum,hf"
 REFERENCE = "hf"
 WARMUP_TOKENS = 8           # the warm-up run per contender and point: same prompts, this many tokens
 FP32_BASELINE = "genai"
@@ -477,7 +481,7 @@ def parse_options(items: Optional[List[str]]) -> Dict[str, object]:
     return out
 
 
-TGRAPH_KEY = re.compile(r"^tgraph(?:-O(?P<level>\d)|-(?P<int4>int4))?(?:@(?P<tag>[A-Za-z0-9_.-]+))?$")
+TGRAPH_KEY = re.compile(r"^tgraph(?:-O(?P<level>\d)|-(?P<int4>int4)(?P<sym>-sym)?)?(?:@(?P<tag>[A-Za-z0-9_.-]+))?$")
 
 
 @dataclass(frozen=True)
@@ -485,15 +489,27 @@ class TgraphSpec:
     level: Optional[int]      # None: the engine's default
     int4: bool
     tag: str                  # which --tgraph-python ("" = the default one)
+    symmetric: bool = False   # int4 without zero points (genai's default format)
 
 
 def parse_tgraph_key(key: str) -> Optional[TgraphSpec]:
-    """`tgraph`, `tgraph-O2`, `tgraph-int4`, each optionally `@TAG` (a --tgraph-python TAG=PATH)."""
+    """`tgraph`, `tgraph-O2`, `tgraph-int4`, `tgraph-int4-sym`, each optionally `@TAG` (a
+    --tgraph-python TAG=PATH)."""
     match = TGRAPH_KEY.match(key)
     if not match:
         return None
     level = match.group("level")
-    return TgraphSpec(int(level) if level else None, bool(match.group("int4")), match.group("tag") or "")
+    return TgraphSpec(int(level) if level else None, bool(match.group("int4")), match.group("tag") or "",
+                      bool(match.group("sym")))
+
+
+def genai_int4_peer(spec: TgraphSpec) -> str:
+    """The genai contender with the same int4 format as `spec`."""
+    return "genai-int4" if spec.symmetric else "genai-int4-asym"
+
+
+def int4_label(symmetric: bool) -> str:
+    return f"int4 (block 32, {'symmetric' if symmetric else 'zero points'})"
 
 
 def parse_pythons(items: Optional[List[str]], default: str) -> Dict[str, str]:
@@ -514,7 +530,7 @@ def prepare_tgraph(c: Contender, spec: TgraphSpec, args, ckpt: Built, caps: dict
     level = spec.level if spec.level is not None else args.tgraph_level
     lv = f"-O{level}" if level is not None else "default -O"
     where = f"[{spec.tag}] " if spec.tag else ""
-    c.label = f"tgraph {where}{'int4 (block 32)' if spec.int4 else 'fp32'}"
+    c.label = f"tgraph {where}{int4_label(spec.symmetric) if spec.int4 else 'fp32'}"
     use_dir = args.tgraph_mode == "gendir" or (args.tgraph_mode == "auto" and caps["task"])
     if spec.int4:
         missing = [f for f, ok in (("--task generate", caps["task"]), ("--quantize", caps["quantize"]),
@@ -538,7 +554,7 @@ def prepare_tgraph(c: Contender, spec: TgraphSpec, args, ckpt: Built, caps: dict
     if caps["max_length"]:
         cmd += ["--max-length", str(max_length)]
     if spec.int4:
-        cmd += ["--quantize", "int4", "--block-size", "32"]
+        cmd += ["--quantize", "int4", "--block-size", "32"] + (["--symmetric"] if spec.symmetric else [])
     name = "tgraph-" + _hash(cmd[3:], caps["package"])[:8]
 
     def build(out: Path) -> None:
@@ -567,18 +583,18 @@ def prepare(key: str, args, ckpt: Built, caps: Dict[str, dict], env: dict, workd
             if spec.tag not in caps:
                 raise SystemExit(f"--contenders {key}: no --tgraph-python {spec.tag}=PATH")
             return prepare_tgraph(c, spec, args, ckpt, caps[spec.tag], env, workdir, max_length)
-        if key in ("genai", "genai-int4"):
-            int4 = key == "genai-int4"
+        if key in ("genai", "genai-int4", "genai-int4-asym"):
+            int4, asym = key.startswith("genai-int4"), key == "genai-int4-asym"
             c.quantized = int4
-            c.label = "onnxruntime-genai " + ("int4 (block 32)" if int4 else "fp32")
+            c.label = "onnxruntime-genai " + (int4_label(not asym) if int4 else "fp32")
             c.python, c.script = args.genai_python, "genai_runner.py"
             if not Path(args.genai_python).exists():
-                c.unavailable = f"not available: no {args.genai_python}"
+                c.unavailable = f"not available: no {args.genai_python} (bash bench/make_peer_venvs.sh makes it)"
                 return c
             version = subprocess.run([args.genai_python, "-c", "import onnxruntime_genai as og; print(og.__version__)"],
                                      capture_output=True, text=True, env=env, cwd=workdir).stdout.strip()
             opts = ["-p", "int4" if int4 else "fp32", "-e", "cpu"]
-            extra = ["hf_token=false"] + (["block_size=32"] if int4 else [])
+            extra = ["hf_token=false"] + (["block_size=32"] if int4 else []) + (["is_symmetric=false"] if asym else [])
 
             def build(out: Path) -> None:
                 cmd = [args.genai_python, "-m", "onnxruntime_genai.models.builder", "-i", str(ckpt.path),
@@ -597,7 +613,7 @@ def prepare(key: str, args, ckpt: Built, caps: Dict[str, dict], env: dict, workd
             c.python, c.script = args.optimum_python, "optimum_runner.py"
             cli = Path(args.optimum_python).parent / "optimum-cli"
             if not cli.exists():
-                c.unavailable = f"not available: no {cli}"
+                c.unavailable = f"not available: no {cli} (bash bench/make_peer_venvs.sh makes it)"
                 return c
 
             def build(out: Path) -> None:
@@ -721,8 +737,11 @@ def print_point(point: Point, contenders: List[Contender], results: Dict[str, di
         ratio = s.tokens_per_s / base.tokens_per_s if base else None
         ids = describe_ids("reference", ref_ids, slot["first"].ids) if c.key != reference_key else "reference"
         if c.quantized:
-            peer = next((q for q in contenders if q.quantized and q.key != c.key and results.get(q.key)
-                         and results[q.key]["first"] is not None), None)
+            spec = parse_tgraph_key(c.key)
+            same = genai_int4_peer(spec) if spec else ("tgraph-int4-sym" if c.key == "genai-int4" else "tgraph-int4")
+            others = [q for q in contenders if q.quantized and q.key != c.key and results.get(q.key)
+                      and results[q.key]["first"] is not None]
+            peer = next((q for q in others if q.key == same), others[0] if others else None)
             ids += " (quantized: fp32 ids not expected)"
             if peer is not None:
                 ids += f"; vs {peer.key} " + describe_ids(peer.key, results[peer.key]["first"].ids, slot["first"].ids)
@@ -752,7 +771,7 @@ def check_targets(points: List[Point], table: Dict[str, Dict[str, Optional[Summa
     specs = {k: spec for k in keys if (spec := parse_tgraph_key(k)) is not None and spec.level is None}
     for p in points:
         row = table[p.name]
-        g, g4 = row.get("genai"), row.get("genai-int4")
+        g = row.get("genai")
         for key, spec in specs.items():
             t = row.get(key)
             if t is None:
@@ -763,9 +782,10 @@ def check_targets(points: List[Point], table: Dict[str, Dict[str, Optional[Summa
                              f"{verdict(r >= 1.2)}); prefill {t.prefill_ms:.0f} vs {g.prefill_ms:.0f} ms "
                              f"(no slower: {verdict(t.prefill_ms <= g.prefill_ms)})")
             if spec.int4:
-                if g4:
-                    r = t.tokens_per_s / g4.tokens_per_s
-                    lines.append(f"{p.name}: {key} {r:.2f}x genai int4 (issue 10, >= 1x: {verdict(r >= 1)})")
+                peer = genai_int4_peer(spec)
+                if row.get(peer):
+                    r = t.tokens_per_s / row[peer].tokens_per_s
+                    lines.append(f"{p.name}: {key} {r:.2f}x {peer} (issue 10, >= 1x: {verdict(r >= 1)})")
                 fp32 = row.get("tgraph" + (f"@{spec.tag}" if spec.tag else ""))
                 if fp32:
                     r = t.tokens_per_s / fp32.tokens_per_s

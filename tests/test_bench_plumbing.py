@@ -209,6 +209,8 @@ def test_tgraph_keys_and_pythons():
     assert bench.parse_tgraph_key("tgraph") == bench.TgraphSpec(None, False, "")
     assert bench.parse_tgraph_key("tgraph-O2@h6") == bench.TgraphSpec(2, False, "h6")
     assert bench.parse_tgraph_key("tgraph-int4@h7") == bench.TgraphSpec(None, True, "h7")
+    assert bench.parse_tgraph_key("tgraph-int4-sym") == bench.TgraphSpec(None, True, "", symmetric=True)
+    assert bench.parse_tgraph_key("tgraph-O2-sym") is None
     assert bench.parse_tgraph_key("genai") is None and bench.parse_tgraph_key("tgraph-int8") is None
     assert bench.parse_pythons(["h6=/a/python", "/b/python"], "/default") == {"": "/b/python", "h6": "/a/python"}
     with pytest.raises(SystemExit):
@@ -221,13 +223,15 @@ def test_targets_compare_each_tgraph_with_genai():
 
     points = bench.parse_points("p32,p1024", new=4)
     table = {"p32": {"tgraph": s(30), "tgraph@h6": s(20), "genai": s(25), "genai-int4": s(6),
-                     "tgraph-int4@h6": s(5)},
+                     "genai-int4-asym": s(4), "tgraph-int4@h6": s(5), "tgraph-int4-sym@h6": s(5)},
              "p1024": {"tgraph": s(45), "tgraph@h6": s(22), "genai": s(28)}}
     lines = bench.check_targets(points, table)
     text = "\n".join(lines)
     assert "p32: tgraph decode tokens/s 0.83x genai fp32 (issue 9, >= 1.2x: NOT met)" in text
     assert "p32: tgraph@h6 decode tokens/s 1.25x genai fp32 (issue 9, >= 1.2x: met)" in text
-    assert "p32: tgraph-int4@h6 1.20x genai int4 (issue 10, >= 1x: met)" in text
+    # each int4 format against genai's of the same format: symmetric vs its default, zero points vs asym
+    assert "p32: tgraph-int4-sym@h6 1.20x genai-int4 (issue 10, >= 1x: met)" in text
+    assert "p32: tgraph-int4@h6 0.80x genai-int4-asym (issue 10, >= 1x: NOT met)" in text
     assert "p32: tgraph-int4@h6 4.00x its fp32 (issue 10, >= 3.5x: met)" in text
     assert "tgraph: decode ms/step p1024 / p32 = 1.50 (issue 9, <= 1.3: NOT met)" in text
     assert "tgraph@h6: decode ms/step p1024 / p32 = 1.10 (issue 9, <= 1.3: met)" in text
