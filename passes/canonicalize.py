@@ -24,7 +24,7 @@ and a later run, after the cleanup has folded it, finds the same forms; nodes st
 constants only (of parameters, or too big to fold) are left alone.
 
 Constants are read only when they are small and not checkpoint parameters, decided from
-the declared type (`_small`), so a lazy weight is never read.
+the declared type (`tgraph.passes.constants`), so a lazy weight is never read.
 """
 from __future__ import annotations
 
@@ -34,9 +34,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from tgraph.ir import DType, Graph, Node, Value
-from tgraph.ir.lazy import is_lazy
 
 from .base import Pass, register_pass
+from .constants import scalar_const, small_const
 from .fold_constants import FoldConstants
 from .rewrite import builder_at, can_replace, is_output, replace_value
 
@@ -49,27 +49,8 @@ MAX_SWEEPS = 64
 
 
 # ------------------------------------------------------------------ helpers
-def _small(v: Optional[Value], max_size: int = 1, read_params: bool = False) -> Optional[np.ndarray]:
-    """`v`'s contents if it is a constant of at most `max_size` elements and not a checkpoint
-    parameter (`read_params`: or a parameter, for rules that only compare the value; an
-    imported ONNX model's initializers are all parameters); the size comes from the
-    declared type, so a lazy weight is never read."""
-    if v is None or v.const is None or (v.is_param and not read_params) or is_lazy(v.const):
-        return None
-    shape = v.type.shape
-    if shape is None or not all(isinstance(d, int) for d in shape) or math.prod(shape) > max_size:
-        return None
-    return np.asarray(v.const)
-
-
-def _scalar(v: Optional[Value], read_params: bool = False) -> Optional[float]:
-    """The number in a size-1 constant (see `_small`), else None."""
-    a = _small(v, read_params=read_params)
-    return None if a is None or a.size != 1 else float(np.asarray(a, np.float64).reshape(-1)[0])
-
-
 def _is(v: Optional[Value], number: float) -> bool:
-    c = _scalar(v, read_params=True)
+    c = scalar_const(v, params=True)
     return c is not None and c == number
 
 
@@ -102,7 +83,7 @@ def div_by_constant(node: Node, graph: Graph) -> Optional[Value]:
     if node.op != "Div":
         return None
     x, c = node.inputs
-    value = _scalar(c)
+    value = scalar_const(c, params=False)
     if value is None or x.dtype not in PLAIN_FLOATS or value == 0 or not math.isfinite(value):
         return None
     inverse = np.asarray(1.0 / value).astype(c.dtype.numpy)
@@ -140,7 +121,7 @@ def small_powers(node: Node, graph: Graph) -> Optional[Value]:
     if node.op != "Pow":
         return None
     x, e = node.inputs
-    p = _scalar(e, read_params=True)
+    p = scalar_const(e, params=True)
     if p == 1.0:
         return x
     if p == 2.0:
@@ -192,7 +173,7 @@ def merge_scalars(node: Node, graph: Graph) -> Optional[Value]:
     inner, b = node.inputs
     a = inner.producer.inputs[1] if _make(inner, node.op) is not None else None
     x = inner.producer.inputs[0] if a is not None else None
-    av, bv = _small(a), _small(b)
+    av, bv = small_const(a, params=False), small_const(b, params=False)
     if av is None or bv is None or _is_const(x) or not _private(graph, inner):
         return None
     merged = (np.multiply if node.op == "Mul" else np.add)(av, bv).astype(node.outputs[0].dtype.numpy)
@@ -264,7 +245,7 @@ def slice_unit_steps(node: Node, graph: Graph) -> Optional[Value]:
     """Slice(x, starts, ends, axes, steps=[1, ...]) -> Slice(x, starts, ends, axes)."""
     if node.op != "Slice" or len(node.inputs) != 5 or node.inputs[4] is None:
         return None
-    steps = _small(node.inputs[4], max_size=64)
+    steps = small_const(node.inputs[4], 64, params=False)
     if steps is None or steps.dtype.kind not in "iu" or not np.all(steps == 1):
         return None
     ins = list(node.inputs[:4])

@@ -18,7 +18,8 @@ import numpy as np
 from tgraph.ir import Builder, DType, Graph, Value
 
 from .base import register_pass
-from .pattern import ANY, Match, OpBuilder, Or, Pattern, RewritePass, Rule, Var, optional, scalar_of
+from .constants import scalar_of, small_const
+from .pattern import ANY, Match, OpBuilder, Or, Pattern, RewritePass, Rule, Var, optional
 
 MASK_FILL_LIMIT = -1e4       # a Where fill at or below this is a mask (contrib ops use -10000)
 
@@ -188,7 +189,7 @@ def _refuse_layers(m: Match) -> Optional[str]:
         if keepdims not in (None, 1) or [a % rank for a in (axes or [])] != [rank - 1]:
             return "the fully-masked-row guard does not take the maximum over the last axis"
     for bias in (m.get("bias"), m.get("bias2")):
-        if bias is not None and bias.const is not None and bias.const.size == 1:
+        if small_const(bias, 1, params=True) is not None:
             return f"the scores' addend {bias.name} is a scalar, not a mask"
     return _refuse_unrepeat(m)
 

@@ -18,7 +18,8 @@ import numpy as np
 from tgraph.ir import Builder, DType, Graph
 
 from .base import register_pass
-from .pattern import Match, OpBuilder, Or, Pattern, RewritePass, Rule, Var, optional, scalar_of
+from .constants import scalar_of
+from .pattern import Match, OpBuilder, Or, Pattern, RewritePass, Rule, Var, optional
 
 #: dtypes whose norms exporters compute in float32 between Casts (HF LLaMA in fp16).
 HALF = (DType.float16, DType.bfloat16)

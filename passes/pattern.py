@@ -41,6 +41,7 @@ from tgraph.ir import Builder, Graph, Node, Value
 from tgraph.ir.traits import has_trait
 
 from .base import Pass
+from .constants import small_const
 from .rewrite import builder_at, replace_match
 
 #: A constant pattern with a `value` reads at most this many elements to compare them
@@ -308,20 +309,14 @@ class Matcher:
             yield from self._inputs(p, node, ins, order, k + 1, after)
 
 
-def scalar_of(array) -> Optional[float]:
-    """The number in a one-element constant that a `ConstPat` bound, else None (a larger
-    constant, e.g. a weight, is never read)."""
-    return float(np.asarray(array, np.float64).reshape(-1)[0]) if array is not None and array.size == 1 else None
-
-
 def _const_refusal(p: ConstPat, v: Value) -> Optional[str]:
     if v.const is None:
         return f"expected a constant, found {v.name}"
     arr = v.const
     if p.value is not None:
-        if arr.size == 0 or arr.size > MAX_COMPARED_ELEMENTS:
-            return f"constant {v.name} is not {p.value}"
-        if not np.allclose(np.asarray(arr, np.float64), p.value, rtol=p.rtol, atol=0):
+        small = small_const(v, MAX_COMPARED_ELEMENTS, params=True)
+        if small is None or small.size == 0 or not np.allclose(np.asarray(small, np.float64), p.value,
+                                                               rtol=p.rtol, atol=0):
             return f"constant {v.name} is not {p.value}"
     if p.predicate is not None and not p.predicate(arr):
         return f"constant {v.name} fails the rule's test"
