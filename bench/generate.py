@@ -562,7 +562,8 @@ def prepare_tgraph(c: Contender, spec: TgraphSpec, args, ckpt: Built, caps: dict
 
     built = cached_build(workdir, name, _hash(cmd[3:], tree_hash(Path(caps["package"]))), build,
                          " ".join(cmd[3:]) + " -o DIR")
-    c.builds.append((f"tgraph {where}export --task generate{' --quantize int4' if spec.int4 else ''}", built))
+    quant = (" --quantize int4" + (" --symmetric" if spec.symmetric else "")) if spec.int4 else ""
+    c.builds.append((f"tgraph {where}export --task generate{quant}", built))
     c.label += f" ({lv}, generation dir)"
     c.load = {"source": str(built.path), "threads": threads, "options": options}
     onnx_path = built.path / "model.onnx"
@@ -604,7 +605,8 @@ def prepare(key: str, args, ckpt: Built, caps: Dict[str, dict], env: dict, workd
             built = cached_build(workdir, key, _hash(ckpt.path.name, version, opts, extra), build,
                                  f"python -m onnxruntime_genai.models.builder {' '.join(opts)} "
                                  f"--extra_options {' '.join(extra)}")
-            c.builds.append((f"onnxruntime-genai {version} builder {' '.join(opts)}", built))
+            c.builds.append((f"onnxruntime-genai {version} builder {' '.join(opts)}{' is_symmetric=false' if asym else ''}",
+                             built))
             c.load = {"model_dir": str(built.path), "threads": threads}
             c.weights, c.weights_from = _onnx_weights(built.path / "model.onnx"), "model.onnx"
             return c
