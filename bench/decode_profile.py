@@ -182,16 +182,14 @@ def main(argv=None) -> int:
     for m in models:
         same = ids[m.name] == ids[first]
         wall = statistics.median(m.walls) * 1000.0
-        if args.wall_only:
-            low, cpu = sorted(m.walls)[len(m.walls) // 10] * 1000.0, statistics.median(m.cpus) * 1000.0
-            print(f"\n{m.name}: ids {'==' if same else '!='} {first}'s\n  wall {wall:7.2f} ms/step "
-                  f"(p10 {low:7.2f}, min {min(m.walls) * 1000.0:7.2f}; CPU time {cpu:7.2f})")
-            continue
-        run_ms, per_op, count = summarise(m.end_profile(), args.steps)
-        wall = statistics.median(m.walls) * 1000.0
         low = sorted(m.walls)[len(m.walls) // 10] * 1000.0       # p10: nearer the uncontended time under load
         least = min(m.walls) * 1000.0
         cpu = statistics.median(m.cpus) * 1000.0
+        if args.wall_only:
+            print(f"\n{m.name}: ids {'==' if same else '!='} {first}'s\n  wall {wall:7.2f} ms/step "
+                  f"(p10 {low:7.2f}, min {least:7.2f}; CPU time {cpu:7.2f})")
+            continue
+        run_ms, per_op, count = summarise(m.end_profile(), args.steps)
         kernels = sum(per_op.values())
         print(f"\n{m.name}: {sum(count.values())} kernel launches per step; ids {'==' if same else '!='} {first}'s")
         print(f"  wall {wall:7.2f} ms/step (p10 {low:7.2f}, min {least:7.2f}; CPU time {cpu:7.2f})   model_run {run_ms:7.2f}   kernels {kernels:7.2f}   "
